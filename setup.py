@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llava-fitprune",
+    version="0.1.0",
+    description="Visual-token pruning (FitPrune, LVPruning and baselines) as a plugin for haotian-liu/LLaVA",
+    packages=find_packages(include=["llava_fitprune", "llava_fitprune.*"]),
+    package_data={"llava_fitprune": ["recipes/*.json", "assets/*"]},
+    python_requires=">=3.10",
+    # llava-torch is installed separately with --no-deps (its metadata pins torch 2.0.1 and gradio);
+    # see README "Install".
+    install_requires=[
+        "torch>=2.1",
+        "transformers==4.37.2",
+        "tokenizers==0.15.1",
+        "sentencepiece",
+        "accelerate==0.21.0",
+        "pillow",
+        "shortuuid",
+        "tqdm",
+        "numpy",
+        "matplotlib",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.5"],
+        "train": ["deepspeed"],
+        "test": ["pytest"],
+    },
+    entry_points={"console_scripts": ["llava-fitprune=llava_fitprune.cli:main"]},
+)
