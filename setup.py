@@ -14,6 +14,7 @@ setup(
         "transformers==4.37.2",
         "tokenizers==0.15.1",
         "sentencepiece",
+        "protobuf",
         "accelerate==0.21.0",
         "pillow",
         "shortuuid",

@@ -1,0 +1,188 @@
+"""FLOPs model of the language model: pure functions of the config sizes and a token schedule.
+
+Convention: FLOPs = 2 x multiply-accumulates of the matrix products (what
+`torch.utils.flop_counter.FlopCounterMode` counts); norms, rotary, softmax and the scoring are
+left out (they are well under 1% of a layer). Attention products are counted for the full
+`n x n` square, as dense kernels (and FlopCounterMode) count them.
+
+At a layer `l` with `n_in` tokens entering and `n_out = n_in - d_l` leaving (FitPrune drops
+after the attention), the layer costs
+    q, k, v projections      2 * n_in * h * (H + 2 * KV) * hd
+    QK^T and PV              2 * 2 * n_in * n_in * H * hd
+    o projection             2 * n_out * H * hd * h
+    gated MLP                2 * 3 * n_out * h * m
+and the prefill adds the LM head over the final tokens, 2 * n_L * h * vocab.
+
+The paper's convention ("visual_only", as in the authors' fit script) counts visual tokens only,
+in MACs, per layer `3 n h^2 + 2 n^2 h + n h^2 + 3 n h m` with `n` the visual tokens left after
+that layer's drop; with it the authors' published LLaVA-1.5-7B schedules reach their budgets
+(0.6 -> 0.604, 0.9 -> 0.905).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+
+@dataclass(frozen=True)
+class LMShape:
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_config(cls, config: Any) -> "LMShape":
+        get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
+            lambda k, d=None: getattr(config, k, d))
+        heads = get("num_attention_heads")
+        return cls(
+            num_layers=get("num_hidden_layers"),
+            hidden_size=get("hidden_size"),
+            intermediate_size=get("intermediate_size"),
+            num_heads=heads,
+            num_kv_heads=get("num_key_value_heads") or heads,
+            vocab_size=get("vocab_size"),
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+# Language-model sizes of the public LLaVA-1.5 checkpoints (their config.json), so that FLOPs can be
+# printed without downloading anything.
+NAMED_SHAPES: dict[str, LMShape] = {
+    "llava-v1.5-7b": LMShape(32, 4096, 11008, 32, 32, 32000),
+    "llava-v1.5-13b": LMShape(40, 5120, 13824, 40, 40, 32000),
+    "llava-v1.6-vicuna-7b": LMShape(32, 4096, 11008, 32, 32, 32000),
+    "llava-v1.6-mistral-7b": LMShape(32, 4096, 14336, 32, 8, 32000),
+}
+
+
+def resolve_shape(config: "str | os.PathLike | dict | Any") -> LMShape:
+    """A named shape, a path to a config.json (or its folder), a dict or a config object."""
+    if isinstance(config, LMShape):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        name = os.fspath(config)
+        if name in NAMED_SHAPES:
+            return NAMED_SHAPES[name]
+        path = os.path.join(name, "config.json") if os.path.isdir(name) else name
+        if not os.path.isfile(path):
+            raise ValueError(f"config {name!r} is neither a named shape {sorted(NAMED_SHAPES)} nor a config.json")
+        with open(path) as f:
+            return LMShape.from_config(json.load(f))
+    return LMShape.from_config(config)
+
+
+# -- token schedules ------------------------------------------------------------------------
+def tokens_entering(num_tokens: int, drop_per_layer: Sequence[int]) -> list[int]:
+    """Sequence length entering each layer, plus the final length (len = layers + 1)."""
+    out = [int(num_tokens)]
+    for d in drop_per_layer:
+        out.append(out[-1] - int(d))
+    if out[-1] < 0:
+        raise ValueError(f"schedule drops {sum(drop_per_layer)} tokens from a sequence of {num_tokens}")
+    return out
+
+
+# -- prefill ------------------------------------------------------------------------------
+def layer_prefill_flops(shape: LMShape, n_in: int, n_out: int | None = None, batch: int = 1) -> int:
+    n_out = n_in if n_out is None else n_out
+    h, m, hd, H, KV = shape.hidden_size, shape.intermediate_size, shape.head_dim, shape.num_heads, shape.num_kv_heads
+    qkv = 2 * n_in * h * (H + 2 * KV) * hd
+    attn = 2 * 2 * n_in * n_in * H * hd
+    o = 2 * n_out * H * hd * h
+    mlp = 2 * 3 * n_out * h * m
+    return batch * (qkv + attn + o + mlp)
+
+
+def lm_head_flops(shape: LMShape, n: int, batch: int = 1) -> int:
+    return batch * 2 * n * shape.hidden_size * shape.vocab_size
+
+
+def prefill_flops(shape: LMShape, schedule: Sequence[int], batch: int = 1, lm_head: bool = True) -> int:
+    """`schedule`: tokens entering each layer plus the final count (see `tokens_entering`)."""
+    if len(schedule) != shape.num_layers + 1:
+        raise ValueError(f"schedule has {len(schedule) - 1} layers, the model {shape.num_layers}")
+    total = sum(layer_prefill_flops(shape, schedule[i], schedule[i + 1], batch) for i in range(shape.num_layers))
+    return total + (lm_head_flops(shape, schedule[-1], batch) if lm_head else 0)
+
+
+def dense_prefill_flops(shape: LMShape, num_tokens: int, batch: int = 1, lm_head: bool = True) -> int:
+    return prefill_flops(shape, [num_tokens] * (shape.num_layers + 1), batch, lm_head)
+
+
+def paper_visual_macs(shape: LMShape, visual_alive: Sequence[int]) -> int:
+    """The authors' visual-only MACs; `visual_alive` as from `Recipe.visual_tokens_entering()`."""
+    h, m = shape.hidden_size, shape.intermediate_size
+    return sum(3 * n * h * h + 2 * n * n * h + n * h * h + 3 * n * h * m for n in visual_alive[1:])
+
+
+@dataclass
+class PrefillReport:
+    dense_flops: int
+    pruned_flops: int
+    dense_visual_macs: int
+    pruned_visual_macs: int
+    schedule: list[int]
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.pruned_flops / self.dense_flops
+
+    @property
+    def visual_only_reduction(self) -> float:
+        return 1.0 - self.pruned_visual_macs / self.dense_visual_macs
+
+
+def prefill_report(
+    shape: LMShape, num_text_tokens: int, num_visual_tokens: int, drop_per_layer: Sequence[int] | None, batch: int = 1
+) -> PrefillReport:
+    drops = list(drop_per_layer) if drop_per_layer is not None else [0] * shape.num_layers
+    if len(drops) != shape.num_layers:
+        raise ValueError(f"recipe has {len(drops)} layers, the model {shape.num_layers}")
+    n = num_text_tokens + num_visual_tokens
+    sched = tokens_entering(n, drops)
+    vis = tokens_entering(num_visual_tokens, drops)
+    return PrefillReport(
+        dense_flops=dense_prefill_flops(shape, n, batch),
+        pruned_flops=prefill_flops(shape, sched, batch),
+        dense_visual_macs=paper_visual_macs(shape, [num_visual_tokens] * (shape.num_layers + 1)),
+        pruned_visual_macs=paper_visual_macs(shape, vis),
+        schedule=sched,
+    )
+
+
+def reduction_for(shape: LMShape, num_text_tokens: int, num_visual_tokens: int, drops: Sequence[int],
+                  convention: str = "total") -> float:
+    rep = prefill_report(shape, num_text_tokens, num_visual_tokens, drops)
+    if convention == "total":
+        return rep.reduction
+    if convention == "visual_only":
+        return rep.visual_only_reduction
+    raise ValueError(f"unknown FLOPs convention {convention!r}: use 'total' or 'visual_only'")
+
+
+# -- decoding ----------------------------------------------------------------------------------
+def decode_token_flops(shape: LMShape, kv_lengths: Sequence[int], batch: int = 1) -> int:
+    """FLOPs of one new token given each layer's cached length (the new token attends to it + itself)."""
+    if len(kv_lengths) != shape.num_layers:
+        raise ValueError(f"need {shape.num_layers} per-layer KV lengths, got {len(kv_lengths)}")
+    h, m, hd, H, KV = shape.hidden_size, shape.intermediate_size, shape.head_dim, shape.num_heads, shape.num_kv_heads
+    per = 0
+    for k in kv_lengths:
+        per += 2 * h * (H + 2 * KV) * hd + 2 * 2 * (k + 1) * H * hd + 2 * H * hd * h + 2 * 3 * h * m
+    return batch * (per + 2 * h * shape.vocab_size)
+
+
+def kv_cache_bytes(shape: LMShape, kv_lengths: Sequence[int], bytes_per_element: int = 2, batch: int = 1) -> int:
+    return batch * 2 * sum(kv_lengths) * shape.num_kv_heads * shape.head_dim * bytes_per_element
