@@ -206,8 +206,8 @@ def resolve_recipe(
     if recipe is not None:
         r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     elif reduction_ratio is not None:
-        if check_reduction_ratio(reduction_ratio) == 0.0 and num_layers is not None:
-            return None
+        if check_reduction_ratio(reduction_ratio) == 0.0:
+            return None  # no FLOPs removed: the dense model
         r = builtin_recipe(reduction_ratio)
     else:
         return None

@@ -1,0 +1,55 @@
+"""A KV cache whose layers have their own lengths after pruning.
+
+`transformers.DynamicCache` already keeps one tensor per layer, so per-layer lengths need nothing
+new; what pruning adds is a per-layer *key mask* (which cached positions are real tokens rather
+than padding), needed as soon as a batch is padded. `seen_tokens` stays the unpruned length
+(layer 0 caches every token), which is what `generate` uses for position ids.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+
+class PrunedCache(DynamicCache):
+    def __init__(self) -> None:
+        super().__init__()
+        self.key_masks: list[torch.Tensor] = []  # per layer: [B, K_l] bool, True = real token
+        self.padded = False  # whether any key mask has a False entry
+
+    @classmethod
+    def from_any(cls, past) -> "PrunedCache":
+        """Accept our cache, a DynamicCache or a legacy tuple (then every cached key is taken as real)."""
+        if past is None:
+            return cls()
+        if isinstance(past, cls):
+            return past
+        cache = cls()
+        for layer_idx, (k, v) in enumerate(past):
+            cache.update(k, v, layer_idx)
+            cache.key_masks.append(torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=k.device))
+        cache.seen_tokens = getattr(past, "seen_tokens", cache.seen_tokens)
+        return cache
+
+    def extend_key_mask(self, layer_idx: int, new_mask: torch.Tensor) -> torch.Tensor:
+        """Append `new_mask` [B, Q] to layer `layer_idx`'s key mask; return the whole mask [B, K_l]."""
+        if len(self.key_masks) <= layer_idx:
+            self.key_masks.append(new_mask)
+        else:
+            self.key_masks[layer_idx] = torch.cat([self.key_masks[layer_idx], new_mask], dim=-1)
+        return self.key_masks[layer_idx]
+
+    def layer_lengths(self) -> list[int]:
+        return [k.shape[-2] for k in self.key_cache]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.key_cache + self.value_cache)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.key_masks = [m.index_select(0, beam_idx.to(m.device)) for m in self.key_masks]
+
+    def get_usable_length(self, new_seq_length: int, layer_idx: Optional[int] = 0) -> int:
+        return self.get_seq_length(layer_idx)

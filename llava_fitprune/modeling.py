@@ -1,0 +1,376 @@
+"""Pruning-aware LLaVA-1.5: subclasses of LLaVA's classes that override the decoder loop only.
+
+Layers that drop nothing run the stock `LlamaDecoderLayer` (eager, sdpa or flash_attention_2 as
+configured). A layer that drops tokens runs `pruning_layer_forward` (layer_step.py): attention
+once, the scores read from the rows that need them, rows gathered by index before `o_proj`/MLP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from llava.constants import IGNORE_INDEX
+from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM, LlavaLlamaModel
+from torch.nn import CrossEntropyLoss
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cache import PrunedCache
+from .layer_step import RopeSpan, RopeTable, attention_mask_4d, pruning_layer_forward
+from .recipe import Recipe
+from .selectors import FitPruneSelector, OracleSelector, PruneState, TokenSelector
+
+_TEXT_LABEL = -1  # marks text labels while LLaVA expands images (its image positions get IGNORE_INDEX)
+
+
+class FitPruneLlavaConfig(LlavaConfig):
+    model_type = "llava_fitprune"
+
+
+@dataclass
+class PruneTrace:
+    """What the last prefill did: lengths per layer and, per pruning layer, the dropped positions."""
+
+    tokens_entering: list[int]  # sequence length entering each layer, plus the final
+    visual_entering: list[list[int]]  # [L + 1][B] visual tokens alive entering each layer
+    dropped_positions: list[Optional[torch.Tensor]] = field(default_factory=list)  # [B, N_l], -1 = kept
+    final_positions: Optional[torch.Tensor] = None  # [B, N_L] original index of each output row
+    final_valid: Optional[torch.Tensor] = None  # [B, N_L] bool
+
+
+def text_after_last_image(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """visual, valid: [B, N] bool -> [B, N] bool text tokens after the last visual token."""
+    pos = torch.arange(visual.shape[1], device=visual.device)
+    last_visual = torch.where(visual, pos, -1).amax(-1, keepdim=True)  # [B, 1]
+    return valid & ~visual & (pos[None, :] > last_visual) & (last_visual >= 0)
+
+
+class FitPruneLlavaLlamaModel(LlavaLlamaModel):
+    config_class = FitPruneLlavaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.rope_span = RopeSpan()
+        for layer in self.layers:  # per-instance: the table must reach original positions after pruning
+            layer.self_attn.rotary_emb = RopeTable(layer.self_attn.rotary_emb, self.rope_span)
+        self.recipe: Optional[Recipe] = None
+        self.selector: TokenSelector = FitPruneSelector()
+        self.last_trace: Optional[PruneTrace] = None
+
+    # -- plan ---------------------------------------------------------------------------------
+    def _plan(self, visual: torch.Tensor, valid: torch.Tensor, selector: TokenSelector):
+        """Host-side schedule: per-layer, per-sample drop counts and sequence lengths (one sync)."""
+        B, N = visual.shape
+        L = len(self.layers)
+        n_visual = visual.sum(-1).tolist()
+        n_real = valid.sum(-1).tolist()
+        if isinstance(selector, OracleSelector):
+            counts = selector.counts(L, B)
+        else:
+            per_sample = [self.recipe.drops_for(n) for n in n_visual]  # [B][L]
+            counts = [[per_sample[b][l] for b in range(B)] for l in range(L)]
+        lens, vis_entering = [N], [list(n_visual)]
+        for l in range(L):
+            n_real = [r - d for r, d in zip(n_real, counts[l])]
+            lens.append(lens[-1] if max(counts[l]) == 0 else max(n_real))
+            vis_entering.append([v - d for v, d in zip(vis_entering[-1], counts[l])])
+        return counts, lens, vis_entering
+
+    # Adapted from transformers==4.37.2 models/llama/modeling_llama.py LlamaModel.forward.
+    # Changed: per-layer key masks and KV lengths (PrunedCache), layers with drops run
+    # pruning_layer_forward, `visual_mask` / `selector` arguments, PruneTrace. Marked "# ours".
+    def forward(
+        self,
+        input_ids: torch.LongTensor = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        visual_mask: Optional[torch.Tensor] = None,  # ours: [B, N] bool, True at visual tokens
+        selector: Optional[TokenSelector] = None,  # ours: overrides self.selector for this call
+    ) -> Union[Tuple, BaseModelOutputWithPast]:
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You have to specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
+        batch_size, seq_length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+
+        cache = PrunedCache.from_any(past_key_values) if use_cache else None  # ours
+        past_seen = cache.seen_tokens if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, past_seen + seq_length, dtype=torch.bool, device=device)
+        valid = attention_mask[:, -seq_length:].bool()  # ours: [B, N] real tokens of this step
+        if position_ids is None:
+            position_ids = torch.arange(past_seen, past_seen + seq_length, device=device).unsqueeze(0)
+        position_ids = position_ids.expand(batch_size, -1)
+        self.rope_span.length = past_seen + seq_length  # ours: largest original position + 1
+
+        # ours: prune in a prefill of samples with visual tokens, when the recipe drops anything
+        selector = selector or self.selector
+        prefill = cache is None or cache.get_seq_length(0) == 0
+        state = None
+        if prefill and visual_mask is not None and (self.recipe is not None or isinstance(selector, OracleSelector)):
+            visual = visual_mask.bool() & valid
+            counts, lens, vis_entering = self._plan(visual, valid, selector)
+            if any(max(c) > 0 for c in counts):
+                first_visual = torch.where(visual.any(-1), visual.float().argmax(-1), seq_length)
+                state = PruneState(
+                    visual=visual, text_after=text_after_last_image(visual, valid), valid=valid,
+                    orig_pos=torch.arange(seq_length, device=device).expand(batch_size, -1),
+                    row_start=int(first_visual.min()), drop_counts=counts, new_lens=lens,
+                )
+                trace = PruneTrace(tokens_entering=lens, visual_entering=vis_entering)
+        if state is None:
+            trace = PruneTrace([seq_length] * (len(self.layers) + 1), [])
+        # ours: masks are needed when the batch is padded or samples drop different counts
+        padded = not bool(valid.all()) or (state is not None and any(len(set(c)) > 1 for c in state.drop_counts))
+        if cache is not None:
+            padded = padded or cache.padded
+            cache.padded = padded
+        impl = self.config._attn_implementation
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        all_self_attns = () if output_attentions else None
+        mask_key, mask = None, None
+
+        for layer_idx, decoder_layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            q_len = hidden_states.shape[1]
+            key_mask = cache.extend_key_mask(layer_idx, valid) if cache is not None else valid  # [B, K_l]
+            past_len = key_mask.shape[1] - q_len
+            if mask_key is None or mask_key[0] is not key_mask:  # rebuild only when the keys change
+                mask_key = (key_mask,)
+                mask = attention_mask_4d(key_mask, q_len, past_len, hidden_states.dtype, impl, padded)
+
+            if state is not None and max(state.drop_counts[layer_idx]) > 0:  # ours
+                hidden_states, index, kept, dropped = pruning_layer_forward(
+                    decoder_layer, layer_idx, hidden_states, key_mask, padded, position_ids, cache, state,
+                    selector, new_len=state.new_lens[layer_idx + 1],
+                )
+                state.gather(index, kept)
+                valid = state.valid
+                position_ids = position_ids.gather(1, index)
+                trace.dropped_positions.append(dropped)
+                if output_attentions:
+                    all_self_attns += (None,)
+                continue
+            if state is not None:
+                trace.dropped_positions.append(None)
+
+            if self.gradient_checkpointing and self.training:
+                layer_outputs = self._gradient_checkpointing_func(
+                    decoder_layer.__call__, hidden_states, mask, position_ids, cache, output_attentions, use_cache,
+                )
+            else:
+                layer_outputs = decoder_layer(
+                    hidden_states, attention_mask=mask, position_ids=position_ids, past_key_value=cache,
+                    output_attentions=output_attentions, use_cache=use_cache,
+                )
+            hidden_states = layer_outputs[0]
+            if output_attentions:
+                all_self_attns += (layer_outputs[1],)
+
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if state is not None:
+            trace.final_positions, trace.final_valid = state.orig_pos, state.valid
+        self.last_trace = trace  # ours
+
+        if not return_dict:
+            return tuple(v for v in [hidden_states, cache, all_hidden_states, all_self_attns] if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=cache,
+            hidden_states=all_hidden_states, attentions=all_self_attns,
+        )
+
+
+class FitPruneLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
+    config_class = FitPruneLlavaConfig
+
+    # Adapted from llava-torch==1.2.2.post1 llava/model/language_model/llava_llama.py
+    # LlavaLlamaForCausalLM.__init__; changed: the language model class.
+    def __init__(self, config):
+        super(LlamaForCausalLM, self).__init__(config)
+        self.model = FitPruneLlavaLlamaModel(config)  # ours
+        self.pretraining_tp = config.pretraining_tp
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        recipe = getattr(config, "fitprune_recipe", None)
+        if recipe is not None:
+            self.set_pruning(Recipe.from_dict(recipe, source="config.fitprune_recipe"))
+
+    # -- pruning control --------------------------------------------------------------------------
+    def set_pruning(self, recipe: Optional[Recipe], selector: Optional[TokenSelector] = None) -> None:
+        """Use `recipe` (None: dense) and `selector` (default FitPrune) from now on; saved with the config."""
+        if recipe is not None:
+            recipe.check_model(len(self.model.layers))
+        self.model.recipe = recipe
+        self.model.selector = selector or FitPruneSelector()
+        self.config.fitprune_recipe = recipe.to_dict() if recipe is not None else None
+        self.config.fitprune_method = self.model.selector.name
+
+    @property
+    def recipe(self) -> Optional[Recipe]:
+        return self.model.recipe
+
+    @property
+    def last_trace(self) -> Optional[PruneTrace]:
+        return self.model.last_trace
+
+    def prepare_multimodal(self, input_ids, position_ids, attention_mask, past_key_values, labels, images,
+                           image_sizes=None):
+        """LLaVA's `prepare_inputs_labels_for_multimodal`, plus the visual-token mask it expanded.
+
+        Text labels are marked (not IGNORE_INDEX) for the call, so the positions LLaVA fills with
+        IGNORE_INDEX among the real tokens are exactly the image features it inserted.
+        """
+        if self.get_vision_tower() is None or images is None or input_ids.shape[1] == 1:
+            out = self.prepare_inputs_labels_for_multimodal(
+                input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
+            return (*out, None)
+        given_mask = attention_mask
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        marked = torch.full_like(input_ids, 0) if labels is None else labels.masked_fill(labels == IGNORE_INDEX, _TEXT_LABEL)
+        _, position_ids, attention_mask, past_key_values, inputs_embeds, new_labels = \
+            self.prepare_inputs_labels_for_multimodal(
+                input_ids, position_ids, attention_mask, past_key_values, marked, images, image_sizes)
+        real = attention_mask.bool()
+        visual_mask = (new_labels == IGNORE_INDEX) & real  # [B, N]
+        if labels is None:
+            new_labels = None
+        else:
+            new_labels = new_labels.masked_fill(new_labels == _TEXT_LABEL, IGNORE_INDEX)
+        if given_mask is None and bool(real.all()):
+            attention_mask = None
+        return None, position_ids, attention_mask, past_key_values, inputs_embeds, new_labels, visual_mask
+
+    # Adapted from transformers==4.37.2 LlamaForCausalLM.forward and llava-torch==1.2.2.post1
+    # LlavaLlamaForCausalLM.forward; changed: the visual mask is passed to the language model, and
+    # labels follow the rows that survive pruning.
+    def forward(
+        self,
+        input_ids: torch.LongTensor = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[List[torch.FloatTensor]] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        images: Optional[torch.FloatTensor] = None,
+        image_sizes: Optional[List[List[int]]] = None,
+        return_dict: Optional[bool] = None,
+        visual_mask: Optional[torch.Tensor] = None,  # ours
+        selector: Optional[TokenSelector] = None,  # ours
+    ) -> Union[Tuple, CausalLMOutputWithPast]:
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        if inputs_embeds is None:
+            (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels,
+             visual_mask) = self.prepare_multimodal(
+                input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=True, visual_mask=visual_mask, selector=selector,
+        )
+        logits = self.lm_head(outputs.last_hidden_state).float()
+
+        loss = None
+        if labels is not None:
+            trace = self.model.last_trace
+            if trace is not None and trace.final_positions is not None:  # ours: labels of surviving rows
+                labels = labels.gather(1, trace.final_positions).masked_fill(~trace.final_valid, IGNORE_INDEX)
+            shift_logits = logits[..., :-1, :].contiguous().view(-1, self.config.vocab_size)
+            shift_labels = labels[..., 1:].contiguous().view(-1).to(shift_logits.device)
+            loss = CrossEntropyLoss()(shift_logits, shift_labels)
+
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (outputs.past_key_values, outputs.hidden_states,
+                                                   outputs.attentions) if v is not None)
+            return (loss,) + output if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )
+
+    @torch.no_grad()
+    def generate(self, inputs: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
+                 image_sizes: Optional[torch.Tensor] = None, **kwargs):
+        """LLaVA's `generate` (returns only new tokens), plus: batches are left-padded after the image
+        is expanded, and `past_key_values=` continues a cached conversation with text `inputs`
+        (then `attention_mask` must cover the cached tokens too, and the output holds `inputs` + new)."""
+        position_ids = kwargs.pop("position_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        if "inputs_embeds" in kwargs:
+            raise NotImplementedError("`inputs_embeds` is not supported")
+        generate = super(LlavaLlamaForCausalLM, self).generate
+        if kwargs.get("past_key_values") is not None:
+            if images is not None:
+                raise ValueError("continuing from past_key_values takes text tokens only; pass images=None")
+            return generate(inputs, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        visual_mask = None
+        if images is not None:
+            (_, position_ids, attention_mask, _, inputs_embeds, _, visual_mask) = self.prepare_multimodal(
+                inputs, position_ids, attention_mask, None, None, images, image_sizes=image_sizes)
+            if attention_mask is not None and position_ids is None:
+                inputs_embeds, attention_mask, visual_mask = to_left_padding(inputs_embeds, attention_mask, visual_mask)
+        else:
+            inputs_embeds = self.get_model().embed_tokens(inputs)
+        return generate(position_ids=position_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                        visual_mask=visual_mask, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, inputs_embeds=None, **kwargs):
+        visual_mask = kwargs.pop("visual_mask", None)
+        selector = kwargs.pop("selector", None)
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
+        if not past_key_values:  # only the prefill sees the image
+            inputs["visual_mask"] = visual_mask
+        if selector is not None:
+            inputs["selector"] = selector
+        return inputs
+
+    @staticmethod
+    def _reorder_cache(past_key_values, beam_idx):
+        if isinstance(past_key_values, PrunedCache):
+            past_key_values.reorder_cache(beam_idx)
+            return past_key_values
+        return LlamaForCausalLM._reorder_cache(past_key_values, beam_idx)
+
+
+def to_left_padding(embeds: torch.Tensor, attention_mask: torch.Tensor, visual_mask: torch.Tensor):
+    """Move each sample's padding to the left (LLaVA pads on the right), so the last row is real.
+
+    embeds: [B, N, D]; attention_mask, visual_mask: [B, N]
+    """
+    B, N = attention_mask.shape
+    pad = N - attention_mask.long().sum(-1, keepdim=True)  # [B, 1]
+    index = (torch.arange(N, device=embeds.device)[None, :] - pad) % N  # [B, N]
+    embeds = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+    return embeds, attention_mask.gather(1, index), visual_mask.gather(1, index)
+
+
+AutoConfig.register("llava_fitprune", FitPruneLlavaConfig)
+AutoModelForCausalLM.register(FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM)
