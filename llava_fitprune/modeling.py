@@ -192,7 +192,8 @@ class FitPruneLlavaLlamaModel(LlavaLlamaModel):
             all_hidden_states += (hidden_states,)
         if state is not None:
             trace.final_positions, trace.final_valid = state.orig_pos, state.valid
-        self.last_trace = trace  # ours
+        if prefill:
+            self.last_trace = trace  # ours: decode steps keep the prefill's trace
 
         if not return_dict:
             return tuple(v for v in [hidden_states, cache, all_hidden_states, all_self_attns] if v is not None)

@@ -1,0 +1,59 @@
+"""`llava-fitprune flops`: prefill TFLOPs and reductions of recipes, from a config alone (no weights)."""
+from __future__ import annotations
+
+import argparse
+
+from .flops import NAMED_SHAPES, decode_token_flops, prefill_report, resolve_shape
+from .recipe import RecipeError, builtin_recipes, check_reduction_ratio, load_recipe, builtin_recipe
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llava-fitprune flops", description=__doc__)
+    p.add_argument("--config", default="llava-v1.5-7b",
+                   help=f"a named shape {sorted(NAMED_SHAPES)} or a config.json / checkpoint folder")
+    p.add_argument("--recipe", nargs="*", default=[], help="recipe JSON files")
+    p.add_argument("--reduction-ratio", nargs="*", type=float, default=None,
+                   help="built-in LLaVA-1.5-7B recipes by ratio (default: all of them when no --recipe)")
+    p.add_argument("--prompt-tokens", type=int, default=35, help="text tokens before the image")
+    p.add_argument("--visual-tokens", type=int, default=576)
+    p.add_argument("--text-tokens", type=int, default=30, help="text tokens after the image")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    shape = resolve_shape(args.config)
+    recipes = []
+    try:
+        recipes += [load_recipe(p) for p in args.recipe]
+        if args.reduction_ratio is not None:
+            recipes += [builtin_recipe(check_reduction_ratio(r)) for r in args.reduction_ratio]
+        elif not args.recipe:
+            recipes += builtin_recipes()
+        for r in recipes:
+            r.check_model(shape.num_layers)
+    except RecipeError as e:
+        parser.error(str(e))
+
+    n_text = args.prompt_tokens + args.text_tokens
+    dense = prefill_report(shape, n_text, args.visual_tokens, None)
+    n_all = n_text + args.visual_tokens
+    print(f"config {args.config}: {shape.num_layers} layers, hidden {shape.hidden_size}, MLP {shape.intermediate_size}, "
+          f"heads {shape.num_heads}/{shape.num_kv_heads} (q/kv)")
+    print(f"prompt: {args.prompt_tokens} text + {args.visual_tokens} visual + {args.text_tokens} text = {n_all} tokens")
+    print(f"dense prefill: {dense.dense_flops / 1e12:.3f} TFLOPs (language model incl. LM head); "
+          f"decode {decode_token_flops(shape, [n_all] * shape.num_layers) / 1e9:.2f} GFLOPs/token\n")
+    header = ("ratio", "dropped", "avg visual/layer", "prefill TFLOPs", "reduction (total)",
+              "reduction (paper, visual-only)", "decode GFLOPs/token")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in recipes:
+        drops = r.drops_for(args.visual_tokens)
+        rep = prefill_report(shape, n_text, args.visual_tokens, drops)
+        alive = r.visual_tokens_entering(args.visual_tokens)[:-1]
+        kv = [n_text + a for a in alive]
+        ratio = "-" if r.reduction_ratio is None else f"{r.reduction_ratio:g}"
+        print(f"| {ratio} | {sum(drops)} | {sum(alive) / len(alive):.1f} | {rep.pruned_flops / 1e12:.3f} | "
+              f"{rep.reduction:.3f} | {rep.visual_only_reduction:.3f} | {decode_token_flops(shape, kv) / 1e9:.2f} |")
+    return 0

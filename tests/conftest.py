@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random LLaVA checkpoints built offline, stock and pruning-aware loaders."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from llava_fitprune.tiny import TinyLlavaSpec, build_tiny_llava
+
+torch.set_num_threads(2)
+
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_llava(str(tmp_path_factory.mktemp("ckpt") / "llava-tiny"), TinyLlavaSpec(num_layers=4))
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa_dir(tmp_path_factory):
+    spec = TinyLlavaSpec(num_layers=3, num_heads=4, num_kv_heads=2, image_size=112, seed=3)
+    return build_tiny_llava(str(tmp_path_factory.mktemp("ckpt") / "llava-tiny-gqa"), spec)
+
+
+@pytest.fixture(scope="session")
+def tiny32_dir(tmp_path_factory):
+    return build_tiny_llava(str(tmp_path_factory.mktemp("ckpt") / "llava-tiny32"), TinyLlavaSpec(num_layers=32))
+
+
+def load_ours(path, attn="sdpa", **kw):
+    from llava_fitprune import load_pretrained_model
+
+    return load_pretrained_model(path, None, os.path.basename(path), device="cpu", attn_implementation=attn, **kw)
+
+
+def load_stock(path, attn="sdpa"):
+    """LLaVA's own class on CPU in fp32 (LLaVA's builder forces fp16 + CUDA)."""
+    from llava.model import LlavaLlamaForCausalLM
+
+    cwd = os.getcwd()
+    os.chdir(path)  # the tiny checkpoint names its vision tower relative to itself
+    try:
+        model = LlavaLlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation=attn)
+        model.get_vision_tower().load_model()
+    finally:
+        os.chdir(cwd)
+    return model.eval()
+
+
+def prompt_ids(tokenizer, question, system=SYSTEM):
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import tokenizer_image_token
+
+    text = f"{system} USER: <image>\n{question} ASSISTANT:" if "<image>" not in question else f"{system} USER: {question} ASSISTANT:"
+    return tokenizer_image_token(text, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+
+
+def image_tensor(seed, size):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 3, size, size, generator=g)
+
+
+def batch_ids(tokenizer, questions):
+    """Right-pad prompts as a batch; LLaVA re-pads after expanding the image."""
+    ids = [prompt_ids(tokenizer, q) for q in questions]
+    n = max(len(x) for x in ids)
+    out = torch.full((len(ids), n), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(ids), n, dtype=torch.bool)
+    for i, x in enumerate(ids):
+        out[i, : len(x)] = x
+        mask[i, : len(x)] = True
+    return out, mask
