@@ -95,11 +95,15 @@ def tokens_entering(num_tokens: int, drop_per_layer: Sequence[int]) -> list[int]
 
 
 # -- prefill ------------------------------------------------------------------------------
-def layer_prefill_flops(shape: LMShape, n_in: int, n_out: int | None = None, batch: int = 1) -> int:
+def layer_prefill_flops(shape: LMShape, n_in: int, n_out: int | None = None, batch: int = 1,
+                        rows_before_image: int = 0) -> int:
+    """A pruning layer (n_out < n_in) computes its `rows_before_image` query rows against those
+    keys only (the scores do not read them), so it skips rows * (n_in - rows) attention products."""
     n_out = n_in if n_out is None else n_out
     h, m, hd, H, KV = shape.hidden_size, shape.intermediate_size, shape.head_dim, shape.num_heads, shape.num_kv_heads
     qkv = 2 * n_in * h * (H + 2 * KV) * hd
-    attn = 2 * 2 * n_in * n_in * H * hd
+    skipped = rows_before_image * (n_in - rows_before_image) if n_out < n_in else 0
+    attn = 2 * 2 * (n_in * n_in - skipped) * H * hd
     o = 2 * n_out * H * hd * h
     mlp = 2 * 3 * n_out * h * m
     return batch * (qkv + attn + o + mlp)
@@ -109,11 +113,14 @@ def lm_head_flops(shape: LMShape, n: int, batch: int = 1) -> int:
     return batch * 2 * n * shape.hidden_size * shape.vocab_size
 
 
-def prefill_flops(shape: LMShape, schedule: Sequence[int], batch: int = 1, lm_head: bool = True) -> int:
-    """`schedule`: tokens entering each layer plus the final count (see `tokens_entering`)."""
+def prefill_flops(shape: LMShape, schedule: Sequence[int], batch: int = 1, lm_head: bool = True,
+                  text_before_image: int = 0) -> int:
+    """`schedule`: tokens entering each layer plus the final count (see `tokens_entering`).
+    `text_before_image` > 0 counts the rows pruning layers skip (0: the full square, an upper bound)."""
     if len(schedule) != shape.num_layers + 1:
         raise ValueError(f"schedule has {len(schedule) - 1} layers, the model {shape.num_layers}")
-    total = sum(layer_prefill_flops(shape, schedule[i], schedule[i + 1], batch) for i in range(shape.num_layers))
+    total = sum(layer_prefill_flops(shape, schedule[i], schedule[i + 1], batch, text_before_image)
+                for i in range(shape.num_layers))
     return total + (lm_head_flops(shape, schedule[-1], batch) if lm_head else 0)
 
 
@@ -145,7 +152,8 @@ class PrefillReport:
 
 
 def prefill_report(
-    shape: LMShape, num_text_tokens: int, num_visual_tokens: int, drop_per_layer: Sequence[int] | None, batch: int = 1
+    shape: LMShape, num_text_tokens: int, num_visual_tokens: int, drop_per_layer: Sequence[int] | None, batch: int = 1,
+    text_before_image: int = 0,
 ) -> PrefillReport:
     drops = list(drop_per_layer) if drop_per_layer is not None else [0] * shape.num_layers
     if len(drops) != shape.num_layers:
@@ -155,7 +163,7 @@ def prefill_report(
     vis = tokens_entering(num_visual_tokens, drops)
     return PrefillReport(
         dense_flops=dense_prefill_flops(shape, n, batch),
-        pruned_flops=prefill_flops(shape, sched, batch),
+        pruned_flops=prefill_flops(shape, sched, batch, text_before_image=text_before_image),
         dense_visual_macs=paper_visual_macs(shape, [num_visual_tokens] * (shape.num_layers + 1)),
         pruned_visual_macs=paper_visual_macs(shape, vis),
         schedule=sched,

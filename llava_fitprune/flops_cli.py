@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     print("|" + "---|" * len(header))
     for r in recipes:
         drops = r.drops_for(args.visual_tokens)
-        rep = prefill_report(shape, n_text, args.visual_tokens, drops)
+        rep = prefill_report(shape, n_text, args.visual_tokens, drops, text_before_image=args.prompt_tokens)
         alive = r.visual_tokens_entering(args.visual_tokens)[:-1]
         kv = [n_text + a for a in alive]
         ratio = "-" if r.reduction_ratio is None else f"{r.reduction_ratio:g}"
