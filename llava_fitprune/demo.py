@@ -1,0 +1,152 @@
+"""`llava-fitprune demo`: the same questions answered dense and at several FLOPs budgets.
+
+With no `--model-path`, a tiny LLaVA-1.5 is built offline: the trained synthetic-task checkpoint
+shipped in `eval_data/synth_llava/checkpoint` when this is a source checkout that has it, else a
+random 32-layer model (random weights give arbitrary answers, but every number is real).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from .flops import LMShape, prefill_report
+from .plots import plot_schedules
+from .recipe import Recipe, RecipeError, builtin_recipe, check_reduction_ratio
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_CHECKPOINT = os.path.join(REPO_ROOT, "eval_data", "synth_llava", "checkpoint")
+
+
+def sample_images(size: int = 336):
+    """Three deterministic scenes (PIL) with the questions the demo asks about them."""
+    from PIL import Image, ImageDraw
+
+    def scene(shapes, text=None):
+        img = Image.new("RGB", (size, size), "white")
+        d = ImageDraw.Draw(img)
+        for kind, colour, (x, y), r in shapes:
+            box = [x - r, y - r, x + r, y + r]
+            (d.ellipse if kind == "circle" else d.rectangle)(box, fill=colour)
+        if text:
+            d.text((size // 2, size // 8), text, fill="black")
+        return img
+
+    s = size
+    return [
+        (scene([("circle", "red", (s // 4, s // 2), s // 10), ("square", "blue", (3 * s // 4, s // 2), s // 10)]),
+         "What is the colour of the circle? Answer with a single word."),
+        (scene([("square", "green", (s // 3, s // 3), s // 12), ("circle", "yellow", (2 * s // 3, 2 * s // 3), s // 12)]),
+         "Is the square left of the circle? Answer yes or no."),
+        (scene([("circle", "purple", (s // 2, s // 2), s // 8)], text="7"),
+         "What digit is written in the image?"),
+    ]
+
+
+def recipes_for(model, ratios, calibration=None) -> list[Recipe]:
+    layers = len(model.get_model().layers)
+    if layers == 32:
+        return [builtin_recipe(r) for r in ratios]
+    from .fit import fit  # a model of another depth gets recipes fitted on the bundled calibration set
+    from .calibration import bundled_calibration
+
+    return fit(model, calibration or bundled_calibration(model), list(ratios))
+
+
+def _prompt(tokenizer, question, conv_mode, mm_use_im_start_end=False):
+    from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+    from llava.conversation import conv_templates
+    from llava.mm_utils import tokenizer_image_token
+
+    conv = conv_templates[conv_mode].copy()
+    conv.append_message(conv.roles[0], DEFAULT_IMAGE_TOKEN + "\n" + question)
+    conv.append_message(conv.roles[1], None)
+    return tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+
+
+@torch.no_grad()
+def _prefill_ms(model, ids, images, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(ids, images=images, use_cache=True)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="llava-fitprune demo", description=__doc__)
+    p.add_argument("--model-path", default=None, help="a LLaVA-1.5 checkpoint (default: a tiny offline one)")
+    p.add_argument("--model-base", default=None)
+    p.add_argument("--reduction-ratio", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+    p.add_argument("--conv-mode", default="vicuna_v1")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--attn-implementation", default="sdpa")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3, help="prefill timings: median over this many runs")
+    p.add_argument("--out", default="out/demo", help="folder for the plot")
+    args = p.parse_args(argv)
+    try:
+        ratios = [check_reduction_ratio(r) for r in args.reduction_ratio]
+    except RecipeError as e:
+        p.error(str(e))
+    torch.manual_seed(0)
+
+    from llava.mm_utils import get_model_name_from_path, process_images
+    from . import load_pretrained_model
+    from .tiny import TinyLlavaSpec, build_tiny_llava
+
+    model_path = args.model_path
+    if model_path is None:
+        if os.path.isfile(os.path.join(SHIPPED_CHECKPOINT, "config.json")):
+            model_path = SHIPPED_CHECKPOINT
+            print(f"model: the trained tiny LLaVA shipped in {model_path}")
+        else:
+            model_path = os.path.join(tempfile.mkdtemp(), "llava-tiny-demo")
+            print("model: a tiny random LLaVA-1.5 (32 layers, 576 visual tokens) built offline; answers are noise")
+            build_tiny_llava(model_path, TinyLlavaSpec(num_layers=32))
+    name = get_model_name_from_path(model_path)
+    name = name if "llava" in name.lower() else f"llava-{name}"
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        model_path, args.model_base, name, device=args.device, torch_dtype=args.dtype,
+        attn_implementation=args.attn_implementation)
+    recipes = [None] + recipes_for(model, ratios)
+    shape = LMShape.from_config(model.config)
+    L = shape.num_layers
+    quarters = [0, L // 4, L // 2, 3 * L // 4, L]
+
+    header = ["image", "ratio"] + [f"visual@{q}" for q in quarters] + ["prefill TFLOPs", "reduction", "prefill ms", "answer"]
+    rows = []
+    for i, (image, question) in enumerate(sample_images(model.get_vision_tower().config.image_size)):
+        ids = _prompt(tokenizer, question, args.conv_mode).to(model.device)
+        images = process_images([image], image_processor, model.config).to(model.device, dtype=model.dtype)
+        for recipe in recipes:
+            model.set_pruning(recipe)
+            out = model.generate(ids, images=images, image_sizes=[image.size], do_sample=False,
+                                 max_new_tokens=args.max_new_tokens, use_cache=True)
+            answer = tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip()
+            trace = model.last_trace
+            n_total = trace.tokens_entering[0]
+            n_visual = int(model.prepare_multimodal(ids, None, None, None, None, images, [image.size])[-1].sum())
+            drops = recipe.drops_for(n_visual) if recipe else None
+            rep = prefill_report(shape, n_total - n_visual, n_visual, drops)
+            alive = recipe.visual_tokens_entering(n_visual) if recipe else [n_visual] * (L + 1)
+            ms = _prefill_ms(model, ids, images, args.repeats)
+            ratio = "dense" if recipe is None else f"{recipe.reduction_ratio:g}"
+            rows.append([str(i), ratio] + [str(alive[q]) for q in quarters] +
+                        [f"{rep.pruned_flops / 1e12:.4f}", f"{rep.reduction:.3f}", f"{ms:.1f}", repr(answer)])
+        print(f"image {i}: {question}")
+
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    os.makedirs(args.out, exist_ok=True)
+    png = plot_schedules([r for r in recipes if r is not None], os.path.join(args.out, "tokens_per_layer.png"),
+                         title=f"{name}: visual tokens entering each layer")
+    print(f"\nplot: {png}")
+    return 0

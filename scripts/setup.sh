@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up .venv for llava-fitprune: the pinned stack, LLaVA (llava-torch, --no-deps), this package.
+# Idempotent; CPU torch by default. GPU users: see README "Install on a GPU machine".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+stamp=.venv/.llava-fitprune-setup
+want="torch==${TORCH_VERSION:-2.13.0} transformers==4.37.2 tokenizers==0.15.1 sentencepiece protobuf accelerate==0.21.0 pillow shortuuid tqdm numpy matplotlib pytest"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want llava-torch==1.2.2.post1" ]; then
+  $PIP install -q --disable-pip-version-check $want
+  # llava-torch's metadata pins torch 2.0.1 and gradio: its code runs on the stack above.
+  $PIP install -q --disable-pip-version-check --no-deps llava-torch==1.2.2.post1
+  echo "$want llava-torch==1.2.2.post1" > "$stamp"
+fi
+$PIP install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+.venv/bin/python -c "import torch, transformers, llava, llava_fitprune; print('llava-fitprune', llava_fitprune.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
