@@ -1,0 +1,30 @@
+import os
+
+from llava_fitprune.cli import main as cli_main
+from llava_fitprune.demo import main as demo_main
+
+
+def test_demo_runs_dense_and_pruned(tiny32_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert demo_main(["--model-path", tiny32_dir, "--reduction-ratio", "0.6", "0.9", "--max-new-tokens", "2",
+                      "--repeats", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| 0 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["dense", "0.6", "0.9"]
+    # visual tokens left after the last layer follow the published recipes: 576-449 and 576-539
+    assert [r.split("|")[7].strip() for r in rows] == ["576", "127", "37"]
+    assert os.path.getsize(out / "tokens_per_layer.png") > 1000
+
+
+def test_demo_rejects_bad_ratio(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        demo_main(["--reduction-ratio", "60"])
+    assert "outside [0, 1)" in capsys.readouterr().err
+
+
+def test_cli_lists_subcommands(capsys):
+    assert cli_main([]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert cli_main(["nope"]) == 2
