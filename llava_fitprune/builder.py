@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from .modeling import FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM
+from .modeling_mistral import FitPruneLlavaMistralConfig, FitPruneLlavaMistralForCausalLM
 from .recipe import Recipe, RecipeError, resolve_recipe
 from .selectors import make_selector
 
@@ -31,9 +32,16 @@ def _device_and_dtype(device: str, torch_dtype):
     return device, torch_dtype
 
 
-def _load_config(model_path: str) -> FitPruneLlavaConfig:
+def _classes(model_name: str):
+    """LLaVA picks the Mistral backbone by name (llava/model/builder.py); so do we."""
+    if "mistral" in model_name.lower():
+        return FitPruneLlavaMistralConfig, FitPruneLlavaMistralForCausalLM, True
+    return FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM, False
+
+
+def _load_config(model_path: str, config_class) -> FitPruneLlavaConfig:
     base = AutoConfig.from_pretrained(model_path)
-    config = FitPruneLlavaConfig(**base.to_dict())
+    config = config_class(**base.to_dict())
     tower = getattr(config, "mm_vision_tower", None)
     if tower and not os.path.isabs(tower) and os.path.exists(os.path.join(model_path, tower)):
         config.mm_vision_tower = os.path.abspath(os.path.join(model_path, tower))
@@ -84,16 +92,17 @@ def load_pretrained_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
 
+    config_class, model_class, fast_tokenizer = _classes(model_name)
     if model_base is not None:  # a projector-only checkpoint on top of a base language model
-        tokenizer = AutoTokenizer.from_pretrained(model_base, use_fast=False)
-        config = _load_config(model_path)
-        model = FitPruneLlavaLlamaForCausalLM.from_pretrained(model_base, low_cpu_mem_usage=True, config=config, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_base, use_fast=fast_tokenizer)
+        config = _load_config(model_path, config_class)
+        model = model_class.from_pretrained(model_base, low_cpu_mem_usage=True, config=config, **kwargs)
         projector = torch.load(os.path.join(model_path, "mm_projector.bin"), map_location="cpu")
         model.load_state_dict({k: v.to(torch_dtype) for k, v in projector.items()}, strict=False)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=False)
-        config = _load_config(model_path)
-        model = FitPruneLlavaLlamaForCausalLM.from_pretrained(model_path, low_cpu_mem_usage=True, config=config, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=fast_tokenizer)
+        config = _load_config(model_path, config_class)
+        model = model_class.from_pretrained(model_path, low_cpu_mem_usage=True, config=config, **kwargs)
 
     if getattr(model.config, "mm_use_im_patch_token", True):
         from llava.constants import DEFAULT_IMAGE_PATCH_TOKEN

@@ -1,4 +1,4 @@
-"""Pruning-aware LLaVA-1.5: subclasses of LLaVA's classes that override the decoder loop only.
+"""Pruning-aware LLaVA: subclasses of LLaVA's classes that override the decoder loop only.
 
 Layers that drop nothing run the stock `LlamaDecoderLayer` (eager, sdpa or flash_attention_2 as
 configured). A layer that drops tokens runs `pruning_layer_forward` (layer_step.py): attention
@@ -7,14 +7,15 @@ once, the scores read from the rows that need them, rows gathered by index befor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from functools import partial
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from llava.constants import IGNORE_INDEX
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM, LlavaLlamaModel
 from torch.nn import CrossEntropyLoss
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, LlamaForCausalLM
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .cache import PrunedCache
@@ -47,8 +48,8 @@ def text_after_last_image(visual: torch.Tensor, valid: torch.Tensor) -> torch.Te
     return valid & ~visual & (pos[None, :] > last_visual) & (last_visual >= 0)
 
 
-class FitPruneLlavaLlamaModel(LlavaLlamaModel):
-    config_class = FitPruneLlavaConfig
+class PruningDecoderMixin:
+    """The decoder-loop override, shared by the Llama and Mistral language models of LLaVA."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -94,6 +95,7 @@ class FitPruneLlavaLlamaModel(LlavaLlamaModel):
         return_dict: Optional[bool] = None,
         visual_mask: Optional[torch.Tensor] = None,  # ours: [B, N] bool, True at visual tokens
         selector: Optional[TokenSelector] = None,  # ours: overrides self.selector for this call
+        key_bias_hook: Optional[Callable] = None,  # ours: (layer_idx, hidden [B, N, D]) -> [B, K] additive key bias or None
     ) -> Union[Tuple, BaseModelOutputWithPast]:
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -124,7 +126,11 @@ class FitPruneLlavaLlamaModel(LlavaLlamaModel):
         selector = selector or self.selector
         prefill = cache is None or cache.get_seq_length(0) == 0
         state = None
-        if prefill and visual_mask is not None and (self.recipe is not None or isinstance(selector, OracleSelector)):
+        if key_bias_hook is not None and self.config._attn_implementation == "flash_attention_2":  # ours
+            raise ValueError("key_bias_hook needs an additive attention mask: use attn_implementation 'eager' or 'sdpa'")
+        # ours: the mask-based path (key_bias_hook, LVPruning training) replaces index pruning for the call
+        if prefill and visual_mask is not None and key_bias_hook is None and (
+                self.recipe is not None or isinstance(selector, OracleSelector)):
             visual = visual_mask.bool() & valid
             counts, lens, vis_entering = self._plan(visual, valid, selector)
             if any(max(c) > 0 for c in counts):
@@ -158,6 +164,11 @@ class FitPruneLlavaLlamaModel(LlavaLlamaModel):
             if mask_key is None or mask_key[0] is not key_mask:  # rebuild only when the keys change
                 mask_key = (key_mask,)
                 mask = attention_mask_4d(key_mask, q_len, past_len, hidden_states.dtype, impl, padded)
+            bias = key_bias_hook(layer_idx, hidden_states) if key_bias_hook is not None else None  # ours: [B, K_l]
+            if bias is not None:  # an explicit additive mask for this layer, the stock layer runs it
+                mask_key = None
+                mask = attention_mask_4d(key_mask, q_len, past_len, hidden_states.dtype, "eager", True)
+                mask = mask + bias[:, None, None, :].to(mask.dtype)
 
             if state is not None and max(state.drop_counts[layer_idx]) > 0:  # ours
                 hidden_states, index, kept, dropped = pruning_layer_forward(
@@ -203,18 +214,14 @@ class FitPruneLlavaLlamaModel(LlavaLlamaModel):
         )
 
 
-class FitPruneLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
+class FitPruneLlavaLlamaModel(PruningDecoderMixin, LlavaLlamaModel):
     config_class = FitPruneLlavaConfig
 
-    # Adapted from llava-torch==1.2.2.post1 llava/model/language_model/llava_llama.py
-    # LlavaLlamaForCausalLM.__init__; changed: the language model class.
-    def __init__(self, config):
-        super(LlamaForCausalLM, self).__init__(config)
-        self.model = FitPruneLlavaLlamaModel(config)  # ours
-        self.pretraining_tp = config.pretraining_tp
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+
+class PruningCausalLMMixin:
+    """Pruning control, the visual mask and LLaVA's forward/generate, shared by Llama and Mistral."""
+
+    def _init_pruning(self, config) -> None:
         recipe = getattr(config, "fitprune_recipe", None)
         if recipe is not None:
             self.set_pruning(Recipe.from_dict(recipe, source="config.fitprune_recipe"))
@@ -284,6 +291,7 @@ class FitPruneLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         return_dict: Optional[bool] = None,
         visual_mask: Optional[torch.Tensor] = None,  # ours
         selector: Optional[TokenSelector] = None,  # ours
+        key_bias_hook: Optional[Callable] = None,  # ours: see FitPruneLlavaLlamaModel.forward
     ) -> Union[Tuple, CausalLMOutputWithPast]:
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict
         if inputs_embeds is None:
@@ -294,7 +302,7 @@ class FitPruneLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            return_dict=True, visual_mask=visual_mask, selector=selector,
+            return_dict=True, visual_mask=visual_mask, selector=selector, key_bias_hook=key_bias_hook,
         )
         logits = self.lm_head(outputs.last_hidden_state).float()
 
@@ -326,7 +334,7 @@ class FitPruneLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
         attention_mask = kwargs.pop("attention_mask", None)
         if "inputs_embeds" in kwargs:
             raise NotImplementedError("`inputs_embeds` is not supported")
-        generate = super(LlavaLlamaForCausalLM, self).generate
+        generate = partial(GenerationMixin.generate, self)
         if kwargs.get("past_key_values") is not None:
             if images is not None:
                 raise ValueError("continuing from past_key_values takes text tokens only; pass images=None")
@@ -359,6 +367,21 @@ class FitPruneLlavaLlamaForCausalLM(LlavaLlamaForCausalLM):
             past_key_values.reorder_cache(beam_idx)
             return past_key_values
         return LlamaForCausalLM._reorder_cache(past_key_values, beam_idx)
+
+
+class FitPruneLlavaLlamaForCausalLM(PruningCausalLMMixin, LlavaLlamaForCausalLM):
+    config_class = FitPruneLlavaConfig
+
+    # Adapted from llava-torch==1.2.2.post1 llava/model/language_model/llava_llama.py
+    # LlavaLlamaForCausalLM.__init__; changed: the language model class.
+    def __init__(self, config):
+        super(LlamaForCausalLM, self).__init__(config)
+        self.model = FitPruneLlavaLlamaModel(config)  # ours
+        self.pretraining_tp = config.pretraining_tp
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        self._init_pruning(config)  # ours
 
 
 def to_left_padding(embeds: torch.Tensor, attention_mask: torch.Tensor, visual_mask: torch.Tensor):
