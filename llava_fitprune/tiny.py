@@ -41,13 +41,19 @@ class TinyLlavaSpec:
     projector: str = "mlp2x_gelu"
     image_aspect_ratio: str = "pad"
     seed: int = 0
+    vision_intermediate_size: int | None = None  # None: 2 * vision_hidden_size
+    tokenizer_extra_text: str = ""  # extra lines for the SentencePiece corpus (e.g. a task's phrasing)
+    tokenizer_extra_repeat: int = 1  # how many times those lines enter the corpus (their merge weight)
+    init_std: float | None = 0.08  # std of the decoder's and projector's 2-D weights; None keeps HF's init
+    backbone: str = "llama"  # "llama" (LLaVA-1.5, LLaVA-NeXT Vicuna) or "mistral" (LLaVA-NeXT Mistral)
+    anyres: bool = False  # LLaVA-NeXT: anyres tiling, spatial_unpad merge, image_newline tokens
 
     @property
     def num_visual_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
 
-def train_tokenizer(out_dir: str, vocab_size: int = 512, extra_text: str = "") -> None:
+def train_tokenizer(out_dir: str, vocab_size: int = 512, extra_text: str = "", extra_repeat: int = 1) -> None:
     """Train a byte-fallback SentencePiece BPE model and save it as a slow LlamaTokenizer."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
@@ -59,7 +65,7 @@ def train_tokenizer(out_dir: str, vocab_size: int = 512, extra_text: str = "") -
         lines.append(" ".join(_CORPUS_WORDS[i] for i in idx))
     lines += ["USER: <image>\nWhat is this? ASSISTANT: a picture.</s>", "0 1 2 3 4 5 6 7 8 9 ? . , : \n"]
     if extra_text:
-        lines += extra_text.splitlines()
+        lines += extra_text.splitlines() * extra_repeat
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
@@ -81,7 +87,8 @@ def build_vision_tower(out_dir: str, spec: TinyLlavaSpec) -> None:
 
     torch.manual_seed(spec.seed + 1)
     cfg = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden_size, intermediate_size=2 * spec.vision_hidden_size,
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=spec.vision_intermediate_size or 2 * spec.vision_hidden_size,
         num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
         image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden_size,
     )
@@ -93,35 +100,49 @@ def build_vision_tower(out_dir: str, spec: TinyLlavaSpec) -> None:
 
 def build_tiny_llava(out_dir: str, spec: TinyLlavaSpec | None = None) -> str:
     """Write a tiny random LLaVA-1.5 checkpoint to `out_dir` (its name should contain 'llava')."""
-    from llava.model import LlavaLlamaForCausalLM
-    from llava.model.language_model.llava_llama import LlavaConfig
+    from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+    from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 
     spec = spec or TinyLlavaSpec()
+    if spec.backbone not in ("llama", "mistral"):
+        raise ValueError(f"backbone must be 'llama' or 'mistral', got {spec.backbone!r}")
+    config_class, model_class = {"llama": (LlavaConfig, LlavaLlamaForCausalLM),
+                                 "mistral": (LlavaMistralConfig, LlavaMistralForCausalLM)}[spec.backbone]
     os.makedirs(out_dir, exist_ok=True)
-    train_tokenizer(out_dir, spec.vocab_size)
+    train_tokenizer(out_dir, spec.vocab_size, spec.tokenizer_extra_text, spec.tokenizer_extra_repeat)
     build_vision_tower(os.path.join(out_dir, VISION_SUBDIR), spec)
 
-    config = LlavaConfig(
+    config = config_class(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads or spec.num_heads, max_position_embeddings=2048,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
         mm_vision_tower=VISION_SUBDIR, mm_hidden_size=spec.vision_hidden_size, mm_vision_select_layer=-2,
         mm_vision_select_feature="patch", mm_projector_type=spec.projector, mm_use_im_start_end=False,
-        mm_use_im_patch_token=False, image_aspect_ratio=spec.image_aspect_ratio, mm_patch_merge_type="flat",
+        mm_use_im_patch_token=False, image_aspect_ratio="anyres" if spec.anyres else spec.image_aspect_ratio,
+        mm_patch_merge_type="spatial_unpad" if spec.anyres else "flat",
         tokenizer_padding_side="right", tokenizer_model_max_length=2048, use_cache=True,
     )
+    if spec.anyres:  # tiles of 1x2, 2x1 and 2x2 base images, as LLaVA-NeXT's pinpoints at a smaller scale
+        s = spec.image_size
+        config.image_grid_pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    if spec.backbone == "mistral":
+        config.sliding_window = None
     cwd = os.getcwd()
     try:  # LLaVA resolves mm_vision_tower against the working directory
         os.chdir(out_dir)
         torch.manual_seed(spec.seed)
-        model = LlavaLlamaForCausalLM(config)
+        model = model_class(config)
+        if spec.anyres:
+            with torch.no_grad():
+                model.get_model().image_newline.normal_(0.0, 1.0)
     finally:
         os.chdir(cwd)
-    with torch.no_grad():  # random weights with a little more spread than HF's init, so logits differ
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
+    if spec.init_std is not None:
+        with torch.no_grad():  # random weights with a little more spread than HF's init, so logits differ
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, spec.init_std)
     model.save_pretrained(out_dir, safe_serialization=True)
     with open(os.path.join(out_dir, "tiny_spec.json"), "w") as f:
         json.dump(asdict(spec), f, indent=1)
