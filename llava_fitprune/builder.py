@@ -39,9 +39,11 @@ def _classes(model_name: str):
     return FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM, False
 
 
-def _load_config(model_path: str, config_class) -> FitPruneLlavaConfig:
+def _load_config(model_path: str, config_class, attn_implementation: Optional[str]) -> FitPruneLlavaConfig:
     base = AutoConfig.from_pretrained(model_path)
     config = config_class(**base.to_dict())
+    if attn_implementation is not None:  # from_pretrained ignores the kwarg when a config object is passed
+        config._attn_implementation = attn_implementation
     tower = getattr(config, "mm_vision_tower", None)
     if tower and not os.path.isabs(tower) and os.path.exists(os.path.join(model_path, tower)):
         config.mm_vision_tower = os.path.abspath(os.path.join(model_path, tower))
@@ -95,13 +97,13 @@ def load_pretrained_model(
     config_class, model_class, fast_tokenizer = _classes(model_name)
     if model_base is not None:  # a projector-only checkpoint on top of a base language model
         tokenizer = AutoTokenizer.from_pretrained(model_base, use_fast=fast_tokenizer)
-        config = _load_config(model_path, config_class)
+        config = _load_config(model_path, config_class, attn_implementation)
         model = model_class.from_pretrained(model_base, low_cpu_mem_usage=True, config=config, **kwargs)
         projector = torch.load(os.path.join(model_path, "mm_projector.bin"), map_location="cpu")
         model.load_state_dict({k: v.to(torch_dtype) for k, v in projector.items()}, strict=False)
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=fast_tokenizer)
-        config = _load_config(model_path, config_class)
+        config = _load_config(model_path, config_class, attn_implementation)
         model = model_class.from_pretrained(model_path, low_cpu_mem_usage=True, config=config, **kwargs)
 
     if getattr(model.config, "mm_use_im_patch_token", True):
