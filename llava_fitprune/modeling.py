@@ -163,7 +163,9 @@ class PruningDecoderMixin:
             past_len = key_mask.shape[1] - q_len
             if mask_key is None or mask_key[0] is not key_mask:  # rebuild only when the keys change
                 mask_key = (key_mask,)
-                mask = attention_mask_4d(key_mask, q_len, past_len, hidden_states.dtype, impl, padded)
+                # output_attentions makes stock SDPA layers fall back to eager, which needs the explicit mask
+                mask = attention_mask_4d(key_mask, q_len, past_len, hidden_states.dtype,
+                                         "eager" if output_attentions else impl, padded)
             bias = key_bias_hook(layer_idx, hidden_states) if key_bias_hook is not None else None  # ours: [B, K_l]
             if bias is not None:  # an explicit additive mask for this layer, the stock layer runs it
                 mask_key = None

@@ -13,11 +13,17 @@ def plot_schedules(recipes: Sequence[Recipe], path: str, title: str = "visual to
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in recipes:
-        alive = r.visual_tokens_entering(num_visual_tokens)
+        alive = r.visual_tokens_entering(num_visual_tokens)[:-1]  # entering layer l, drawn over [l, l + 1)
         label = r.method if r.reduction_ratio is None else f"{r.method} {r.reduction_ratio:g}"
-        ax.step(range(len(alive)), alive, where="post", label=label)
+        if r.achieved_reduction is not None:
+            label += f" (achieved {r.achieved_reduction:.3f}, {r.flops_convention})"
+        ax.stairs(alive, range(len(alive) + 1), baseline=None, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("visual tokens entering the layer")
     ax.set_title(title)

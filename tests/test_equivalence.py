@@ -160,3 +160,14 @@ def test_saved_pruned_checkpoint_loads_by_path(tiny_dir, tmp_path):
     assert reloaded.recipe == RECIPE4
     reloaded.get_vision_tower().load_model()
     torch.testing.assert_close(reloaded.eval()(ids, images=images).logits, expected, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_output_attentions_is_causal_with_sdpa(tiny_dir):
+    stock = load_stock(tiny_dir, "sdpa")
+    tok, model, _, _ = load_ours(tiny_dir, "sdpa")
+    ids, images = prompt_ids(tok, QUESTIONS[0])[None], image_tensor(8, 336)
+    ours = model(ids, images=images, output_attentions=True)
+    ref = stock(ids, images=images, output_attentions=True)
+    torch.testing.assert_close(ours.logits, ref.logits, atol=1e-5, rtol=0)
+    assert torch.triu(ours.attentions[0][0, 0], diagonal=1).abs().max() == 0

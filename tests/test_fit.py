@@ -1,0 +1,330 @@
+"""FitPrune's fit: budgets met, least alpha, determinism, planted attention structure, bad inputs, CLI."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llava_fitprune.calibration import CalibrationError, CalibrationSample, read_questions, sample_questions
+from llava_fitprune.fit import fit
+from llava_fitprune.fit_runner import _Rows, _run_layer, collect_statistics, schedule_for, simulate
+from llava_fitprune.flops import LMShape, reduction_for
+from llava_fitprune.modeling import FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM
+from llava_fitprune.recipe import Recipe, RecipeError, load_recipe
+from llava_fitprune.selectors import FitPruneSelector, RandomSelector
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CALIB = os.path.join(ROOT, "eval_data", "calibration", "tiny")
+FLAG, MARK = 0, 1  # hidden dims: "a text token" and "an important visual token" (planted model)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # small ops on 2 shared cores run several times faster on one OpenMP thread
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_lm(num_layers=4, seed=0, plant=False, name="llava-synth"):
+    """An in-memory pruning-aware LLaVA language model (no vision tower): h 64, 4 heads of 16."""
+    cfg = FitPruneLlavaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+    cfg._name_or_path = f"/somewhere/{name}"
+    torch.manual_seed(seed)
+    model = FitPruneLlavaLlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+        model.get_model().embed_tokens.weight.normal_(0.0, 1.0)
+        if plant:
+            _plant(model)
+    return model
+
+
+def _plant(model, strength=1.6, flag=4.0):
+    """Text queries attend strongly to visual tokens carrying MARK, in every layer and head.
+
+    The planted q/k pair sits in the rotary pair of lowest frequency (head dims hd/2 - 1 and
+    hd - 1), so relative positions barely rotate it; o_proj and down_proj leave FLAG and MARK
+    untouched, so the residual stream carries them through every layer.
+    """
+    emb = model.get_model().embed_tokens.weight
+    emb[:, FLAG], emb[:, MARK] = flag, 0.0
+    for layer in model.get_model().layers:
+        attn = layer.self_attn
+        hd = attn.head_dim
+        for h in range(attn.num_heads):
+            for w, src in ((attn.q_proj.weight, FLAG), (attn.k_proj.weight, MARK)):
+                w[h * hd + hd // 2 - 1] = 0.0
+                w[h * hd + hd - 1] = 0.0
+                w[h * hd + hd // 2 - 1, src] = strength
+        for w in (attn.o_proj.weight, layer.mlp.down_proj.weight):
+            w[[FLAG, MARK]] = 0.0
+
+
+def synth_samples(model, n, seed, num_visual=64, pre=10, post=12, important=16):
+    """Samples [pre text | visual | post text]; `important` visual tokens per sample carry MARK."""
+    g = torch.Generator().manual_seed(seed)
+    emb = model.get_model().embed_tokens.weight.detach()
+    D, out = emb.shape[1], []
+    for i in range(n):
+        ids = torch.randint(3, emb.shape[0], (pre + post,), generator=g)
+        vis = torch.randn(num_visual, D, generator=g)
+        vis[:, FLAG], vis[:, MARK] = 4.0, 0.0  # every token queries MARK (as text does)
+        vis[torch.randperm(num_visual, generator=g)[:important], MARK] = 4.0
+        x = torch.cat([emb[ids[:pre]], vis, emb[ids[pre:]]])[None]  # [1, N, D]
+        visual = torch.zeros(1, x.shape[1], dtype=torch.bool)
+        visual[0, pre:pre + num_visual] = True
+        text = torch.zeros_like(visual)
+        text[0, pre + num_visual:] = True
+        out.append(CalibrationSample(f"s{seed}-{i}", x, visual, text))
+    return out
+
+
+@pytest.fixture(scope="module")
+def random_setup():
+    model = tiny_lm()
+    samples = synth_samples(model, 8, seed=1)
+    recipes = fit(model, samples, [0.3, 0.6, 0.9], convention="visual_only", progress=False, batch_size=4)
+    return model, samples, recipes
+
+
+def test_runner_dense_matches_model(random_setup):
+    model, samples, _ = random_setup
+    rows = _Rows.start(samples[:3])
+    for layer in model.get_model().layers:
+        _run_layer(layer, rows, [0, 1, 2], max(s.num_tokens for s in samples))
+    for i, s in enumerate(samples[:3]):
+        with torch.no_grad():
+            ref = model.model(inputs_embeds=s.inputs_embeds, output_hidden_states=True).hidden_states[-1]
+        assert torch.allclose(model.get_model().norm(rows.hidden[i]), ref[0], atol=1e-4)
+
+
+def test_budgets_met_within_one_percent_and_monotone(random_setup):
+    model, samples, recipes = random_setup
+    shape, n_text = LMShape.from_config(model.config), samples[0].num_tokens - samples[0].num_visual
+    totals, means = [], []
+    for r, ratio in zip(recipes, [0.3, 0.6, 0.9]):
+        got = reduction_for(shape, n_text, 64, r.drop_per_layer, "visual_only")
+        assert ratio <= got <= ratio + 0.01, (ratio, got, r.drop_per_layer)
+        assert r.achieved_reduction == round(got, 6) and r.reduction_ratio == ratio
+        assert r.flops_convention == "visual_only" and r.method == "fitprune" and r.num_visual_tokens == 64
+        assert r.model == {"name": "llava-synth", **shape.to_dict()}
+        totals.append(r.total_dropped)
+        means.append(sum(r.visual_tokens_entering()[:-1]))
+    assert totals[0] < totals[1] < totals[2] and means[0] > means[1] > means[2]
+
+
+def test_total_convention(random_setup):
+    model, samples, _ = random_setup
+    shape, n_text = LMShape.from_config(model.config), samples[0].num_tokens - samples[0].num_visual
+    for r in fit(model, samples, [0.3, 0.5], progress=False):
+        got = reduction_for(shape, n_text, 64, r.drop_per_layer, "total")
+        assert r.reduction_ratio <= got <= r.reduction_ratio + 0.01 and r.flops_convention == "total"
+    with pytest.raises(RecipeError, match="out of reach"):  # text tokens and layer 0 cannot be pruned away
+        fit(model, samples, 0.95, progress=False)
+
+
+def test_round_trip(random_setup, tmp_path):
+    for r in random_setup[2]:
+        r.save(tmp_path / "r.json")
+        back = load_recipe(tmp_path / "r.json")
+        assert back == r and back.to_json() == r.to_json()
+
+
+def test_bisection_returns_least_alpha(random_setup):
+    model, samples, recipes = random_setup
+    stats = collect_statistics(model, samples, batch_size=4)
+    for r in recipes:
+        alpha, tol = r.provenance["alpha"], r.provenance["tol"]
+        assert alpha >= tol and 5 <= r.provenance["bisection_rounds"] <= 8
+        assert schedule_for(stats, simulate(model, stats, alpha, None, "visual_only"), r.reduction_ratio,
+                            "visual_only") is not None
+        prev = round(alpha - tol, 10)
+        assert schedule_for(stats, simulate(model, stats, prev, None, "visual_only"), r.reduction_ratio,
+                            "visual_only") is None, f"alpha {prev} also meets {r.reduction_ratio}"
+
+
+def test_deterministic(random_setup):
+    model, samples, recipes = random_setup
+    again = fit(model, samples, [0.3, 0.6, 0.9], convention="visual_only", progress=False, batch_size=4)
+    assert [r.to_json() for r in again] == [r.to_json() for r in recipes]
+    single = fit(model, samples, 0.6, convention="visual_only", progress=False, batch_size=4)  # no shared cache
+    assert single.to_json() == recipes[1].to_json()
+
+
+def _uniform_schedule(shape, n_text, V, L, ratio, convention):
+    """Equal drops per layer: the least d that meets `ratio`, the last layer trimmed like fit's."""
+    def sched(d, last=None):
+        out, left = [], V
+        for _ in range(L):
+            out.append(min(d, left))
+            left -= out[-1]
+        if last is not None:
+            out[max(i for i, x in enumerate(out) if x)] = last
+        return out
+    meets = lambda s: reduction_for(shape, n_text, V, s, convention) >= ratio
+    d = next(d for d in range(V + 1) if meets(sched(d)))
+    s = sched(d)
+    return sched(d, next(x for x in range(d + 1) if meets(sched(d, x)))) if any(s) else s
+
+
+def _mean_kl(model, samples, recipe, selector):
+    kls = []
+    for s in samples:
+        with torch.no_grad():
+            model.set_pruning(None)
+            dense = model(inputs_embeds=s.inputs_embeds, visual_mask=s.visual_mask).logits[0, -1].log_softmax(-1)
+            model.set_pruning(recipe, selector)
+            pruned = model(inputs_embeds=s.inputs_embeds, visual_mask=s.visual_mask).logits[0, -1].log_softmax(-1)
+        kls.append(float((dense.exp() * (dense - pruned)).sum()))
+    model.set_pruning(None)
+    return sum(kls) / len(kls)
+
+
+def test_planted_structure_fit_beats_uniform_and_random():
+    model = tiny_lm(num_layers=6, seed=2, plant=True, name="llava-planted")
+    calib, held_out = synth_samples(model, 8, seed=10, important=24), synth_samples(model, 8, seed=20, important=24)
+    ratio, conv = 0.6, "visual_only"
+    fitted = fit(model, calib, ratio, convention=conv, progress=False)
+    shape, n_text = LMShape.from_config(model.config), calib[0].num_tokens - 64
+    uniform = Recipe(_uniform_schedule(shape, n_text, 64, 6, ratio, conv), 64, ratio, flops_convention=conv)
+    for r in (fitted, uniform):  # equal FLOPs: both meet the budget, within a token
+        assert ratio <= reduction_for(shape, n_text, 64, r.drop_per_layer, conv) <= ratio + 0.01
+    kl_fit = _mean_kl(model, held_out, fitted, FitPruneSelector())
+    kl_uniform = _mean_kl(model, held_out, uniform, FitPruneSelector())
+    kl_random = sum(_mean_kl(model, held_out, fitted, RandomSelector(seed)) for seed in range(3)) / 3
+    assert kl_fit < kl_uniform and kl_fit < kl_random, (kl_fit, kl_uniform, kl_random, fitted.drop_per_layer,
+                                                         uniform.drop_per_layer)
+
+
+# -- bad inputs ---------------------------------------------------------------------------------------
+def test_bad_ratios_and_empty_calibration(random_setup):
+    model, samples, _ = random_setup
+    for bad in (-0.1, 1.0, 60):
+        with pytest.raises(RecipeError, match=r"outside \[0, 1\)"):
+            fit(model, samples, bad, progress=False)
+    with pytest.raises(CalibrationError, match="empty"):
+        fit(model, [], 0.5, progress=False)
+    s = samples[0]
+    no_image = CalibrationSample("x", s.inputs_embeds, torch.zeros_like(s.visual_mask), s.text_mask)
+    with pytest.raises(CalibrationError, match="'x' has no visual tokens"):
+        fit(model, [no_image], 0.5, progress=False)
+
+
+def test_question_file_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(CalibrationError, match="empty"):
+        read_questions(str(empty))
+    no_image = tmp_path / "text_only.jsonl"
+    no_image.write_text(json.dumps({"question_id": 7, "text": "hi"}) + "\n")
+    with pytest.raises(CalibrationError, match="question_id 7.*no image"):
+        read_questions(str(no_image))
+    with pytest.raises(CalibrationError, match="does not exist"):
+        read_questions(str(tmp_path / "nope.jsonl"))
+    qs = read_questions(os.path.join(TINY_CALIB, "questions.jsonl"))
+    with pytest.raises(CalibrationError, match="--num-samples 12 or fewer"):
+        sample_questions(qs, 66, 0)
+    assert [q["question_id"] for q in sample_questions(qs, 4, 0)] == \
+        [q["question_id"] for q in sample_questions(qs, 4, 0)]
+
+
+def test_missing_image_names_the_file(tiny_gqa_dir, tmp_path):
+    from llava_fitprune import load_pretrained_model
+    from llava_fitprune.calibration import build_calibration
+
+    tokenizer, model, processor, _ = load_pretrained_model(tiny_gqa_dir, None, "llava-tiny-gqa", device="cpu")
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question_id": 1, "image": "gone.png", "text": "What is it?"}) + "\n")
+    with pytest.raises(CalibrationError, match=r"gone\.png"):
+        build_calibration(model, tokenizer, processor, str(q), str(tmp_path), num_samples=1, progress=False)
+    calib = build_calibration(model, tokenizer, processor, os.path.join(TINY_CALIB, "questions.jsonl"),
+                              os.path.join(TINY_CALIB, "images"), num_samples=3, seed=0, progress=False)
+    s = calib.samples[0]
+    assert s.num_visual == 64 and bool(s.text_mask.any()) and not bool((s.text_mask & s.visual_mask).any())
+    assert calib.meta["num_samples"] == 3 and len(calib.meta["question_file_sha256"]) == 64
+
+
+# -- CLI, bundled data, calibration-set script --------------------------------------------------------
+def test_cli_fit_and_dry_run(tiny_gqa_dir, tmp_path, capsys):
+    from llava_fitprune.fit_cli import main
+
+    out = tmp_path / "recipes"
+    argv = ["--model-path", tiny_gqa_dir, "--question-file", os.path.join(TINY_CALIB, "questions.jsonl"),
+            "--image-folder", os.path.join(TINY_CALIB, "images"), "--reduction-ratio", "0.3", "0.6", "0.9",
+            "--num-samples", "4", "--seed", "1", "--out", str(out), "--device", "cpu",
+            "--flops-convention", "visual_only", "--no-progress"]
+    assert main(argv) == 0
+    names = sorted(os.listdir(out))
+    assert "visual_tokens_per_layer.png" in names and "fit_report.json" in names
+    recipe_files = [out / n for n in names if n.endswith("visual_only.json")]
+    recipes = [load_recipe(p) for p in recipe_files]
+    assert sorted(r.reduction_ratio for r in recipes) == [0.3, 0.6, 0.9]
+    for r in recipes:
+        assert r.achieved_reduction >= r.reduction_ratio and r.provenance["seed"] == 1
+        assert r.provenance["num_samples"] == 4 and r.provenance["conv_mode"] == "vicuna_v1"
+    report = json.loads((out / "fit_report.json").read_text())
+    assert {"statistics", "bisection 0.9"} <= set(report["phases"])
+    capsys.readouterr()
+    assert main(["--dry-run", "--recipe", str(recipe_files[0])]) == 0
+    assert "meets it" in capsys.readouterr().out
+    assert main(argv[:8] + ["60", "--out", str(out)]) == 2  # a bad ratio fails before loading the model
+    assert "not 60" in capsys.readouterr().err
+
+
+def test_tiny_bundle_is_reproducible(tmp_path):
+    qs = read_questions(os.path.join(TINY_CALIB, "questions.jsonl"))
+    assert len(qs) == 12
+    script = os.path.join(ROOT, "eval_data", "calibration", "make_tiny.py")
+    subprocess.run([sys.executable, script, "--out", str(tmp_path)], check=True, capture_output=True)
+    for q in qs:
+        a, b = (open(os.path.join(d, "images", q["image"]), "rb").read() for d in (TINY_CALIB, tmp_path))
+        assert hashlib.sha256(a).digest() == hashlib.sha256(b).digest(), q["image"]
+
+
+def test_build_calibration_set_script(tmp_path):
+    mix = [{"id": f"{i:06d}", "image": f"coco/train2017/{i:06d}.jpg",
+            "conversations": [{"from": "human", "value": f"<image>\nQuestion {i}?"}, {"from": "gpt", "value": "a"}]}
+           for i in range(50)]
+    mix[3] = {"id": "text", "conversations": [{"from": "human", "value": "no image"}]}
+    (tmp_path / "mix.json").write_text(json.dumps(mix))
+    script = os.path.join(ROOT, "scripts", "build_calibration_set.py")
+    outs = []
+    for name in ("a.jsonl", "b.jsonl"):
+        subprocess.run([sys.executable, script, "--mix", str(tmp_path / "mix.json"), "--out", str(tmp_path / name),
+                        "--seed", "3", "--num-samples", "5"], check=True, capture_output=True)
+        outs.append((tmp_path / name).read_text())
+    assert outs[0] == outs[1]
+    lines = [json.loads(l) for l in outs[0].splitlines()]
+    assert len(lines) == 5 and all(l["question_id"] != "text" for l in lines)
+    assert all(l["text"].startswith("Question ") and "<image>" not in l["text"] for l in lines)
+    assert [l["mix_index"] for l in lines] == sorted(l["mix_index"] for l in lines)
+
+
+def test_statistics_match_eager_attention(random_setup):
+    """W_cross / W_self from the runner equal those read off the stock eager attention maps."""
+    model, samples, _ = random_setup
+    stats = collect_statistics(model, samples[:2], batch_size=2)
+    impl, model.config._attn_implementation = model.config._attn_implementation, "eager"  # causal mask built
+    try:
+        maps_per_sample = []
+        for s in samples[:2]:
+            with torch.no_grad():
+                maps_per_sample.append(model.model(inputs_embeds=s.inputs_embeds, output_attentions=True).attentions)
+    finally:
+        model.config._attn_implementation = impl
+    for i, (s, maps) in enumerate(zip(samples[:2], maps_per_sample)):  # maps: L x [1, H, N, N]
+        vis, txt = s.visual_mask[0], s.text_mask[0]
+        for l, a in enumerate(maps):
+            m = a[0].amax(0)  # [N, N]
+            assert abs(m[txt][:, vis].sum() / txt.sum() - stats.w_cross[i, l]) < 1e-5
+            assert abs(m[vis][:, vis].sum() / vis.sum() - stats.w_self[i, l]) < 1e-5
