@@ -1,0 +1,108 @@
+"""Join chunk answer files into one, as LLaVA's scripts do with `cat`, but only complete chunks.
+
+    python -m llava_fitprune.eval.merge --out answers/merge.jsonl --benchmark gqa answers/2_0.jsonl answers/2_1.jsonl
+
+Each chunk's `.meta.json` must say `complete: true`; otherwise the merge stops and names the chunk.
+The merged file gets its own sidecar: the chunks' settings, summed answers, prefill statistics
+recomputed over all answers, and `complete: true` last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from ..flops import LMShape
+from .answers import META_FORMAT, META_VERSION, RESUME_KEYS, read_answers, read_meta
+from .io import EvalInputError, meta_path, write_json
+from .prefill import summarize
+
+PER_CHUNK_KEYS = ("chunk_idx", "num_questions", "num_answers", "wall_time_s", "sessions", "started_at",
+                  "updated_at", "finished_at", "prefill", "model_load_s", "device")
+
+
+def check_chunks(chunks: list[str]) -> list[dict]:
+    metas = []
+    for path in chunks:
+        if not os.path.exists(path):
+            raise EvalInputError(f"chunk {path} does not exist: its generation did not start or failed")
+        meta = read_meta(path)
+        if meta is None:
+            raise EvalInputError(f"chunk {path} has no {os.path.basename(meta_path(path))}: it was not written by "
+                                 f"llava_fitprune, so its completeness is unknown")
+        if not meta.get("complete"):
+            raise EvalInputError(
+                f"chunk {path} is incomplete ({meta.get('num_answers')} of {meta.get('num_questions')} answers): "
+                f"its run was interrupted or failed; rerun the same command to resume it, then merge")
+        metas.append(meta)
+    first = metas[0]
+    order = [m.get("chunk_idx") for m in metas]
+    if first.get("num_chunks") != len(chunks) or order != list(range(len(chunks))):
+        raise EvalInputError(f"the run was split into {first.get('num_chunks')} chunks but chunks {order} were "
+                             f"given: pass every chunk, in order")
+    for path, meta in zip(chunks[1:], metas[1:]):
+        diffs = [k for k in RESUME_KEYS if k != "chunk_idx" and meta.get(k) != first.get(k)]
+        if diffs:
+            raise EvalInputError(f"chunk {path} was run with other settings than {chunks[0]} ({diffs}); "
+                                 f"refusing to merge them")
+    return metas
+
+
+def concatenate(chunks: list[str], out: str) -> None:
+    """The chunks' lines as they are (LLaVA's scripts `cat` them), via a temporary file."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp"
+    with open(tmp, "wb") as f:
+        for path in chunks:
+            with open(path, "rb") as c:
+                data = c.read()
+            f.write(data if not data or data.endswith(b"\n") else data + b"\n")
+    os.replace(tmp, out)
+
+
+def merge(chunks: list[str], out: str, benchmark: str | None = None) -> dict:
+    if not chunks:
+        raise EvalInputError("no chunk files given to merge")
+    t0 = time.time()
+    metas = check_chunks(chunks)
+    rows = [r for path in chunks for r in read_answers(path)]  # every line parses
+    if os.path.exists(meta_path(out)):
+        os.remove(meta_path(out))  # the old merge is gone from here on
+    concatenate(chunks, out)
+    first = metas[0]
+    shape = LMShape(**first["lm_shape"])
+    meta = {k: v for k, v in first.items() if k not in PER_CHUNK_KEYS}
+    meta.update(
+        format=META_FORMAT, version=META_VERSION, kind="merged", complete=False, benchmark=benchmark,
+        chunks=[os.path.relpath(c, os.path.dirname(os.path.abspath(out))) for c in chunks],
+        num_questions=sum(m["num_questions"] for m in metas), num_answers=len(rows),
+        wall_time_s=max(m.get("wall_time_s") or 0.0 for m in metas),  # chunks run side by side
+        device_time_s=sum(m.get("wall_time_s") or 0.0 for m in metas),
+        model_load_s=max(m.get("model_load_s") or 0.0 for m in metas),
+        prefill=summarize(rows, shape), merged_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        merge_s=time.time() - t0,
+    )
+    write_json(meta_path(out), meta)
+    meta["complete"] = True  # written last: the merged file is whole
+    write_json(meta_path(out), meta)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("chunks", nargs="+", help="chunk answer files, in chunk order")
+    p.add_argument("--out", required=True, help="the merged answers file")
+    p.add_argument("--benchmark", default=None, help="benchmark name recorded for the report")
+    args = p.parse_args(argv)
+    try:
+        meta = merge(args.chunks, args.out, args.benchmark)
+    except EvalInputError as e:
+        print(f"merge: {e}", file=sys.stderr)
+        return 1
+    print(f"merged {len(args.chunks)} chunk(s) into {args.out}: {meta['num_answers']} answers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""`llava.eval.model_vqa_mmbench` (MMBench, MMBench-CN) with pruning flags, CPU support and resume.
+
+Question file: MMBench's TSV (index, question, hint, A-D, image as base64, ...), read without pandas.
+`--all-rounds` asks each question once per rotation of its options (circular evaluation).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from .args import LONG_MAX_NEW_TOKENS, build_parser
+from .mmbench_tsv import ALL_OPTIONS, get_options, is_none, parse_index, read_tsv
+from .runner import cli, get_chunk, run
+from .samples import Item
+
+SINGLE_PRED_PROMPT = {"en": "Answer with the option's letter from the given choices directly.", "cn": "请直接回答选项字母。"}
+
+
+def make_row_items(row: dict, args) -> list[Item]:
+    options = get_options(row)
+    option_chars = ALL_OPTIONS[: len(options)]
+    items = []
+    for round_idx in range(len(options) if args.all_rounds else 1):
+        question = row["question"]
+        if not is_none(row.get("hint")):
+            question = row["hint"] + "\n" + question
+        for char, option in zip(ALL_OPTIONS[: len(options)], options):
+            question = question + "\n" + char + ". " + option
+        qs = cur_prompt = question
+        if args.single_pred_prompt:
+            qs = qs + "\n" + SINGLE_PRED_PROMPT["cn" if args.lang == "cn" else "en"]
+        record = {"question_id": parse_index(row["index"]), "round_id": round_idx, "prompt": cur_prompt}
+        items.append(Item(record=record,
+                          text=qs, image_b64=row["image"],
+                          extra={"options": list(options), "option_char": list(option_chars)}))
+        options = options[1:] + options[:1]  # rotate, as LLaVA does
+        option_chars = option_chars[1:] + option_chars[:1]
+    return items
+
+
+def make_items(args) -> list[Item]:
+    _, rows = read_tsv(os.path.expanduser(args.question_file))
+    rows = get_chunk(rows, args.num_chunks, args.chunk_idx)
+    return [item for row in rows for item in make_row_items(row, args)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(__doc__.splitlines()[0], max_new_tokens=LONG_MAX_NEW_TOKENS)
+    return run(parser.parse_args(argv), "model_vqa_mmbench", make_items, auto_mmtag=True)
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main))

@@ -1,0 +1,1 @@
+"""Drop-in replacements for LLaVA's serving entry points that load a pruned model (see README.md)."""
