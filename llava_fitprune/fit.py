@@ -18,7 +18,16 @@
 4. Trim (deterministic): the last pruning layer's count is lowered to the least that still meets
    the budget (binary search on that integer), so the result is within one token of the budget.
 
-Budgets are costed for one reference prompt: the calibration's visual token count and its mean
+Mixed visual-token counts (LLaVA-NeXT anyres: each image its own count n_s). The recipe is fitted
+for the reference count N_ref = max_s n_s (its `num_visual_tokens`). Sample s's simulated cumulative
+drops through layer l are taken as a fraction of its own count, averaged over samples, scaled to
+N_ref and rounded half up: C_l = floor(N_ref * mean_s(cum_{s,l} / n_s) + 1/2) (exact rationals),
+d_l = C_l - C_{l-1}. With one count this is the rule of step 2, to the bit. Applied to a sample with
+n tokens the recipe is scaled back by `Recipe.drops_for(n)`; the report gives the reduction it then
+achieves for each distinct calibration count (`report['budgets'][ratio]['achieved_reduction_by_count']`).
+Samples of different lengths are batched right-padded with masks.
+
+Budgets are costed for one reference prompt: N_ref visual tokens and the calibration's mean
 text token count (round half up). Several budgets share one statistics pass and a cache of
 simulations keyed by alpha (a simulation run for a larger budget contains the smaller's).
 """
@@ -33,7 +42,7 @@ import torch
 
 from .calibration import CalibrationSample, CalibrationSet
 from .fit_runner import Statistics, collect_statistics, meets, schedule_for, schedule_reduction, simulate
-from .flops import prefill_report
+from .flops import prefill_report, reduction_for
 from .recipe import Recipe, RecipeError, check_reduction_ratio
 
 
@@ -101,6 +110,13 @@ class _Search:
                 lo = mid + 1
         drops[last] = hi
         return {"layer": last, "from": orig, "to": hi}
+
+
+def _reduction_by_count(stats: Statistics, recipe: Recipe, convention: str) -> dict:
+    """Reduction the recipe achieves, scaled by `drops_for(n)`, for each distinct calibration count n
+    (n visual + the reference text tokens)."""
+    return {str(n): round(reduction_for(stats.shape, stats.num_text, n, recipe.drops_for(n), convention), 6)
+            for n in sorted(set(stats.visual_counts))}
 
 
 def max_reduction(stats: Statistics, convention: str) -> float:
@@ -175,6 +191,10 @@ def fit(model, calibration: Union[CalibrationSet, Sequence[CalibrationSample]],
     """FitPrune recipes for one budget (a float: returns a Recipe) or several (a list: a list).
 
     `calibration`: a `CalibrationSet` (its provenance goes into the recipes) or a list of samples.
+    Samples may have different visual-token counts (anyres): the recipe is fitted for the largest,
+    N_ref (`num_visual_tokens`), from the mean over samples of each sample's cumulative drops as a
+    fraction of its own count (times N_ref, rounded half up), and its budget is checked at N_ref
+    visual + mean text tokens; see the module doc. With one count the result is unchanged.
     `report`: a dict filled with wall time and peak memory per phase and the search counts (not in
     the recipe, so the recipe JSON is byte-identical across runs).
     """
@@ -221,8 +241,12 @@ def fit(model, calibration: Union[CalibrationSet, Sequence[CalibrationSample]],
         report.setdefault("budgets", {})[str(r)] = {
             "alpha": alpha, "bisection_rounds": rounds, "simulations_run": search.simulations - sims0,
             "forward_equivalents": round((search.layers_run - layers0) / stats.shape.num_layers, 3),
-            "achieved_reduction": results[r].achieved_reduction, "drop_per_layer": drops}
+            "achieved_reduction": results[r].achieved_reduction, "drop_per_layer": drops,
+            "achieved_reduction_by_count": _reduction_by_count(stats, results[r], convention)}
+    counts = stats.visual_counts
     report.update(num_samples=len(samples), simulations_run=search.simulations, batch_size=batch_size,
+                  reference_visual_tokens=stats.num_visual,
+                  visual_token_counts={str(n): counts.count(n) for n in sorted(set(counts))},
                   forward_equivalents={"statistics": 1.0,  # one forward of every sample = 1
                                        "bisection": round(search.layers_run / stats.shape.num_layers, 3)})
     recipes = [results[r] for r in ratios]

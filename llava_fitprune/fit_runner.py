@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional, Sequence
 
 import torch
@@ -151,10 +152,15 @@ class Statistics:
     samples: list
     w_cross: torch.Tensor  # [S, L] float64
     w_self: torch.Tensor  # [S, L] float64
-    num_visual: int
+    num_visual: int  # reference visual tokens N_ref: the largest count over samples (the recipe's count)
     num_text: int  # reference text tokens: mean over samples, round half up
     shape: LMShape
     batch_size: int
+
+    @property
+    def visual_counts(self) -> list[int]:
+        """Each sample's own visual-token count (anyres images differ)."""
+        return [s.num_visual for s in self.samples]
 
     @property
     def rope_len(self) -> int:
@@ -178,10 +184,6 @@ def collect_statistics(model, samples: Sequence[CalibrationSample], batch_size: 
         raise CalibrationError("the calibration set is empty: fit needs at least one sample with an image")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    counts = sorted({s.num_visual for s in samples})
-    if len(counts) > 1:
-        raise CalibrationError(f"calibration samples have different visual token counts {counts}: fit needs "
-                               f"one count (LLaVA-1.5 'pad'/'square' images); anyres is not supported yet")
     for s in samples:
         if s.num_visual == 0:
             raise CalibrationError(f"sample {s.question_id!r} has no visual tokens: every calibration sample needs "
@@ -196,7 +198,8 @@ def collect_statistics(model, samples: Sequence[CalibrationSample], batch_size: 
         for idx in _chunks(S, batch_size):
             w_cross[idx, l], w_self[idx, l], _ = _run_layer(layer, rows, idx, rope_len)
     text = sum(s.num_tokens - s.num_visual for s in samples)
-    return Statistics(list(samples), w_cross, w_self, counts[0], (2 * text + S) // (2 * S),
+    n_ref = max(s.num_visual for s in samples)  # the reference count: the largest in the set
+    return Statistics(list(samples), w_cross, w_self, n_ref, (2 * text + S) // (2 * S),
                       LMShape.from_config(model.config), batch_size)
 
 
@@ -216,6 +219,7 @@ def simulate(model, stats: Statistics, alpha: float, stop_ratio: Optional[float]
     schedule so far meets `stop_ratio` (None: run every layer)."""
     layers, S = _layers(model), len(stats.samples)
     rows, cum, drops = _Rows.start(stats.samples), torch.zeros(S, dtype=torch.long), []
+    counts = stats.visual_counts
     for l, layer in enumerate(layers):
         if stop_ratio is not None and meets(stats, drops, stop_ratio, convention):
             break
@@ -224,9 +228,18 @@ def simulate(model, stats: Statistics, alpha: float, stop_ratio: Optional[float]
             _, _, n = _run_layer(layer, rows, idx, stats.rope_len, keep_c.to(stats.samples[0].inputs_embeds.device),
                                  keep_s.to(stats.samples[0].inputs_embeds.device))
             cum[idx] += n
-        total = int(cum.sum())
-        drops.append((2 * total + S) // (2 * S) - sum(drops))  # round half up of the cumulative mean
+        drops.append(cumulative_reference(cum.tolist(), counts, stats.num_visual) - sum(drops))
     return drops
+
+
+def cumulative_reference(cum: Sequence[int], counts: Sequence[int], n_ref: int) -> int:
+    """C_l at the reference count: floor(N_ref * mean_s(cum_s / n_s) + 1/2), in exact rationals.
+
+    Each sample's cumulative drops are a fraction of its own visual count; with one count
+    (n_s = N_ref for all s) this is floor(mean_s(cum_s) + 1/2), the integer rule for one count.
+    """
+    frac = sum((Fraction(int(c), int(n)) for c, n in zip(cum, counts)), Fraction(0))
+    return math.floor(frac * int(n_ref) / len(counts) + Fraction(1, 2))
 
 
 def schedule_for(stats: Statistics, prefix: Sequence[int], ratio: float, convention: str) -> Optional[list[int]]:

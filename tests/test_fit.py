@@ -328,3 +328,99 @@ def test_statistics_match_eager_attention(random_setup):
             m = a[0].amax(0)  # [N, N]
             assert abs(m[txt][:, vis].sum() / txt.sum() - stats.w_cross[i, l]) < 1e-5
             assert abs(m[vis][:, vis].sum() / vis.sum() - stats.w_self[i, l]) < 1e-5
+
+
+# -- mixed visual-token counts (LLaVA-NeXT anyres) ----------------------------------------------------
+ANYRES_SIZES = [(200, 100), (90, 170), (150, 150)]  # (width, height): three different visual-token counts
+
+
+@pytest.fixture(scope="module")
+def anyres_setup(tmp_path_factory):
+    from PIL import Image
+
+    from llava_fitprune import load_pretrained_model
+    from llava_fitprune.calibration import build_calibration
+    from llava_fitprune.tiny import TinyLlavaSpec, build_tiny_llava
+
+    root = tmp_path_factory.mktemp("anyres")
+    path = build_tiny_llava(str(root / "llava-tiny-next"), TinyLlavaSpec(num_layers=3, image_size=112, anyres=True,
+                                                                         seed=5))
+    tok, model, proc, _ = load_pretrained_model(path, None, "llava-tiny-next", device="cpu")
+    images, g = root / "images", torch.Generator().manual_seed(0)
+    images.mkdir()
+    questions = ["What is shown?", "Is there a red circle on the left?", "Count the objects.",
+                 "Describe the picture in detail.", "What colour is the background?", "Where is the square?"]
+    lines = []
+    for i, q in enumerate(questions):
+        w, h = ANYRES_SIZES[i % len(ANYRES_SIZES)]
+        Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()).save(images / f"{i}.png")
+        lines.append(json.dumps({"question_id": i, "image": f"{i}.png", "text": q}))
+    (root / "q.jsonl").write_text("\n".join(lines) + "\n")
+    calib = build_calibration(model, tok, proc, str(root / "q.jsonl"), str(images), num_samples=len(questions),
+                              seed=0, progress=False)
+    return tok, model, proc, calib, images, questions
+
+
+def test_mixed_visual_counts_fit_and_apply(anyres_setup):
+    from PIL import Image
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    from llava_fitprune.calibration import build_prompt
+
+    tok, model, proc, calib, images, questions = anyres_setup
+    counts = [s.num_visual for s in calib.samples]
+    assert len(set(counts)) == 3, counts
+    n_ref, shape = max(counts), LMShape.from_config(model.config)
+    report = {}
+    recipes = fit(model, calib, [0.3, 0.6], convention="visual_only", progress=False, batch_size=4, report=report)
+    assert report["reference_visual_tokens"] == n_ref and sum(report["visual_token_counts"].values()) == 6
+    for r in recipes:
+        assert r.num_visual_tokens == n_ref and r.provenance["reference_visual_tokens"] == n_ref
+        got = reduction_for(shape, r.provenance["reference_text_tokens"], n_ref, r.drop_per_layer, "visual_only")
+        assert r.reduction_ratio <= got and r.achieved_reduction == round(got, 6) and r.total_dropped > 0
+        by_count = report["budgets"][str(r.reduction_ratio)]["achieved_reduction_by_count"]
+        assert set(by_count) == {str(n) for n in counts} and by_count[str(n_ref)] == r.achieved_reduction
+        for i, (s, q) in enumerate(zip(calib.samples, questions)):  # apply to every calibration sample
+            image = Image.open(images / f"{i}.png").convert("RGB")
+            prompt = build_prompt(q, "vicuna_v1", getattr(model.config, "mm_use_im_start_end", False))
+            ids = tokenizer_image_token(prompt, tok, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+            model.set_pruning(r)
+            try:
+                with torch.no_grad():
+                    model(ids, images=process_images([image], proc, model.config), image_sizes=[image.size])
+            finally:
+                model.set_pruning(None)
+            entering = [v[0] for v in model.get_model().last_trace.visual_entering]
+            assert entering[0] == s.num_visual
+            assert [a - b for a, b in zip(entering, entering[1:])] == r.drops_for(s.num_visual)
+    # samples of different lengths batched (right-padded, masked) give the one-by-one recipe
+    assert fit(model, calib, 0.6, convention="visual_only", progress=False, batch_size=1).to_json() == \
+        recipes[1].to_json()
+
+
+def test_mixed_rounding_reduces_to_one_count_rule():
+    """C_l over fractions of each sample's own count equals the integer rule when all counts are equal."""
+    import random
+
+    from llava_fitprune.fit_runner import cumulative_reference
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        S, N = rng.randint(1, 9), rng.randint(1, 50)
+        cum = [rng.randint(0, N) for _ in range(S)]
+        assert cumulative_reference(cum, [N] * S, N) == (2 * sum(cum) + S) // (2 * S)
+    assert cumulative_reference([1, 2], [2, 4], 4) == 2  # both half-dropped: 0.5 * 4
+    assert cumulative_reference([1, 0], [4, 2], 4) == 1  # mean fraction 1/8 of 4 = 0.5: half up
+
+
+def test_single_count_recipes_unchanged(random_setup, anyres_setup):
+    # the recipes the one-count fit gave before mixed counts were supported (same model, same samples)
+    _, _, recipes = random_setup
+    assert [r.drop_per_layer for r in recipes] == [[10, 6, 4, 3], [24, 11, 6, 3], [50, 8, 2, 0]]
+    assert [r.provenance["alpha"] for r in recipes] == [0.24, 0.46, 0.82]
+    # an anyres set of one count: the recipe is for that count, deterministic
+    _, model, _, calib, _, _ = anyres_setup
+    same = [s for s in calib.samples if s.num_visual == calib.samples[0].num_visual]
+    a, b = (fit(model, same, 0.5, convention="visual_only", progress=False, batch_size=bs) for bs in (1, 2))
+    assert a.to_json() == b.to_json() and a.num_visual_tokens == same[0].num_visual
