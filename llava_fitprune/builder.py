@@ -65,13 +65,18 @@ def load_pretrained_model(
     method: str = "fitprune",
     torch_dtype=None,
     attn_implementation: Optional[str] = None,
+    method_options: Optional[dict] = None,
+    num_text_tokens: int = 65,
     **kwargs,
 ):
     """Same arguments and 4-tuple as `llava.model.builder.load_pretrained_model`, plus pruning.
 
     Returns (tokenizer, model, image_processor, context_len); `model` is a
     `FitPruneLlavaLlamaForCausalLM` using `recipe` (a Recipe or JSON path) or the built-in recipe
-    for `reduction_ratio`; neither means dense (the stock model's outputs).
+    for `reduction_ratio`; neither means dense (the stock model's outputs). `method`: fitprune,
+    random (FitPrune's schedule, random tokens), fastv / uniform (at equal FLOPs to the recipe for a
+    prompt of `num_text_tokens` text tokens, or `method_options` such as {"k": 2, "r": 0.5}),
+    lvprune (`method_options={"modules": folder}`); see methods.py.
     """
     if "llava" not in model_name.lower():
         raise ValueError(f"model name {model_name!r} does not look like a LLaVA checkpoint (no 'llava' in it)")
@@ -127,7 +132,15 @@ def load_pretrained_model(
     chosen = resolve_recipe(recipe, reduction_ratio, num_layers=len(model.get_model().layers))
     if chosen is None and saved is not None and recipe is None and reduction_ratio is None:
         chosen = Recipe.from_dict(saved, source=f"{model_path}/config.json")
-    model.set_pruning(chosen, make_selector(method))
+    if method in ("fitprune", "random") and not method_options:
+        model.set_pruning(chosen, make_selector(method))
+    else:  # baselines at equal FLOPs to the chosen recipe, LVPruning with its modules (methods.py)
+        from .methods import build_method
+
+        n_visual = getattr(vision_tower, "num_patches", None)
+        schedule, selector = build_method(method, recipe=chosen, model=model, num_text_tokens=num_text_tokens,
+                                          num_visual_tokens=n_visual, **(method_options or {}))
+        model.set_pruning(schedule, selector)
     model.eval()
 
     context_len = getattr(model.config, "max_sequence_length", 2048)

@@ -25,7 +25,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nunknown subcommand {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    name = SUBCOMMANDS[argv[0]][0]
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        print(f"llava-fitprune {argv[0]}: not available in this version ({name} is not installed)", file=sys.stderr)
+        return 2
     return int(module.main(argv[1:]) or 0)
 
 

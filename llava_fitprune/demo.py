@@ -94,6 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-path", default=None, help="a LLaVA-1.5 checkpoint (default: a tiny offline one)")
     p.add_argument("--model-base", default=None)
     p.add_argument("--reduction-ratio", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+    p.add_argument("--method", default="fitprune", choices=["fitprune", "random", "fastv", "uniform"],
+                   help="token selection; fastv/uniform run at equal FLOPs to each FitPrune recipe")
     p.add_argument("--conv-mode", default="vicuna_v1")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
@@ -110,6 +112,8 @@ def main(argv=None) -> int:
 
     from llava.mm_utils import get_model_name_from_path, process_images
     from . import load_pretrained_model
+    from .methods import build_method
+    from .selectors import make_selector
     from .tiny import TinyLlavaSpec, build_tiny_llava
 
     model_path = args.model_path
@@ -136,8 +140,14 @@ def main(argv=None) -> int:
     for i, (image, question) in enumerate(sample_images(model.get_vision_tower().config.image_size)):
         ids = _prompt(tokenizer, question, args.conv_mode).to(model.device)
         images = process_images([image], image_processor, model.config).to(model.device, dtype=model.dtype)
-        for recipe in recipes:
-            model.set_pruning(recipe)
+        n_text_prompt = int((ids[0] >= 0).sum())
+        for base in recipes:  # None (dense) or a FitPrune recipe; other methods run at its FLOPs
+            if base is None or args.method in ("fitprune", "random"):
+                model.set_pruning(base, make_selector(args.method))
+            else:
+                model.set_pruning(*build_method(args.method, recipe=base, model=model,
+                                                num_text_tokens=n_text_prompt, num_visual_tokens=base.num_visual_tokens))
+            recipe = model.recipe
             out = model.generate(ids, images=images, image_sizes=[image.size], do_sample=False,
                                  max_new_tokens=args.max_new_tokens, use_cache=True)
             answer = tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip()
@@ -148,7 +158,7 @@ def main(argv=None) -> int:
             rep = prefill_report(shape, n_total - n_visual, n_visual, drops)
             alive = recipe.visual_tokens_entering(n_visual) if recipe else [n_visual] * (L + 1)
             ms = _prefill_ms(model, ids, images, args.repeats)
-            ratio = "dense" if recipe is None else f"{recipe.reduction_ratio:g}"
+            ratio = "dense" if base is None else f"{args.method} {base.reduction_ratio:g}"
             rows.append([str(i), ratio] + [str(alive[q]) for q in quarters] +
                         [f"{rep.pruned_flops / 1e12:.4f}", f"{rep.reduction:.3f}", f"{ms:.1f}", repr(answer)])
         print(f"image {i}: {question}")

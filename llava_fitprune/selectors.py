@@ -5,6 +5,7 @@ layer) comes from the recipe. Selectors are pure tensor code; the model owns the
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Optional, Sequence
@@ -71,19 +72,77 @@ class FitPruneSelector(TokenSelector):
 
 
 class RandomSelector(TokenSelector):
-    """The control: the same schedule, tokens chosen uniformly at random (seeded per call)."""
+    """The control: the same schedule, tokens chosen at random.
+
+    The noise is a fixed hash of (seed, layer, position of the token within its sample), so a
+    sample drops the same tokens alone or inside a padded batch of any size, in every run.
+    """
 
     name = "random"
     needs_attention = False
 
     def __init__(self, seed: int = 0):
-        self.seed = seed
-        self._calls = 0
+        self.seed = int(seed)
 
     def importance(self, layer_idx, attention, state, hidden):
-        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + layer_idx)
-        noise = torch.rand(state.visual.shape, generator=gen).to(state.visual.device)
-        return noise.masked_fill(~state.visual, float("inf"))
+        return position_noise(state.orig_pos, state.valid, self.seed, layer_idx).masked_fill(~state.visual, float("inf"))
+
+
+_HASH_MULT = 0x45D9F3B  # Mueller's 32-bit integer hash multiplier (< 2**27: products fit in int64)
+_MASK32 = 0xFFFFFFFF
+_SHIFT = 16
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective integer hash on [0, 2**32), elementwise on int64 tensors."""
+    x = x & _MASK32
+    x = ((x >> _SHIFT) ^ x) * _HASH_MULT & _MASK32
+    x = ((x >> _SHIFT) ^ x) * _HASH_MULT & _MASK32
+    return (x >> _SHIFT) ^ x
+
+
+def position_noise(orig_pos: torch.Tensor, valid: torch.Tensor, seed: int, layer_idx: int) -> torch.Tensor:
+    """orig_pos, valid: [B, N] -> [B, N] float64 in [0, 1), a function of each token's position
+    within its sample (counted from the sample's first real token, so padding does not shift it)."""
+    first = torch.where(valid, orig_pos, orig_pos.new_full((), torch.iinfo(torch.int64).max)).amin(-1, keepdim=True)
+    salt = int(hash32(hash32(torch.tensor(seed)) + layer_idx))
+    return hash32(orig_pos - first + salt).double() / float(_MASK32 + 1)
+
+
+class FastVSelector(TokenSelector):
+    """FastV: drop the visual tokens the last prompt token attends to least (mean over heads).
+
+    FastV's "layer K" is the first layer without the dropped tokens, ranked by the attention map of
+    layer K - 1; here drops happen after a layer's attention, so FastV's K is a drop at index K - 1
+    (see `methods.fastv_drops`).
+    """
+
+    name = "fastv"
+
+    def importance(self, layer_idx, attention, state, hidden):
+        return fastv_importance(attention.probs, attention.row_start, state.valid, state.visual)
+
+
+def fastv_importance(probs: torch.Tensor, row_start: int, valid: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """probs: [B, H, R, N] attention of rows row_start..N-1; valid, visual: [B, N] bool.
+
+    Returns [B, N]: the head-mean attention from each sample's last real token (the last prompt
+    token) to every column; +inf off the visual tokens.
+    """
+    B, H, R, N = probs.shape
+    pos = torch.arange(N, device=valid.device)
+    last = torch.where(valid, pos, -1).amax(-1)  # [B]
+    if bool((last < row_start).any()):
+        raise ValueError("FastV needs the last prompt token among the attention rows (after the first visual token)")
+    rows = (last - row_start)[:, None, None].expand(B, 1, N)  # [B, 1, N]
+    from_last = probs.float().mean(1).gather(1, rows).squeeze(1)  # [B, N]
+    return from_last.masked_fill(~visual, float("inf"))
+
+
+class UniformSelector(FitPruneSelector):
+    """The `uniform` baseline's rule: FitPrune's scores (the schedule is what differs)."""
+
+    name = "uniform"
 
 
 @dataclass
@@ -109,10 +168,19 @@ class OracleSelector(TokenSelector):
         return out
 
 
-SELECTORS = {"fitprune": FitPruneSelector, "random": RandomSelector}
+SELECTORS = {"fitprune": FitPruneSelector, "random": RandomSelector, "fastv": FastVSelector,
+             "uniform": UniformSelector}
+_LAZY_SELECTORS = {"lvprune": ("llava_fitprune.lvprune.selector", "LVPruneSelector")}  # imported on use
+
+
+def selector_class(method: str) -> type:
+    if method in _LAZY_SELECTORS:
+        module, name = _LAZY_SELECTORS[method]
+        return getattr(importlib.import_module(module), name)
+    if method not in SELECTORS:
+        raise ValueError(f"unknown pruning method {method!r}; available: {sorted(SELECTORS) + sorted(_LAZY_SELECTORS)}")
+    return SELECTORS[method]
 
 
 def make_selector(method: str = "fitprune", **kwargs) -> TokenSelector:
-    if method not in SELECTORS:
-        raise ValueError(f"unknown pruning method {method!r}; available: {sorted(SELECTORS)}")
-    return SELECTORS[method](**kwargs)
+    return selector_class(method)(**kwargs)

@@ -10,7 +10,7 @@ def test_demo_runs_dense_and_pruned(tiny32_dir, tmp_path, capsys):
                       "--repeats", "1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| 0 |")]
-    assert [r.split("|")[2].strip() for r in rows] == ["dense", "0.6", "0.9"]
+    assert [r.split("|")[2].strip() for r in rows] == ["dense", "fitprune 0.6", "fitprune 0.9"]
     # visual tokens left after the last layer follow the published recipes: 576-449 and 576-539
     assert [r.split("|")[7].strip() for r in rows] == ["576", "127", "37"]
     assert os.path.getsize(out / "tokens_per_layer.png") > 1000

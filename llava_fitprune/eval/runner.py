@@ -107,7 +107,6 @@ def run(args, module: str, make_items: Callable[[object], list[Item]], auto_mmta
     """`make_items(args)` parses the question file and returns this chunk's items, in order.
     `auto_mmtag`: switch plain (pretrain-only) models to the mmtag template, as LLaVA's loader does."""
     from llava.mm_utils import get_model_name_from_path
-    from llava.utils import disable_torch_init
 
     from .loading import timed_load, used_recipe
 
@@ -124,7 +123,6 @@ def run(args, module: str, make_items: Callable[[object], list[Item]], auto_mmta
         print(f"{answers_file} is complete ({len(items)} answers); nothing to do")
         return 0
 
-    disable_torch_init()
     (tokenizer, model, image_processor, _), load_s = timed_load(args, model_name)
     recipe = used_recipe(model, args)
     config = run_config(args, module, model_name)

@@ -74,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     from llava.conversation import SeparatorStyle, conv_templates
     from llava.mm_utils import KeywordsStoppingCriteria, get_model_name_from_path, process_images, tokenizer_image_token
     from llava.serve.cli import load_image
-    from llava.utils import disable_torch_init
     from transformers import TextStreamer
 
     from ..builder import load_pretrained_model
@@ -82,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     from ..eval.runner import PrefillTracer
 
     args = build_parser().parse_args(argv)
-    disable_torch_init()
     model_name = get_model_name_from_path(args.model_path)
     tokenizer, model, image_processor, _ = load_pretrained_model(
         args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit,
