@@ -3,7 +3,9 @@
 Convention: FLOPs = 2 x multiply-accumulates of the matrix products (what
 `torch.utils.flop_counter.FlopCounterMode` counts); norms, rotary, softmax and the scoring are
 left out (they are well under 1% of a layer). Attention products are counted for the full
-`n x n` square, as dense kernels (and FlopCounterMode) count them.
+`n x n` square, as dense kernels (and FlopCounterMode) count them; `prefill_flops` can also count
+what a pruning layer's blocked attention skips (the rows before the image and, per row block, the
+causal keys after it), to match what runs.
 
 At a layer `l` with `n_in` tokens entering and `n_out = n_in - d_l` leaving (FitPrune drops
 after the attention), the layer costs
@@ -95,15 +97,29 @@ def tokens_entering(num_tokens: int, drop_per_layer: Sequence[int]) -> list[int]
 
 
 # -- prefill ------------------------------------------------------------------------------
+def tail_attention_products(n_in: int, rows_before_image: int, block_rows: int) -> int:
+    """Query-key products of a pruning layer's rows `rows_before_image`.. when they are computed in
+    blocks of `block_rows` rows, each block against the keys up to its last row (`layer_step`'s
+    `attention_rows_head_max`): sum over blocks [a, b) of (b - a) * b."""
+    return sum((min(a + block_rows, n_in) - a) * min(a + block_rows, n_in)
+               for a in range(rows_before_image, n_in, block_rows))
+
+
 def layer_prefill_flops(shape: LMShape, n_in: int, n_out: int | None = None, batch: int = 1,
-                        rows_before_image: int = 0) -> int:
+                        rows_before_image: int = 0, tail_block_rows: int = 0) -> int:
     """A pruning layer (n_out < n_in) computes its `rows_before_image` query rows against those
-    keys only (the scores do not read them), so it skips rows * (n_in - rows) attention products."""
+    keys only (the scores do not read them), so it skips rows * (n_in - rows) attention products.
+    `tail_block_rows` > 0 also counts the causal keys its later rows skip, block by block
+    (`tail_attention_products`); 0 counts those rows against every key (the convention of recipes)."""
     n_out = n_in if n_out is None else n_out
     h, m, hd, H, KV = shape.hidden_size, shape.intermediate_size, shape.head_dim, shape.num_heads, shape.num_kv_heads
     qkv = 2 * n_in * h * (H + 2 * KV) * hd
-    skipped = rows_before_image * (n_in - rows_before_image) if n_out < n_in else 0
-    attn = 2 * 2 * (n_in * n_in - skipped) * H * hd
+    products = n_in * n_in
+    if n_out < n_in:
+        r0 = min(rows_before_image, n_in)
+        tail = tail_attention_products(n_in, r0, tail_block_rows) if tail_block_rows > 0 else (n_in - r0) * n_in
+        products = r0 * r0 + tail
+    attn = 2 * 2 * products * H * hd
     o = 2 * n_out * H * hd * h
     mlp = 2 * 3 * n_out * h * m
     return batch * (qkv + attn + o + mlp)
@@ -114,12 +130,14 @@ def lm_head_flops(shape: LMShape, n: int, batch: int = 1) -> int:
 
 
 def prefill_flops(shape: LMShape, schedule: Sequence[int], batch: int = 1, lm_head: bool = True,
-                  text_before_image: int = 0) -> int:
+                  text_before_image: int = 0, tail_block_rows=0) -> int:
     """`schedule`: tokens entering each layer plus the final count (see `tokens_entering`).
-    `text_before_image` > 0 counts the rows pruning layers skip (0: the full square, an upper bound)."""
+    `text_before_image` > 0 counts the rows pruning layers skip (0: the full square, an upper bound).
+    `tail_block_rows`: see `layer_prefill_flops`; an int, or a function of a layer's tokens entering."""
+    block = tail_block_rows if callable(tail_block_rows) else (lambda n: tail_block_rows)
     if len(schedule) != shape.num_layers + 1:
         raise ValueError(f"schedule has {len(schedule) - 1} layers, the model {shape.num_layers}")
-    total = sum(layer_prefill_flops(shape, schedule[i], schedule[i + 1], batch, text_before_image)
+    total = sum(layer_prefill_flops(shape, schedule[i], schedule[i + 1], batch, text_before_image, block(schedule[i]))
                 for i in range(shape.num_layers))
     return total + (lm_head_flops(shape, schedule[-1], batch) if lm_head else 0)
 
@@ -153,7 +171,7 @@ class PrefillReport:
 
 def prefill_report(
     shape: LMShape, num_text_tokens: int, num_visual_tokens: int, drop_per_layer: Sequence[int] | None, batch: int = 1,
-    text_before_image: int = 0,
+    text_before_image: int = 0, tail_block_rows=0,
 ) -> PrefillReport:
     drops = list(drop_per_layer) if drop_per_layer is not None else [0] * shape.num_layers
     if len(drops) != shape.num_layers:
@@ -163,7 +181,8 @@ def prefill_report(
     vis = tokens_entering(num_visual_tokens, drops)
     return PrefillReport(
         dense_flops=dense_prefill_flops(shape, n, batch),
-        pruned_flops=prefill_flops(shape, sched, batch, text_before_image=text_before_image),
+        pruned_flops=prefill_flops(shape, sched, batch, text_before_image=text_before_image,
+                                   tail_block_rows=tail_block_rows),
         dense_visual_macs=paper_visual_macs(shape, [num_visual_tokens] * (shape.num_layers + 1)),
         pruned_visual_macs=paper_visual_macs(shape, vis),
         schedule=sched,

@@ -27,6 +27,13 @@ def plot_schedules(recipes: Sequence[Recipe], path: str, title: str = "visual to
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("visual tokens entering the layer")
     ax.set_title(title)
+    return finish(fig, ax, path)
+
+
+def finish(fig, ax, path: str) -> str:
+    """Grid, legend, tight layout; save as PNG and close. Returns path."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -47,6 +47,7 @@ class TinyLlavaSpec:
     init_std: float | None = 0.08  # std of the decoder's and projector's 2-D weights; None keeps HF's init
     backbone: str = "llama"  # "llama" (LLaVA-1.5, LLaVA-NeXT Vicuna) or "mistral" (LLaVA-NeXT Mistral)
     anyres: bool = False  # LLaVA-NeXT: anyres tiling, spatial_unpad merge, image_newline tokens
+    rope_theta: float = 10000.0  # the decoder's rotary base (Llama-2 / Vicuna: 10000)
 
     @property
     def num_visual_tokens(self) -> int:
@@ -116,6 +117,7 @@ def build_tiny_llava(out_dir: str, spec: TinyLlavaSpec | None = None) -> str:
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads or spec.num_heads, max_position_embeddings=2048,
+        rope_theta=spec.rope_theta,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
         mm_vision_tower=VISION_SUBDIR, mm_hidden_size=spec.vision_hidden_size, mm_vision_select_layer=-2,
         mm_vision_select_feature="patch", mm_projector_type=spec.projector, mm_use_im_start_end=False,

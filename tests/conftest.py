@@ -73,3 +73,12 @@ def batch_ids(tokenizer, questions):
         out[i, : len(x)] = x
         mask[i, : len(x)] = True
     return out, mask
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many small ops: on a loaded 2-core machine, 2 OpenMP threads wait on each other at every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

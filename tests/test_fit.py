@@ -23,13 +23,7 @@ TINY_CALIB = os.path.join(ROOT, "eval_data", "calibration", "tiny")
 FLAG, MARK = 0, 1  # hidden dims: "a text token" and "an important visual token" (planted model)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small ops on 2 shared cores run several times faster on one OpenMP thread
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread for this module
 
 
 def tiny_lm(num_layers=4, seed=0, plant=False, name="llava-synth"):

@@ -4,6 +4,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from llava_fitprune import Recipe, builtin_recipe
+from llava_fitprune.layer_step import attention_blocks
 from llava_fitprune.flops import NAMED_SHAPES, LMShape, dense_prefill_flops, prefill_report
 from .conftest import image_tensor, load_ours, prompt_ids
 
@@ -37,8 +38,12 @@ def test_flops_model_matches_flop_counter(fixture, recipe, request):
     counted, n, n_visual, before = _counted(model, prompt_ids(tok, "What is the colour of the circle?")[None],
                                     image_tensor(0, size))
     shape = LMShape.from_config(model.config)
+
+    def block_rows(n_in):  # the row blocks the pruning layers' attention runs in (layer_step)
+        return attention_blocks(1, shape.num_heads, n_in, n_in - before, torch.device("cpu"))[1]
+
     report = prefill_report(shape, n - n_visual, n_visual, recipe.drop_per_layer if recipe else None,
-                            text_before_image=before)
+                            text_before_image=before, tail_block_rows=block_rows)
     predicted = report.pruned_flops
     assert abs(predicted - counted) / counted < 0.01, (predicted, counted)
     assert abs(report.dense_flops - counted) / counted > 0.05 if recipe is not None else True

@@ -4,6 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llava_fitprune import Recipe
+from llava_fitprune.layer_step import attention_blocks
 from .conftest import image_tensor, load_ours, prompt_ids
 
 
@@ -35,7 +36,13 @@ def test_no_full_attention_probabilities(tiny_dir, attn, expect_full):
     sizes = model.last_trace.tokens_entering
     square = {(1, heads, s, s) for s in sizes}
     assert bool(square & set(rec.shapes)) == expect_full
-    # the pruning layers' probabilities cover the rows from the first visual token on, and no more
-    rows = {(1, heads, sizes[l] - first_visual, sizes[l]) for l in (1, 3)}
-    assert rows <= set(rec.shapes)
+    # the pruning layers' probabilities: row blocks from the first visual token on, each against the
+    # keys up to its last row; never all rows at once, with several blocks per layer here
+    for l in (1, 3):
+        n_in, rows = sizes[l], sizes[l] - first_visual
+        _, block = attention_blocks(1, heads, n_in, rows, torch.device("cpu"))
+        assert block < rows
+        first_block, last_block = (1, heads, block, first_visual + block), (1, heads, rows % block or block, n_in)
+        assert {first_block, last_block} <= set(rec.shapes)
+        assert (1, heads, rows, n_in) not in rec.shapes
     assert n == sizes[0]

@@ -29,8 +29,11 @@ def unique_described(scene: dict) -> list[int]:
 
 
 def relation_pairs(scene: dict, min_dx: float) -> list[tuple[int, int]]:
-    idx = unique_described(scene)
+    """Pairs of shapes of unique type at least min_dx apart. Named by type only: a colour in the
+    question would answer a colour question asked in another turn of the same conversation."""
     sh = scene["shapes"]
+    types = unique_shape_types(scene)
+    idx = [i for i, s in enumerate(sh) if s["shape"] in types]
     return [(i, j) for i in idx for j in idx if i != j and abs(sh[i]["cx"] - sh[j]["cx"]) >= min_dx]
 
 
@@ -64,7 +67,7 @@ def relation_questions(scene: dict, rng: random.Random, k: int, min_dx: float = 
     out = []
     for i, j in rng.sample(pairs, min(k, len(pairs))):
         a, b = scene["shapes"][i], scene["shapes"][j]
-        text = f"Is the {a['colour']} {a['shape']} to the left or right of the {b['colour']} {b['shape']}?"
+        text = f"Is the {a['shape']} to the left or right of the {b['shape']}?"
         answer = "left" if a["cx"] < b["cx"] else "right"
         out.append(dict(category="relation", text=text, answer=answer, regions=[_box(a), _box(b)]))
     return out
@@ -100,7 +103,7 @@ def phrasebook() -> str:
 
     lines = [conv_templates["vicuna_v1"].system, "USER: ASSISTANT:", SUFFIX.strip(), DESCRIBE]
     lines += [f"What colour is the {s}? How many {PLURAL[s]} are there?" for s in SHAPES]
-    lines += [f"How many {c} shapes are there? Is the {c} {s} to the left or right of the {c} {s}?"
-              for c in COLOURS for s in SHAPES]
+    lines += [f"How many {c} shapes are there? The {c} {s}." for c in COLOURS for s in SHAPES]
+    lines += [f"Is the {a} to the left or right of the {b}?" for a in SHAPES for b in SHAPES if a != b]
     lines += ["What number is written in the image? " + " ".join(str(d) for d in range(10))]
     return "\n".join(lines)

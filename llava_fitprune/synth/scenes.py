@@ -42,7 +42,8 @@ class SceneConfig:
     min_dx: int = 28        # least horizontal distance between the centres of a left/right pair, px
     max_tries: int = 1000
     train_per_type: int = 6  # questions of each type per training scene (multi-turn)
-    train_describe: bool = True  # end each training conversation with a left-to-right description
+    train_describe: bool = False  # end each training conversation with a left-to-right description
+    # (off: the earlier turns give most of it away, so it teaches copying rather than looking)
     test_per_type: int = 1
 
     @property

@@ -2,9 +2,11 @@
 
 python -m llava_fitprune.synth.train --data DATA/train --out CKPT [--test TEST] [--steps N] [--seed S]
 
-Builds the random initial checkpoint with `llava_fitprune.tiny.build_tiny_llava`, trains every
-weight (vision tower included) with LLaVA's dataset, vicuna_v1 label masking and
-`LlavaLlamaForCausalLM.forward`, and saves the checkpoint layout of `build_tiny_llava` in fp16.
+Builds the random initial checkpoint with `llava_fitprune.tiny.build_tiny_llava`; stage 0 pretrains
+the CLIP tower on dense per-patch labels (`pretrain_vision.py`); the LLaVA stage trains projector
+and decoder (tower frozen, as LLaVA's fine-tuning; `tune_vision` trains it too) with LLaVA's
+dataset, vicuna_v1 label masking and `LlavaLlamaForCausalLM.forward`; saves the checkpoint layout
+of `build_tiny_llava` in fp16. The defaults are the best recipe so far: docs/synth.md.
 """
 from __future__ import annotations
 
@@ -25,27 +27,32 @@ from tqdm import tqdm
 from ..tiny import TinyLlavaSpec, build_tiny_llava
 from .data import epoch_order, llava_collator, llava_dataset
 from .model_io import load_llava, save_llava, trainable_vision_tower
-from .pretrain_vision import PretrainConfig, pretrain_vision
+from .pretrain_vision import PretrainConfig, init_sincos_positions, pretrain_vision
 from .questions import phrasebook
 
 TOKENIZER_PHRASE_REPEAT = 100  # weight of the task's phrasing in the tokenizer corpus
 
 
-def synth_spec(seed: int = 0) -> TinyLlavaSpec:
-    """The shipped model: LLaVA-1.5's shapes (336 px, patch 14 -> 576 visual tokens), tiny widths."""
+def synth_spec(seed: int = 0, hidden_size: int = 128) -> TinyLlavaSpec:
+    """The shipped model: LLaVA-1.5's shapes (336 px, patch 14 -> 576 visual tokens), tiny widths.
+
+    Decoder weights start at std 1/sqrt(width): HF's 0.02 suits width 4096 and, at width 128, leaves
+    attention uniform over the 576 image tokens for hundreds of steps.
+    """
     return TinyLlavaSpec(
-        num_layers=6, hidden_size=128, num_heads=4, intermediate_size=512,
+        num_layers=6, hidden_size=hidden_size, num_heads=4, intermediate_size=4 * hidden_size,
         vision_hidden_size=128, vision_layers=4, vision_heads=4, vision_intermediate_size=512,
         vocab_size=768, tokenizer_extra_text=phrasebook(), tokenizer_extra_repeat=TOKENIZER_PHRASE_REPEAT,
-        init_std=None, seed=seed,
+        init_std=hidden_size ** -0.5, seed=seed,
     )
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
-    batch_size: int = 8
-    lr: float = 1e-3
+    # defaults: the best recipe so far (docs/synth.md), about 22 min on 2 CPU cores
+    steps: int = 1100
+    batch_size: int = 4
+    lr: float = 5e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     weight_decay: float = 0.0
@@ -53,9 +60,13 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     log_every: int = 10
-    vision_steps: int = 0  # stage 0: steps of dense per-patch pretraining of the vision tower (0: none)
+    sincos_positions: bool = True  # start the CLIP position table from 2-D sin-cos values (as MAE)
+    vision_steps: int = 200  # stage 0: steps of dense per-patch pretraining of the vision tower (0: none)
     vision_lr: float = 2e-3
-    tune_vision: bool = True  # train the vision tower in the LLaVA stage too (LLaVA itself keeps it frozen)
+    tune_vision: bool = False  # train the vision tower in the LLaVA stage too (LLaVA itself keeps it frozen)
+    pool_schedule: str = "4:300,2:250"  # curriculum "4:250,2:200": image patches averaged 4 x 4 for 250 steps, 2 x 2 for 200, then none
+    projector_init: str = "data"  # "data": init_projector_from_features; "default": LLaVA's nn.Linear init
+    vision_from: str = ""  # a checkpoint whose vision tower to start from (no sin-cos init, no stage 0)
     eval_every: int = 0  # 0: no evaluation while training
     eval_limit: int = 40  # questions of the test split scored at each evaluation
     save_dtype: str = "float16"
@@ -99,22 +110,114 @@ def quick_eval(model, tokenizer, image_processor, test_dir: str, limit: int, pre
     return {k: round(v["accuracy"], 3) for k, v in res.items()}
 
 
+def parse_pool_schedule(text: str) -> list[tuple[int, int]]:
+    """ "4:250,2:200" -> [(4, 250), (2, 200)]: (pool factor, steps), in order; "" -> []."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            factor, steps = (int(x) for x in part.split(":"))
+        except ValueError:
+            raise ValueError(f"pool schedule entry {part!r}: write FACTOR:STEPS, e.g. 4:250,2:200") from None
+        if factor < 1 or steps < 0:
+            raise ValueError(f"pool schedule entry {part!r}: the factor must be >= 1 and the steps >= 0")
+        out.append((factor, steps))
+    return out
+
+
+def pool_at(step: int, schedule: list[tuple[int, int]]) -> int:
+    for factor, steps in schedule:
+        if step < steps:
+            return factor
+        step -= steps
+    return 1
+
+
+def pool_patches(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average `factor` x `factor` neighbourhoods of the square patch grid.
+
+    features: [B, P, C] (P = side * side) -> [B, P / factor^2, C], row-major like the input
+    """
+    if factor == 1:
+        return features
+    B, P, C = features.shape
+    side = math.isqrt(P)
+    if side * side != P or side % factor:
+        raise ValueError(f"cannot pool {P} patches (a {side}-wide grid) by {factor}")
+    grid = features.transpose(1, 2).reshape(B, C, side, side)  # [B, C, side, side]
+    return torch.nn.functional.avg_pool2d(grid, factor).flatten(2).transpose(1, 2)  # [B, P / f^2, C]
+
+
+class FrozenTowerFeatures:
+    """The frozen vision tower's features of every training item, computed once on first use.
+
+    With the tower frozen (as in LLaVA's own fine-tuning stage) its output for an image never
+    changes, so each image goes through it once; later steps start at the projector. Items keep their
+    token ids and labels, so LLaVA's dataset tokenizes each conversation once too.
+
+    `pool` > 1 (a curriculum for the first steps) averages pool x pool patches before the projector:
+    fewer image tokens to search while attention is still uniform.
+    """
+
+    def __init__(self, model, dataset, dtype: torch.dtype = torch.float16):
+        self.model, self.dataset, self.dtype = model, dataset, dtype
+        self.items: dict[int, dict] = {}
+        self.pool = 1
+
+    def batch(self, idx: list[int], collate) -> dict:
+        missing = [i for i in idx if i not in self.items]
+        if missing:
+            fresh = [self.dataset[i] for i in missing]
+            with torch.no_grad():
+                feats = self.model.get_vision_tower()(torch.stack([f["image"] for f in fresh]))  # [b, P, C]
+            for i, f, x in zip(missing, fresh, feats.to(self.dtype)):
+                self.items[i] = {**{k: v for k, v in f.items() if k != "image"}, "features": x}
+        items = [self.items[i] for i in idx]
+        batch = collate([{k: v for k, v in it.items() if k != "features"} for it in items])
+        batch["images"] = torch.stack([it["features"] for it in items]).float()  # [B, P, C] tower features
+        return batch
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """LLaVA's encode_images on images [B, 3, H, W] or on tower features [B, P, C]."""
+        inner = self.model.get_model()
+        features = x if x.dim() == 3 else inner.get_vision_tower()(x)
+        return inner.mm_projector(pool_patches(features, self.pool))
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Within the block, this model instance's encode_images is `self.encode` (instance attribute only)."""
+        self.model.encode_images = self.encode
+        try:
+            yield self
+        finally:
+            del self.model.encode_images
+
+
 def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None = None,
                 eval_fn=None) -> list[dict]:
-    """Run cfg.steps AdamW steps over `dataset` with the vision tower trainable; returns the loss log.
+    """Run cfg.steps AdamW steps over `dataset`; returns the loss log.
 
+    cfg.tune_vision: the vision tower trains too; otherwise it stays frozen and its features are
+    computed once per image (`FrozenTowerFeatures`), pooled as cfg.pool_schedule says.
     `eval_fn()` (-> dict), if given, runs every cfg.eval_every steps and is logged.
     """
     model.train()
     log, t0, c0 = [], time.time(), time.process_time()
-    with trainable_vision_tower(model) if cfg.tune_vision else contextlib.nullcontext():
+    schedule = parse_pool_schedule(cfg.pool_schedule)
+    if cfg.tune_vision and schedule:
+        raise ValueError("pooled curriculum steps need the frozen tower: set tune_vision to false")
+    cached = None if cfg.tune_vision else FrozenTowerFeatures(model, dataset)
+    context = trainable_vision_tower(model) if cfg.tune_vision else cached.installed()
+    with context:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         bar = tqdm(batches(len(dataset), cfg), total=cfg.steps, desc="train")
         for step, idx in enumerate(bar):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            batch = collate([dataset[i] for i in idx])  # input_ids/labels (B, T), images (B, 3, H, W)
+            if cached:
+                cached.pool = pool_at(step, schedule)
+            # input_ids/labels (B, T); images (B, 3, H, W), or tower features (B, P, C) when frozen
+            batch = cached.batch(idx, collate) if cached else collate([dataset[i] for i in idx])
             loss = model(**batch).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -124,6 +227,8 @@ def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None 
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 rec = {"step": step, "loss": round(loss.item(), 5), "lr": lr_at(step, cfg),
                        "elapsed_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
+                if cached and cached.pool > 1:
+                    rec["pool"] = cached.pool
                 if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step:
                     rec["eval"] = eval_fn()
                 log.append(rec)
@@ -132,6 +237,46 @@ def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None 
                         f.write(json.dumps(rec) + "\n")
     model.eval()
     return log
+
+
+@torch.no_grad()
+def init_projector_from_features(model, dataset, num_images: int = 32, seed: int = 0) -> dict:
+    """Data-dependent start of the mlp2x_gelu projector (LSUV-style), on tower features of `num_images`.
+
+    CLIP's penultimate features share a large common component (norm ~30 against ~10 of variation
+    between patches), so a default-initialised projector gives image tokens that all look alike to
+    attention, and the decoder spends its budget mean-pooling the image. Here the first linear layer
+    subtracts the mean feature and gives unit variance per unit; the second is scaled so image tokens
+    have the spread of the text embeddings. Returns the statistics used.
+    """
+    proj = model.get_model().mm_projector
+    lin1, lin2 = proj[0], proj[-1]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(dataset), generator=g)[:num_images].tolist()
+    images = torch.stack([dataset[i]["image"] for i in idx])  # [n, 3, H, W]
+    feats = model.get_vision_tower()(images).flatten(0, 1).float()  # [n * P, C]
+    mean = feats.mean(0)  # [C]
+    std1 = ((feats - mean) @ lin1.weight.T).std(0)  # [C1]
+    lin1.weight.div_(std1[:, None])
+    lin1.bias.copy_(-lin1.weight @ mean)
+    hidden = proj[:-1](feats)  # [n * P, C1]
+    out_std = (hidden @ lin2.weight.T).std(0).mean()
+    text_std = model.get_model().embed_tokens.weight.std()
+    lin2.weight.mul_(text_std / out_std)
+    lin2.bias.zero_()
+    return {"images": num_images, "feature_norm": round(float(feats.norm(dim=-1).mean()), 3),
+            "mean_norm": round(float(mean.norm()), 3), "text_embedding_std": round(float(text_std), 4)}
+
+
+def load_vision_tower(model, ckpt: str) -> None:
+    """Copy the CLIP weights of checkpoint `ckpt` (its vision_tower/ folder) into `model`'s tower."""
+    from transformers import CLIPVisionModel
+
+    folder = os.path.join(ckpt, "vision_tower")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} not found: --vision-from takes a checkpoint saved by this trainer")
+    clip = model.get_vision_tower().vision_tower
+    clip.load_state_dict(CLIPVisionModel.from_pretrained(folder, torch_dtype=torch.float32).state_dict())
 
 
 def train(data_dir: str, out_dir: str, cfg: TrainConfig, spec: TinyLlavaSpec | None = None,
@@ -149,9 +294,18 @@ def train(data_dir: str, out_dir: str, cfg: TrainConfig, spec: TinyLlavaSpec | N
         log_path = os.path.join(out_dir, "train_log.jsonl")
         if os.path.exists(log_path):
             os.remove(log_path)
-        if cfg.vision_steps:
+        if cfg.vision_from:
+            load_vision_tower(model, cfg.vision_from)
+        elif cfg.sincos_positions:
+            init_sincos_positions(model.get_vision_tower().vision_tower)
+        if cfg.vision_steps and not cfg.vision_from:
             pretrain_vision(model.get_vision_tower(), data_dir,
                             PretrainConfig(steps=cfg.vision_steps, lr=cfg.vision_lr, seed=cfg.seed), log_path)
+        projector_stats = None
+        if cfg.projector_init == "data":
+            projector_stats = init_projector_from_features(model, dataset, seed=cfg.seed)
+        elif cfg.projector_init != "default":
+            raise ValueError(f"projector_init must be 'data' or 'default', got {cfg.projector_init!r}")
         eval_fn = None
         if test_dir is not None:
             preds = os.path.join(out_dir, "quick_eval_predictions.jsonl")
@@ -160,7 +314,7 @@ def train(data_dir: str, out_dir: str, cfg: TrainConfig, spec: TinyLlavaSpec | N
         save_llava(model, tokenizer, out_dir, getattr(torch, cfg.save_dtype), spec_from=init_dir)
     spec_record = {k: v for k, v in asdict(spec).items() if k != "tokenizer_extra_text"}
     record = {"data": os.path.abspath(data_dir), "num_scenes": len(dataset), "train": asdict(cfg),
-              "spec": spec_record, "wall_s": round(time.time() - t0, 1),
+              "spec": spec_record, "projector_init": projector_stats, "wall_s": round(time.time() - t0, 1),
               "cpu_s": round(time.process_time() - c0, 1), "final_loss": log[-1]["loss"],
               "params": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
     with open(os.path.join(out_dir, "train_record.json"), "w") as f:
@@ -168,8 +322,8 @@ def train(data_dir: str, out_dir: str, cfg: TrainConfig, spec: TinyLlavaSpec | N
     return record
 
 
-CLI_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "seed", "threads", "vision_steps", "vision_lr",
-              "tune_vision", "eval_every", "eval_limit")
+CLI_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "seed", "threads", "sincos_positions", "vision_steps",
+              "vision_lr", "tune_vision", "pool_schedule", "projector_init", "vision_from", "eval_every", "eval_limit")
 
 
 def _parse_bool(text: str) -> bool:

@@ -1,0 +1,206 @@
+"""`llava-fitprune bench`: do pruned FLOPs turn into wall-clock time?
+
+For a language model (a checkpoint, or a named config with random weights, optionally scaled in
+width) and a set of recipes, measures per attention implementation and batch size:
+  dense     the unpruned model
+  fitprune  the recipe with FitPrune's scoring
+  oracle    the same schedule with the tokens given for free (the FitPrune run's dropped positions,
+            replayed by OracleSelector: no scoring), the best a pruning layer can do
+  prellm    the dense model on fewer visual tokens, as many as the recipe's average over layers
+            (an equal-FLOPs stand-in for pruning before the LLM, VisionZip-style)
+prefill latency, decode latency per token (cached, step by step), end-to-end latency, peak
+memory, KV-cache bytes; FLOPs from flops.py; efficiency = speedup / FLOPs ratio.
+Writes a Markdown table, a CSV and a latency-vs-TFLOPs plot to --out-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from .bench_measure import run_once, summarize
+from .bench_models import (PromptLayout, RowSpec, available_attn_implementations, build_lm, load_lm_config,
+                           make_inputs, row_specs)
+from .bench_report import add_figures_of_merit, markdown_table, plot_latency_vs_flops, write_csv
+from .flops import LMShape, kv_cache_bytes
+from .recipe import RecipeError, builtin_recipe, check_reduction_ratio, load_recipe
+from .selectors import FitPruneSelector, OracleSelector
+
+METHODS = ("dense", "fitprune", "oracle", "prellm")
+DEFAULT_RATIOS = (0.5, 0.6, 0.7, 0.8, 0.9)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TERA, _GIGA, _MILLI, _MB = 1e12, 1e9, 1e3, 2 ** 20
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llava-fitprune bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llava-v1.5-7b", help="a named config (random weights) or a checkpoint folder")
+    p.add_argument("--width", type=int, default=None, help="scale the hidden size to this (random weights)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads after --width (default: keep head size)")
+    p.add_argument("--reduction-ratio", nargs="*", type=float, default=None,
+                   help=f"built-in LLaVA-1.5-7B recipes (default {' '.join(map(str, DEFAULT_RATIOS))} without --recipe)")
+    p.add_argument("--recipe", nargs="*", default=[], help="recipe JSON files")
+    p.add_argument("--prompt-tokens", type=int, default=35, help="text tokens before the image")
+    p.add_argument("--visual-tokens", type=int, default=576)
+    p.add_argument("--text-tokens", type=int, default=30, help="text tokens after the image")
+    p.add_argument("--attn", nargs="*", default=None, help="attention implementations (default: all available)")
+    p.add_argument("--batch-size", nargs="*", type=int, default=[1, 8])
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run (decode timing)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed runs of every row first; the last one also measures peak memory")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of every row, taken in turns")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: float16 on CUDA, float32 on CPU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="bench_results")
+    p.add_argument("--tag", default="bench", help="file name stem of the outputs in --out-dir")
+    return p
+
+
+def _recipes(args, num_layers: int, parser):
+    try:
+        recipes = [load_recipe(p) for p in args.recipe]
+        ratios = args.reduction_ratio if args.reduction_ratio is not None else ([] if recipes else DEFAULT_RATIOS)
+        recipes += [builtin_recipe(check_reduction_ratio(r)) for r in ratios]
+        for r in recipes:
+            r.check_model(num_layers)
+    except RecipeError as e:
+        parser.error(str(e))
+    return recipes
+
+
+def machine_summary(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (f"CPU {cpu} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}){gpu}; "
+            f"torch {torch.__version__}, python {platform.python_version()}")
+
+
+def _row_dict(spec, attn, batch, timing, shape: LMShape, dtype: torch.dtype, new_tokens: int) -> dict:
+    layers = spec.kv_lengths
+    if timing.kv_lengths and timing.kv_lengths != layers:
+        print(f"warning: {spec.method} {spec.ratio}: cache lengths {timing.kv_lengths} differ from the schedule "
+              f"{layers}", file=sys.stderr)
+    return dict(
+        attn=attn, batch=batch, method=spec.method, ratio=spec.ratio, visual_tokens=spec.layout.visual_tokens,
+        avg_tokens_per_layer=sum(layers) / len(layers), prefill_tflops=spec.prefill_flops / _TERA,
+        flops_reduction=spec.flops_reduction, prefill_ms=timing.prefill_s * _MILLI,
+        decode_ms_per_token=timing.decode_s_per_token * _MILLI, decode_gflops_per_token=spec.decode_flops / _GIGA,
+        e2e_ms=timing.e2e_s * _MILLI, peak_mem_mb=timing.peak_mem_bytes / _MB, kv_bytes=timing.kv_bytes,
+        kv_bytes_predicted=kv_cache_bytes(shape, layers, dtype.itemsize, batch),
+        new_tokens=new_tokens, repeats=timing.repeats, load_avg=timing.load_avg, prefill_runs=timing.prefill_runs,
+        prefill_cpu_ms=timing.prefill_cpu_s * _MILLI, prefill_cpu_runs=timing.prefill_cpu_runs,
+    )
+
+
+@dataclass
+class _Row:
+    spec: RowSpec
+    embeds: torch.Tensor  # [B, N, D]
+    visual: torch.Tensor  # [B, N] bool
+    runs: list = field(default_factory=list)
+    peak: int = 0
+
+
+def _dropped_positions(lm, recipe, embeds, visual) -> list:
+    """The positions FitPrune drops at each layer for these inputs (one untimed prefill)."""
+    lm.set_pruning(recipe, FitPruneSelector())
+    with torch.inference_mode():
+        lm(inputs_embeds=embeds, visual_mask=visual, use_cache=True)
+    return list(lm.get_model().last_trace.dropped_positions)
+
+
+def run_group(lm, attn: str, batch: int, specs, layout, args, shape, dtype, bar) -> list[dict]:
+    """All rows of one (attention implementation, batch size), their runs taken in turns: warm-up
+    runs of every row, then repeat after repeat of every row (so machine load hits all rows alike)."""
+    embeds, visual = make_inputs(lm, layout, batch, args.seed)
+    rows = [_Row(s, *((embeds, visual) if s.method != "prellm" else make_inputs(lm, s.layout, batch, args.seed)))
+            for s in specs]
+    positions = {}  # ratio -> FitPrune's dropped positions, from its latest run (it runs before the oracle)
+    tracked = max(args.warmup - 1, 0)  # the run whose peak memory is kept: the last warm-up (if any)
+    for i in range(args.warmup + args.repeats):
+        for row in rows:
+            spec = row.spec
+            bar.set_postfix_str(f"{attn} B={batch} {spec.method} {spec.ratio:g}" + (" warm-up" if i < args.warmup else ""))
+            lm.set_pruning(spec.recipe if spec.method == "fitprune" else None, FitPruneSelector())
+            selector = None
+            if spec.method == "oracle":
+                if spec.ratio not in positions:  # no FitPrune row for this ratio
+                    positions[spec.ratio] = _dropped_positions(lm, spec.recipe, embeds, visual)
+                    lm.set_pruning(None)
+                selector = OracleSelector(positions[spec.ratio])
+            run = run_once(lm, row.embeds, row.visual, selector, args.new_tokens, track_memory=i == tracked)
+            if spec.method == "fitprune":
+                positions[spec.ratio] = list(lm.get_model().last_trace.dropped_positions)
+            if i == tracked:
+                row.peak = run.peak_mem_bytes
+            if i >= args.warmup:
+                row.runs.append(run)
+                bar.update(1)
+    lm.set_pruning(None)
+    return [_row_dict(r.spec, attn, batch, summarize(r.runs, r.peak), shape, dtype, args.new_tokens) for r in rows]
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = DTYPES.get(args.dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
+    try:
+        cfg, has_weights = load_lm_config(args.model, args.width, args.heads)
+    except ValueError as e:
+        parser.error(str(e))
+    shape = LMShape.from_config(cfg)
+    recipes = _recipes(args, shape.num_layers, parser)
+    attns = args.attn or available_attn_implementations(device.type)
+    layout = PromptLayout(args.prompt_tokens, args.visual_tokens, args.text_tokens)
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    header = (f"model {args.model}{'' if has_weights else ' (random weights)'}: {shape.num_layers} layers, "
+              f"hidden {shape.hidden_size}, MLP {shape.intermediate_size}, heads {shape.num_heads}/"
+              f"{shape.num_kv_heads}; prompt {layout.prompt_tokens} + {layout.visual_tokens} visual + "
+              f"{layout.text_tokens} text; {dtype} on {device}; {args.new_tokens} new tokens; warm-up "
+              f"{args.warmup}, median of {args.repeats}\n{machine_summary(device)}")
+    print(header)
+    plan = {b: row_specs(shape, layout, recipes, args.methods, b, args.new_tokens) for b in args.batch_size}
+    total = len(attns) * sum(len(s) for s in plan.values()) * args.repeats
+    rows = []
+    with tqdm(total=total, desc="bench", unit="run", file=sys.stderr) as bar:
+        for attn in attns:
+            lm = build_lm(args.model, cfg, has_weights, attn, dtype, str(device), args.seed)
+            for batch, specs in plan.items():
+                rows += run_group(lm, attn, batch, specs, layout, args, shape, dtype, bar)
+            del lm
+            gc.collect()
+
+    add_figures_of_merit(rows)
+    table = markdown_table(rows)
+    print(table)
+    stem = os.path.join(args.out_dir, args.tag)
+    write_csv(rows, stem + ".csv")
+    with open(stem + ".md", "w") as f:
+        f.write(header + "\n\n" + table + "\n")
+    plot_latency_vs_flops(rows, stem + ".png", title=header.splitlines()[0])
+    print(f"wrote {stem}.csv, {stem}.md, {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
