@@ -2,7 +2,10 @@
 
 With no `--model-path`, a tiny LLaVA-1.5 is built offline: the trained synthetic-task checkpoint
 shipped in `eval_data/synth_llava/checkpoint` when this is a source checkout that has it, else a
-random 32-layer model (random weights give arbitrary answers, but every number is real).
+random 32-layer model (random weights give arbitrary answers, but every number is real). On the
+trained checkpoint (or any with `--synth-split`) the questions come from its held-out split with their
+gold answers, recipes are fitted on the task's training scenes, and each budget's accuracy on the first
+`--accuracy-questions` held-out questions is measured live.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from .recipe import Recipe, RecipeError, builtin_recipe, check_reduction_ratio
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_CHECKPOINT = os.path.join(REPO_ROOT, "eval_data", "synth_llava", "checkpoint")
+SHIPPED_SPLIT = os.path.join(REPO_ROOT, "eval_data", "synth_llava", "test")
 
 
 def sample_images(size: int = 336):
@@ -103,11 +107,21 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3, help="prefill timings: median over this many runs")
     p.add_argument("--out", default="out/demo", help="folder for the plot")
+    p.add_argument("--synth-split", default=None,
+                   help="a synthetic-task test split to ask (default with the shipped checkpoint: eval_data/synth_llava/test)")
+    p.add_argument("--num-questions", type=int, default=4, help="synthetic questions shown one by one")
+    p.add_argument("--accuracy-questions", type=int, default=60,
+                   help="synthetic questions scored for each budget (0: skip)")
     args = p.parse_args(argv)
     try:
         ratios = [check_reduction_ratio(r) for r in args.reduction_ratio]
     except RecipeError as e:
         p.error(str(e))
+    if args.num_questions < 1 or args.accuracy_questions < 0:
+        p.error("--num-questions must be >= 1 and --accuracy-questions >= 0")
+    if args.synth_split and not os.path.isfile(os.path.join(args.synth_split, "questions.jsonl")):
+        p.error(f"--synth-split {args.synth_split} has no questions.jsonl: pass a split written by "
+                f"python -m llava_fitprune.synth.scenes")
     torch.manual_seed(0)
 
     from llava.mm_utils import get_model_name_from_path, process_images
@@ -116,10 +130,10 @@ def main(argv=None) -> int:
     from .selectors import make_selector
     from .tiny import TinyLlavaSpec, build_tiny_llava
 
-    model_path = args.model_path
+    model_path, synth_split = args.model_path, args.synth_split
     if model_path is None:
         if os.path.isfile(os.path.join(SHIPPED_CHECKPOINT, "config.json")):
-            model_path = SHIPPED_CHECKPOINT
+            model_path, synth_split = SHIPPED_CHECKPOINT, synth_split or SHIPPED_SPLIT
             print(f"model: the trained tiny LLaVA shipped in {model_path}")
         else:
             model_path = os.path.join(tempfile.mkdtemp(), "llava-tiny-demo")
@@ -130,23 +144,38 @@ def main(argv=None) -> int:
     tokenizer, model, image_processor, _ = load_pretrained_model(
         model_path, args.model_base, name, device=args.device, torch_dtype=args.dtype,
         attn_implementation=args.attn_implementation)
-    recipes = [None] + recipes_for(model, ratios, tokenizer, image_processor, args.conv_mode)
+    if synth_split:
+        from PIL import Image
+
+        from .synth.demo_task import fitted_recipes, split_questions
+
+        recipes = [None] + fitted_recipes(model, tokenizer, image_processor, model_path, ratios, args.conv_mode)
+        questions, gold = split_questions(synth_split, args.num_questions)
+        samples = [(Image.open(os.path.join(synth_split, "images", q["image"])).convert("RGB"), q["text"],
+                    gold[q["question_id"]]) for q in questions]
+    else:
+        recipes = [None] + recipes_for(model, ratios, tokenizer, image_processor, args.conv_mode)
+        samples = [(image, question, None) for image, question in sample_images(model.get_vision_tower().config.image_size)]
+
+    def configure(base, n_text):
+        """Dense (base None), a FitPrune recipe, or another method at its FLOPs."""
+        if base is None or args.method in ("fitprune", "random"):
+            model.set_pruning(base, make_selector(args.method))
+        else:
+            model.set_pruning(*build_method(args.method, recipe=base, model=model, num_text_tokens=n_text,
+                                            num_visual_tokens=base.num_visual_tokens))
     shape = LMShape.from_config(model.config)
     L = shape.num_layers
     quarters = [0, L // 4, L // 2, 3 * L // 4, L]
 
-    header = ["image", "ratio"] + [f"visual@{q}" for q in quarters] + ["prefill TFLOPs", "reduction (total FLOPs)", "prefill ms", "answer"]
+    header = ["image", "ratio"] + [f"visual@{q}" for q in quarters] + ["prefill TFLOPs", "reduction (total FLOPs)", "prefill ms", "answer", "gold"]
     rows = []
-    for i, (image, question) in enumerate(sample_images(model.get_vision_tower().config.image_size)):
+    for i, (image, question, gold_answer) in enumerate(samples):
         ids = _prompt(tokenizer, question, args.conv_mode).to(model.device)
         images = process_images([image], image_processor, model.config).to(model.device, dtype=model.dtype)
         n_text_prompt = int((ids[0] >= 0).sum())
         for base in recipes:  # None (dense) or a FitPrune recipe; other methods run at its FLOPs
-            if base is None or args.method in ("fitprune", "random"):
-                model.set_pruning(base, make_selector(args.method))
-            else:
-                model.set_pruning(*build_method(args.method, recipe=base, model=model,
-                                                num_text_tokens=n_text_prompt, num_visual_tokens=base.num_visual_tokens))
+            configure(base, n_text_prompt)
             recipe = model.recipe
             out = model.generate(ids, images=images, image_sizes=[image.size], do_sample=False,
                                  max_new_tokens=args.max_new_tokens, use_cache=True)
@@ -160,12 +189,21 @@ def main(argv=None) -> int:
             ms = _prefill_ms(model, ids, images, args.repeats)
             ratio = "dense" if base is None else f"{args.method} {base.reduction_ratio:g}"
             rows.append([str(i), ratio] + [str(alive[q]) for q in quarters] +
-                        [f"{rep.pruned_flops / 1e12:.4f}", f"{rep.reduction:.3f}", f"{ms:.1f}", repr(answer)])
-        print(f"image {i}: {question}")
+                        [f"{rep.pruned_flops / 1e12:.4f}", f"{rep.reduction:.3f}", f"{ms:.1f}", repr(answer),
+                         "-" if gold_answer is None else repr(gold_answer)])
+        print(f"image {i}: {question!r}")
 
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    if synth_split and args.accuracy_questions:
+        from .synth.demo_task import accuracy_table
+
+        configs = [("dense", None)] + [(f"{args.method} {r.reduction_ratio:g}", r) for r in recipes[1:]]
+        print(f"\naccuracy % on the first {args.accuracy_questions} questions of {synth_split} "
+              f"(the full table: llava-fitprune accuracy, BENCHMARKS.md)")
+        print(accuracy_table(model, tokenizer, image_processor, synth_split, configs,
+                             lambda r: configure(r, n_text_prompt), args.accuracy_questions, args.conv_mode))
     os.makedirs(args.out, exist_ok=True)
     png = plot_schedules([r for r in recipes if r is not None], os.path.join(args.out, "tokens_per_layer.png"),
                          title=f"{name}: visual tokens entering each layer")

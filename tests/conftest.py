@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from llava_fitprune.synth.scenes import SceneConfig, write_split
 from llava_fitprune.tiny import TinyLlavaSpec, build_tiny_llava
 
 torch.set_num_threads(2)
@@ -82,3 +83,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --- synthetic task (module scope: training tests change the tiny2 model in place) -----------------
+
+SYNTH_SEED = 7
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return write_split(str(tmp_path_factory.mktemp("synth")), "train", 6, SYNTH_SEED)
+
+
+@pytest.fixture(scope="module")
+def short_split(tmp_path_factory):
+    """Two scenes with one question per type: short sequences for the training test."""
+    return write_split(str(tmp_path_factory.mktemp("synth")), "train", 2, SYNTH_SEED, SceneConfig(train_per_type=1))
+
+
+@pytest.fixture(scope="module")
+def tiny2(tmp_path_factory):
+    """A 2-layer tiny LLaVA (336 px, 576 visual tokens) loaded with LLaVA's class."""
+    from llava_fitprune.synth.model_io import load_llava
+    from llava_fitprune.synth.questions import phrasebook
+    from llava_fitprune.tiny import TinyLlavaSpec, build_tiny_llava
+
+    spec = TinyLlavaSpec(num_layers=2, hidden_size=64, intermediate_size=128, vision_layers=1,
+                         tokenizer_extra_text=phrasebook(), tokenizer_extra_repeat=20, init_std=None)
+    path = build_tiny_llava(str(tmp_path_factory.mktemp("ckpt") / "llava-synth-2l"), spec)
+    return path, load_llava(path)

@@ -28,3 +28,30 @@ def test_cli_lists_subcommands(capsys):
     assert cli_main([]) == 0
     assert "demo" in capsys.readouterr().out
     assert cli_main(["nope"]) == 2
+
+
+def test_demo_on_a_synthetic_split_shows_gold_and_live_accuracy(tiny2, split, tmp_path, capsys):
+    import json
+
+    path, _ = tiny2
+    assert demo_main(["--model-path", path, "--synth-split", split, "--num-questions", "2",
+                      "--accuracy-questions", "5", "--reduction-ratio", "0.5", "--max-new-tokens", "2",
+                      "--repeats", "1", "--out", str(tmp_path / "demo")]) == 0
+    text = capsys.readouterr().out
+    with open(os.path.join(split, "answers.jsonl")) as f:
+        gold = [json.loads(line)["answer"] for line in f][:2]
+    for i, answer in enumerate(gold):
+        rows = [line.split("|") for line in text.splitlines() if line.startswith(f"| {i} |")]
+        assert [r[2].strip() for r in rows] == ["dense", "fitprune 0.5"]
+        assert {r[-2].strip() for r in rows} == {repr(answer)}  # the gold column
+    table = text.split("accuracy % on the first 5 questions")[1].splitlines()
+    runs = [line.split("|")[1].strip() for line in table if line.startswith("| ") and "---" not in line][1:]
+    assert runs == ["dense", "fitprune 0.5"]
+
+
+def test_demo_rejects_a_split_without_questions(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        demo_main(["--synth-split", str(tmp_path)])
+    assert "has no questions.jsonl" in capsys.readouterr().err

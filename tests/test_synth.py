@@ -23,30 +23,6 @@ def _rows(path):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def split(tmp_path_factory):
-    return write_split(str(tmp_path_factory.mktemp("synth")), "train", 6, SEED)
-
-
-@pytest.fixture(scope="module")
-def short_split(tmp_path_factory):
-    """Two scenes with one question per type: short sequences for the training test."""
-    return write_split(str(tmp_path_factory.mktemp("synth")), "train", 2, SEED, SceneConfig(train_per_type=1))
-
-
-@pytest.fixture(scope="module")
-def tiny2(tmp_path_factory):
-    """A 2-layer tiny LLaVA (336 px, 576 visual tokens) loaded with LLaVA's class."""
-    from llava_fitprune.synth.model_io import load_llava
-    from llava_fitprune.synth.questions import phrasebook
-    from llava_fitprune.tiny import TinyLlavaSpec, build_tiny_llava
-
-    spec = TinyLlavaSpec(num_layers=2, hidden_size=64, intermediate_size=128, vision_layers=1,
-                         tokenizer_extra_text=phrasebook(), tokenizer_extra_repeat=20, init_std=None)
-    path = build_tiny_llava(str(tmp_path_factory.mktemp("ckpt") / "llava-synth-2l"), spec)
-    return path, load_llava(path)
-
-
 # --- generator -------------------------------------------------------------------------------
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path):
@@ -113,6 +89,34 @@ def test_answers_rederived_from_layout(split):
     for q, a in zip(qs, ans):
         scene = scenes[q["question_id"].rsplit("_", 1)[0]]
         assert _derive(scene, q["text"][: -len(SUFFIX)]) == a["answer"], q
+
+
+def test_training_relation_questions_cannot_answer_each_other(tmp_path):
+    """Within a training conversation the left/right pairs form a forest: no reversed pair, no cycle."""
+    import json as _json
+
+    from llava_fitprune.synth.questions import forest_pairs
+
+    rng = random.Random(0)
+    for _ in range(200):
+        pairs = [(i, j) for i in range(5) for j in range(5) if i != j and rng.random() < 0.6]
+        chosen = forest_pairs(pairs, rng, k=10)
+        assert set(chosen) <= set(pairs) and len({frozenset(p) for p in chosen}) == len(chosen)
+        nodes = {n for p in chosen for n in p}
+        assert len(chosen) <= max(0, len(nodes) - 1)  # a forest: edges < nodes in every component
+        if pairs:
+            assert chosen  # never empty when a pair exists
+    d = write_split(str(tmp_path), "train", 30, SEED)
+    with open(os.path.join(d, "conversations.json")) as f:
+        convs = _json.load(f)
+    multi = 0
+    for conv in convs:
+        named = [tuple(re.search(r"Is the (\w+) to the left or right of the (\w+)\?", t["value"]).groups())
+                 for t in conv["conversations"][::2] if "left or right" in t["value"]]
+        shapes = {s for p in named for s in p}
+        assert named and len(named) <= len(shapes) - 1, named
+        multi += len(named) > 1
+    assert multi  # more than one relation question in some conversations
 
 
 def test_rendered_colours_at_recorded_positions(split):
@@ -216,7 +220,8 @@ def test_training_steps_lower_loss_and_train_the_vision_tower(short_split, tiny2
     tower = model.get_vision_tower()
     patch_before = tower.vision_tower.vision_model.embeddings.patch_embedding.weight.clone()
     before = _loss(model, batch)
-    cfg = TrainConfig(steps=4, batch_size=2, lr=3e-3, warmup_steps=1, log_every=1, tune_vision=True, pool_schedule="")
+    cfg = TrainConfig(steps=4, batch_size=2, lr=3e-3, warmup_steps=1, log_every=1, tune_vision=True, pool_schedule="",
+                      grounding_weight=0.0)
     log = train_steps(model, tiny_set, collate, cfg)
     after = _loss(model, batch)
     assert len(log) == cfg.steps and after < 0.9 * before, (before, after)
@@ -301,7 +306,7 @@ def test_training_is_deterministic(short_split, tiny2):
         tok, model, proc = load_llava(path)
         ds = llava_dataset(short_split, tok, proc)
         train_steps(model, [ds[0], ds[1]], llava_collator(tok),
-                    TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_steps=1, pool_schedule="2:1"))
+                    TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_steps=1, pool_schedule="2:1", grounding_weight=0.0))
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
     torch.use_deterministic_algorithms(False)
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -62,10 +62,35 @@ def count_questions(scene: dict, rng: random.Random, k: int, **_) -> list[dict]:
     return out
 
 
-def relation_questions(scene: dict, rng: random.Random, k: int, min_dx: float = 0, **_) -> list[dict]:
-    pairs = relation_pairs(scene, min_dx)
+def forest_pairs(pairs: list[tuple[int, int]], rng: random.Random, k: int) -> list[tuple[int, int]]:
+    """Up to k of `pairs`, in a random order, whose shapes never close a cycle (an undirected forest).
+
+    Left/right answers along a cycle constrain each other within a conversation ("Is A left of B?
+    left" answers "Is B left of A?"; with "Is B left of C? left" also "Is A left of C?"). Along a forest
+    every combination of answers is possible, so no turn gives another's answer away.
+    """
+    root: dict[int, int] = {}
+
+    def find(a: int) -> int:
+        while root.get(a, a) != a:
+            a = root[a]
+        return a
+
     out = []
-    for i, j in rng.sample(pairs, min(k, len(pairs))):
+    for i, j in rng.sample(pairs, len(pairs)):
+        a, b = find(i), find(j)
+        if len(out) < k and a != b:
+            out.append((i, j))
+            root[a] = b
+    return out
+
+
+def relation_questions(scene: dict, rng: random.Random, k: int, min_dx: float = 0, **_) -> list[dict]:
+    """Left/right of two shapes named by type; with k > 1 (training conversations) the pairs form a forest."""
+    pairs = relation_pairs(scene, min_dx)
+    chosen = rng.sample(pairs, min(k, len(pairs))) if k == 1 else forest_pairs(pairs, rng, k)
+    out = []
+    for i, j in chosen:
         a, b = scene["shapes"][i], scene["shapes"][j]
         text = f"Is the {a['shape']} to the left or right of the {b['shape']}?"
         answer = "left" if a["cx"] < b["cx"] else "right"

@@ -49,8 +49,8 @@ def synth_spec(seed: int = 0, hidden_size: int = 128) -> TinyLlavaSpec:
 
 @dataclass
 class TrainConfig:
-    # defaults: the best recipe so far (docs/synth.md), about 22 min on 2 CPU cores
-    steps: int = 1100
+    # defaults: the shipped recipe (eval_data/synth_llava/CARD.md, docs/synth.md), about 27 min on 2 CPU cores
+    steps: int = 1250
     batch_size: int = 4
     lr: float = 5e-4
     min_lr_ratio: float = 0.1
@@ -64,7 +64,10 @@ class TrainConfig:
     vision_steps: int = 200  # stage 0: steps of dense per-patch pretraining of the vision tower (0: none)
     vision_lr: float = 2e-3
     tune_vision: bool = False  # train the vision tower in the LLaVA stage too (LLaVA itself keeps it frozen)
-    pool_schedule: str = "4:300,2:250"  # curriculum "4:250,2:200": image patches averaged 4 x 4 for 250 steps, 2 x 2 for 200, then none
+    pool_schedule: str = "4:200,2:150"  # curriculum "4:250,2:200": image patches averaged 4 x 4 for 250 steps, 2 x 2 for 200, then none
+    questions_per_sample: int = 0  # > 0: conversations cut into records of this many questions (data.split_conversations)
+    grounding_weight: float = 1.0  # > 0: add the word-region alignment loss (grounding.py), needs the frozen tower
+    grounding_head: int = 0  # the head of decoder layer 0 it supervises
     projector_init: str = "data"  # "data": init_projector_from_features; "default": LLaVA's nn.Linear init
     vision_from: str = ""  # a checkpoint whose vision tower to start from (no sin-cos init, no stage 0)
     eval_every: int = 0  # 0: no evaluation while training
@@ -161,16 +164,28 @@ class FrozenTowerFeatures:
     def __init__(self, model, dataset, dtype: torch.dtype = torch.float16):
         self.model, self.dataset, self.dtype = model, dataset, dtype
         self.items: dict[int, dict] = {}
+        self.by_image: dict[str, torch.Tensor] = {}  # records cut from one conversation share their image
         self.pool = 1
+
+    def _image_name(self, i: int):
+        records = getattr(self.dataset, "list_data_dict", None)  # LLaVA's dataset; a plain list: by index
+        return records[i]["image"] if records is not None else i
 
     def batch(self, idx: list[int], collate) -> dict:
         missing = [i for i in idx if i not in self.items]
         if missing:
             fresh = [self.dataset[i] for i in missing]
-            with torch.no_grad():
-                feats = self.model.get_vision_tower()(torch.stack([f["image"] for f in fresh]))  # [b, P, C]
-            for i, f, x in zip(missing, fresh, feats.to(self.dtype)):
-                self.items[i] = {**{k: v for k, v in f.items() if k != "image"}, "features": x}
+            todo = {}
+            for i, f in zip(missing, fresh):
+                if self._image_name(i) not in self.by_image:
+                    todo.setdefault(self._image_name(i), f["image"])
+            if todo:
+                with torch.no_grad():
+                    feats = self.model.get_vision_tower()(torch.stack(list(todo.values())))  # [b, P, C]
+                self.by_image.update(zip(todo, feats.to(self.dtype)))
+            for i, f in zip(missing, fresh):
+                self.items[i] = {**{k: v for k, v in f.items() if k != "image"},
+                                 "features": self.by_image[self._image_name(i)]}
         items = [self.items[i] for i in idx]
         batch = collate([{k: v for k, v in it.items() if k != "features"} for it in items])
         batch["images"] = torch.stack([it["features"] for it in items]).float()  # [B, P, C] tower features
@@ -192,8 +207,24 @@ class FrozenTowerFeatures:
             del self.model.encode_images
 
 
+def grounded_losses(model, batch: dict, scenes: list[dict], word_ids: dict[int, str], pool: int,
+                    head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LLaVA's task loss, the word-region alignment loss) of one batch of cached tower features."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    from .grounding import grounding_loss, grounding_targets
+
+    grid = math.isqrt(batch["images"].shape[1])
+    targets = grounding_targets(batch["input_ids"], batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, grid, pool)
+    _, position_ids, attention_mask, _, embeds, labels = model.prepare_inputs_labels_for_multimodal(
+        batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
+    task = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels).loss
+    starts = (batch["input_ids"] == IMAGE_TOKEN_INDEX).float().argmax(1)  # [B]
+    return task, grounding_loss(model, embeds, starts, targets, head)
+
+
 def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None = None,
-                eval_fn=None) -> list[dict]:
+                eval_fn=None, scenes: dict | None = None) -> list[dict]:
     """Run cfg.steps AdamW steps over `dataset`; returns the loss log.
 
     cfg.tune_vision: the vision tower trains too; otherwise it stays frozen and its features are
@@ -206,6 +237,14 @@ def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None 
     if cfg.tune_vision and schedule:
         raise ValueError("pooled curriculum steps need the frozen tower: set tune_vision to false")
     cached = None if cfg.tune_vision else FrozenTowerFeatures(model, dataset)
+    if cfg.grounding_weight and (cached is None or scenes is None):
+        raise ValueError("the grounding loss needs the frozen tower (tune_vision false) and the split's scenes")
+    grounding = None
+    if cfg.grounding_weight:
+        from .grounding import word_token_ids
+
+        grounding = {"word_ids": word_token_ids(dataset.tokenizer),
+                     "scenes": [scenes[rec["image"]] for rec in dataset.list_data_dict]}
     context = trainable_vision_tower(model) if cfg.tune_vision else cached.installed()
     with context:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -218,14 +257,20 @@ def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None 
                 cached.pool = pool_at(step, schedule)
             # input_ids/labels (B, T); images (B, 3, H, W), or tower features (B, P, C) when frozen
             batch = cached.batch(idx, collate) if cached else collate([dataset[i] for i in idx])
-            loss = model(**batch).loss
+            if grounding is None:
+                loss = model(**batch).loss
+            else:
+                task_loss, align_loss = grounded_losses(model, batch, [grounding["scenes"][i] for i in idx],
+                                                        grounding["word_ids"], cached.pool, cfg.grounding_head)
+                loss = task_loss + cfg.grounding_weight * align_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                rec = {"step": step, "loss": round(loss.item(), 5), "lr": lr_at(step, cfg),
+                rec = {"step": step, "loss": round(loss.item(), 5),
+                       **({"align_loss": round(align_loss.item(), 4)} if grounding else {}), "lr": lr_at(step, cfg),
                        "elapsed_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
                 if cached and cached.pool > 1:
                     rec["pool"] = cached.pool
@@ -289,7 +334,7 @@ def train(data_dir: str, out_dir: str, cfg: TrainConfig, spec: TinyLlavaSpec | N
         init_dir = init_dir or os.path.join(tmp, "llava-synth-init")
         build_tiny_llava(init_dir, spec)
         tokenizer, model, image_processor = load_llava(init_dir)
-        dataset = llava_dataset(data_dir, tokenizer, image_processor, spec.image_aspect_ratio)
+        dataset = llava_dataset(data_dir, tokenizer, image_processor, spec.image_aspect_ratio, cfg.questions_per_sample)
         os.makedirs(out_dir, exist_ok=True)
         log_path = os.path.join(out_dir, "train_log.jsonl")
         if os.path.exists(log_path):
@@ -310,10 +355,16 @@ def train(data_dir: str, out_dir: str, cfg: TrainConfig, spec: TinyLlavaSpec | N
         if test_dir is not None:
             preds = os.path.join(out_dir, "quick_eval_predictions.jsonl")
             eval_fn = lambda: quick_eval(model, tokenizer, image_processor, test_dir, cfg.eval_limit, preds)  # noqa: E731
-        log = train_steps(model, dataset, llava_collator(tokenizer), cfg, log_path, eval_fn)
+        scenes = None
+        if cfg.grounding_weight:
+            with open(os.path.join(data_dir, "scenes.jsonl")) as f:
+                scenes = {row["image"]: row for row in map(json.loads, f)}
+        log = train_steps(model, dataset, llava_collator(tokenizer), cfg, log_path, eval_fn, scenes)
         save_llava(model, tokenizer, out_dir, getattr(torch, cfg.save_dtype), spec_from=init_dir)
     spec_record = {k: v for k, v in asdict(spec).items() if k != "tokenizer_extra_text"}
-    record = {"data": os.path.abspath(data_dir), "num_scenes": len(dataset), "train": asdict(cfg),
+    meta_path = os.path.join(data_dir, "meta.json")
+    data_seed = json.load(open(meta_path))["seed"] if os.path.isfile(meta_path) else None
+    record = {"data": os.path.abspath(data_dir), "data_seed": data_seed, "num_scenes": len(dataset), "train": asdict(cfg),
               "spec": spec_record, "projector_init": projector_stats, "wall_s": round(time.time() - t0, 1),
               "cpu_s": round(time.process_time() - c0, 1), "final_loss": log[-1]["loss"],
               "params": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
@@ -323,7 +374,7 @@ def train(data_dir: str, out_dir: str, cfg: TrainConfig, spec: TinyLlavaSpec | N
 
 
 CLI_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "seed", "threads", "sincos_positions", "vision_steps",
-              "vision_lr", "tune_vision", "pool_schedule", "projector_init", "vision_from", "eval_every", "eval_limit")
+              "vision_lr", "tune_vision", "pool_schedule", "questions_per_sample", "grounding_weight", "grounding_head", "projector_init", "vision_from", "eval_every", "eval_limit")
 
 
 def _parse_bool(text: str) -> bool:

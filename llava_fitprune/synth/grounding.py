@@ -1,0 +1,128 @@
+"""Word-region alignment for training (as MDETR aligns words with boxes): question words attend to what they name.
+
+A from-scratch decoder must learn two hops to answer "What colour is the star?": find the star's
+patches from the word "star", and carry what it read to the answer position. Until one hop works
+the other gets no gradient, and on 2 CPU cores the plateau outlasts the training budget
+(docs/synth.md). This loss supervises the first hop only, at one head of the first decoder layer:
+each question token that names a shape type ("star", "stars"), a colour ("red") or the
+written digit ("number") puts its attention on the image patches of the objects it names, taken from the scene layout. Answers, the
+hop to the answer position and every other head and layer are left to the task loss.
+
+Pure functions of tensors apart from `grounding_loss`, which reads the first layer's projections.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .draw import COLOURS, SHAPES
+from .questions import PLURAL
+
+DIGIT_WORD = "number"  # "What number is written in the image?" names the written digit
+GROUNDED_WORDS = SHAPES + tuple(COLOURS) + (DIGIT_WORD,)
+
+
+def word_token_ids(tokenizer) -> dict[int, str]:
+    """Token id -> grounded word, for every shape (singular or plural), colour and digit word that is a single
+    SentencePiece token."""
+    out = {}
+    forms = [(w, w) for w in GROUNDED_WORDS] + [(PLURAL[s], s) for s in SHAPES]  # "stars" names the stars
+    for form, word in forms:
+        ids = tokenizer(form, add_special_tokens=False).input_ids
+        if len(ids) == 1:
+            out[ids[0]] = word
+    if not out:
+        raise ValueError("no shape or colour word is a single token: the tokenizer was not trained on the phrasebook")
+    return out
+
+
+def object_masks(scene: dict, grid: int) -> dict[str, torch.Tensor]:
+    """Word -> [grid * grid] bool mask of the patches of the objects that word names ("star": every star,
+    "number": the written digit)."""
+    masks: dict[str, torch.Tensor] = {}
+    named = [(obj["cells"], (obj["shape"], obj["colour"])) for obj in scene["shapes"]]
+    if "text" in scene:
+        named.append((scene["text"]["cells"], (DIGIT_WORD,)))
+    for (r, c, k), words in named:
+        for word in words:
+            m = masks.setdefault(word, torch.zeros(grid, grid, dtype=torch.bool))
+            m[r:r + k, c:c + k] = True
+    return {w: m.flatten() for w, m in masks.items()}
+
+
+def pool_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """[side * side] bool -> [(side / factor)^2]: a pooled patch is on if any of its patches is."""
+    if factor == 1:
+        return mask
+    side = math.isqrt(mask.numel())
+    grid = mask.view(1, 1, side, side).float()
+    return (torch.nn.functional.max_pool2d(grid, factor) > 0).flatten()
+
+
+def grounding_targets(input_ids: torch.Tensor, labels: torch.Tensor, scenes: list[dict], word_ids: dict[int, str],
+                      image_token_id: int, grid: int, pool: int) -> list[tuple[int, int, torch.Tensor]]:
+    """(batch row, query position in the expanded sequence, [P] patch mask) for every grounded question word.
+
+    input_ids, labels: [B, T] before LLaVA splices the image in (one image token per row); the image
+    becomes P = (grid / pool)^2 tokens, so a text position t after it moves to t + P - 1. Only
+    unlabelled tokens (the user's words, not answers) after the image are grounded, and only words
+    that name at least one object.
+    """
+    P = (grid // pool) ** 2
+    out = []
+    for b in range(input_ids.shape[0]):
+        img = (input_ids[b] == image_token_id).nonzero()
+        if len(img) != 1:
+            raise ValueError(f"row {b} has {len(img)} image tokens; grounding expects exactly one")
+        start = int(img[0, 0])
+        masks = {w: pool_mask(m, pool) for w, m in object_masks(scenes[b], grid).items()}
+        for t in range(start + 1, input_ids.shape[1]):
+            word = word_ids.get(int(input_ids[b, t]))
+            if word in masks and labels[b, t] == -100:
+                out.append((b, t + P - 1, masks[word]))
+    return out
+
+
+def first_layer_head_logprobs(model, inputs_embeds: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                              head: int) -> torch.Tensor:
+    """Log attention probabilities of one head of decoder layer 0 for the queries (rows[i], positions[i]).
+
+    inputs_embeds: [B, N, D] as the decoder receives them (no left padding); returns [n, N], -inf on
+    future keys. Recomputes LlamaAttention's own q/k (input norm, projections, RoPE) for that head.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    layer = model.get_model().layers[0]
+    attn = layer.self_attn
+    d = attn.head_dim
+    x = layer.input_layernorm(inputs_embeds)  # [B, N, D]
+    B, N, _ = x.shape
+    q = attn.q_proj(x[rows, positions])[:, head * d:(head + 1) * d]  # [n, d]
+    kv_head = head // attn.num_key_value_groups
+    k = attn.k_proj(x)[..., kv_head * d:(kv_head + 1) * d]  # [B, N, d]
+    cos, sin = attn.rotary_emb(k, seq_len=N)
+    pos = torch.arange(N, device=x.device)
+    k, _ = apply_rotary_pos_emb(k[:, None], k[:, None], cos, sin, pos[None].expand(B, N))  # [B, 1, N, d]
+    q, _ = apply_rotary_pos_emb(q[:, None, None], q[:, None, None], cos, sin, positions[:, None])  # [n, 1, 1, d]
+    logits = torch.einsum("nd,nkd->nk", q[:, 0, 0], k[rows, 0]) / math.sqrt(d)  # attn logits: [n, N]
+    logits = logits.masked_fill(pos[None, :] > positions[:, None], float("-inf"))
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def grounding_loss(model, inputs_embeds: torch.Tensor, image_starts: torch.Tensor,
+                   targets: list[tuple[int, int, torch.Tensor]], head: int = 0) -> torch.Tensor:
+    """Mean over grounded words of -log(attention mass on the named objects' patches) at layer 0, `head`.
+
+    image_starts: [B] position of each row's first image token; targets from `grounding_targets`.
+    """
+    if not targets:
+        return inputs_embeds.sum() * 0
+    rows = torch.tensor([b for b, _, _ in targets], device=inputs_embeds.device)
+    positions = torch.tensor([t for _, t, _ in targets], device=inputs_embeds.device)
+    logp = first_layer_head_logprobs(model, inputs_embeds, rows, positions, head)  # [n, N]
+    P = targets[0][2].numel()
+    idx = image_starts[rows][:, None] + torch.arange(P, device=logp.device)  # [n, P]
+    image_logp = logp.gather(1, idx)  # [n, P]
+    mask = torch.stack([m for _, _, m in targets]).to(logp.device)  # [n, P]
+    return -torch.logsumexp(image_logp.masked_fill(~mask, float("-inf")), dim=-1).mean()

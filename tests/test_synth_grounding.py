@@ -1,0 +1,160 @@
+"""Training aids of the synthetic trainer: cut conversations, and the word-region alignment loss (grounding.py)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+
+def _record(n: int) -> dict:
+    turns = []
+    for k in range(n):
+        turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + f"q{k}?"}, {"from": "gpt", "value": f"a{k}"}]
+    return {"id": "s0", "image": "000000.png", "conversations": turns}
+
+
+def test_split_conversations_cuts_turns_and_reopens_with_the_image():
+    from llava_fitprune.synth.data import split_conversations
+
+    rec = _record(5)
+    assert split_conversations([rec], 0) == [rec]
+    out = split_conversations([rec], 2)
+    assert [r["id"] for r in out] == ["s0#0", "s0#1", "s0#2"] and all(r["image"] == "000000.png" for r in out)
+    assert [len(r["conversations"]) for r in out] == [4, 4, 2]
+    for r in out:
+        humans = [t["value"] for t in r["conversations"] if t["from"] == "human"]
+        assert humans[0].startswith("<image>\n") and not any("<image>" in h for h in humans[1:])
+    pairs = [(t["value"].replace("<image>\n", ""), u["value"])
+             for r in out for t, u in zip(r["conversations"][::2], r["conversations"][1::2])]
+    assert pairs == [(f"q{k}?", f"a{k}") for k in range(5)]  # every question once, in order, with its answer
+    with pytest.raises(ValueError, match=">= 0"):
+        split_conversations([rec], -1)
+    with pytest.raises(ValueError, match="alternate"):
+        split_conversations([{**rec, "conversations": rec["conversations"][:-1]}], 2)
+
+
+def test_cut_dataset_has_one_image_per_item(short_split, tiny2):
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    from llava_fitprune.synth.data import llava_dataset
+
+    _, (tok, _, proc) = tiny2
+    whole = llava_dataset(short_split, tok, proc)
+    cut = llava_dataset(short_split, tok, proc, questions_per_sample=1)
+    questions = sum(len(r["conversations"]) // 2 for r in whole.list_data_dict)
+    assert len(cut) == questions > len(whole)
+    for i in range(len(cut)):
+        item = cut[i]
+        assert (item["input_ids"] == IMAGE_TOKEN_INDEX).sum() == 1 and item["image"].dim() == 3
+        assert 1 <= ((item["labels"] != -100).sum()) <= 8  # one short answer (and the template's ':' / '</s>')
+
+
+def test_object_masks_and_pooling():
+    from llava_fitprune.synth.grounding import object_masks, pool_mask
+
+    scene = {"shapes": [{"cells": [1, 2, 2], "shape": "star", "colour": "red"},
+                        {"cells": [4, 4, 1], "shape": "circle", "colour": "red"}]}
+    masks = object_masks(scene, grid=6)
+    star = masks["star"].view(6, 6)
+    assert star.sum() == 4 and star[1:3, 2:4].all()
+    assert masks["red"].sum() == 5 and masks["circle"].sum() == 1 and "square" not in masks and "number" not in masks
+    with_digit = object_masks({**scene, "text": {"cells": [0, 0, 2], "value": "7"}}, grid=6)
+    assert with_digit["number"].view(6, 6)[:2, :2].all() and with_digit["number"].sum() == 4
+    pooled = pool_mask(masks["star"], 2).view(3, 3)  # the star's 2 x 2 block straddles pooled cells (0,1), (1,1)
+    assert pooled.tolist() == [[False, True, False], [False, True, False], [False, False, False]]
+    assert pool_mask(masks["star"], 1) is masks["star"]
+
+
+@pytest.fixture(scope="module")
+def grounded_batch(short_split, tiny2):
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    from llava_fitprune.synth.data import llava_collator, llava_dataset
+    from llava_fitprune.synth.grounding import grounding_targets, word_token_ids
+
+    _, (tok, model, proc) = tiny2
+    ds = llava_dataset(short_split, tok, proc)
+    with open(os.path.join(short_split, "scenes.jsonl")) as f:
+        scenes = {row["image"]: row for row in map(json.loads, f)}
+    batch = llava_collator(tok)([ds[0], ds[1]])
+    rows = [scenes[ds.list_data_dict[i]["image"]] for i in (0, 1)]
+    word_ids = word_token_ids(tok)
+    targets = grounding_targets(batch["input_ids"], batch["labels"], rows, word_ids, IMAGE_TOKEN_INDEX, 24, 1)
+    return ds, batch, rows, word_ids, targets
+
+
+def test_grounding_targets_are_question_words_naming_objects(grounded_batch, tiny2):
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    from llava_fitprune.synth.grounding import object_masks
+
+    _, batch, scenes, word_ids, targets = grounded_batch
+    assert targets
+    P = 576
+    for b, t, mask in targets:
+        token = int(batch["input_ids"][b, t - P + 1])  # back to the position before the image is spliced in
+        word = word_ids[token]
+        assert batch["labels"][b, t - P + 1] == -100  # a question word, not an answer
+        assert t - P + 1 > (batch["input_ids"][b] == IMAGE_TOKEN_INDEX).nonzero()[0, 0]
+        assert torch.equal(mask, object_masks(scenes[b], 24)[word]) and mask.any()
+
+
+def test_first_layer_head_attention_matches_the_stock_layer(grounded_batch, tiny2):
+    """The loss reads layer 0's own attention: equal to what LlamaAttention computes (output_attentions)."""
+    from llava_fitprune.synth.grounding import first_layer_head_logprobs
+
+    _, batch, _, _, targets = grounded_batch
+    _, (_, model, _) = tiny2
+    with torch.no_grad():
+        _, _, attention_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
+            batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
+        model.get_model().config._attn_implementation = "eager"
+        try:
+            stock = model.get_model()(inputs_embeds=embeds, attention_mask=attention_mask, output_attentions=True)
+        finally:
+            model.get_model().config._attn_implementation = "sdpa"
+        rows = torch.tensor([b for b, _, _ in targets])
+        positions = torch.tensor([t for _, t, _ in targets])
+        for head in range(model.config.num_attention_heads):
+            ours = first_layer_head_logprobs(model, embeds, rows, positions, head).exp()  # [n, N]
+            torch.testing.assert_close(ours, stock.attentions[0][rows, head, positions], atol=1e-6, rtol=1e-4)
+
+
+def test_grounded_losses_keep_the_stock_task_loss(grounded_batch, tiny2):
+    from llava_fitprune.synth.train import FrozenTowerFeatures, grounded_losses
+
+    ds, _, scenes, word_ids, _ = grounded_batch
+    _, (tok, model, _) = tiny2
+    from llava_fitprune.synth.data import llava_collator
+
+    collate = llava_collator(tok)
+    cached = FrozenTowerFeatures(model, ds)
+    with cached.installed(), torch.no_grad():
+        for pool in (1, 2):
+            cached.pool = pool
+            batch = cached.batch([0, 1], collate)
+            task, align = grounded_losses(model, batch, scenes, word_ids, pool, head=0)
+            assert abs(task.item() - model(**batch).loss.item()) < 1e-5
+            assert align.item() > 0
+
+
+def test_alignment_loss_trains_and_needs_the_frozen_tower(short_split, tiny2):
+    from llava_fitprune.synth.data import llava_collator, llava_dataset
+    from llava_fitprune.synth.model_io import load_llava
+    from llava_fitprune.synth.train import TrainConfig, train_steps
+
+    path, _ = tiny2
+    tok, model, proc = load_llava(path)  # a fresh copy
+    ds = llava_dataset(short_split, tok, proc)
+    with open(os.path.join(short_split, "scenes.jsonl")) as f:
+        scenes = {row["image"]: row for row in map(json.loads, f)}
+    cfg = TrainConfig(steps=8, batch_size=2, lr=3e-3, warmup_steps=1, log_every=1, pool_schedule="",
+                      grounding_weight=1.0)
+    torch.manual_seed(0)
+    log = train_steps(model, ds, llava_collator(tok), cfg, scenes=scenes)
+    assert log[-1]["align_loss"] < 0.8 * log[0]["align_loss"], [r["align_loss"] for r in log]
+    with pytest.raises(ValueError, match="frozen tower"):
+        train_steps(model, ds, llava_collator(tok), TrainConfig(steps=1, batch_size=2, grounding_weight=1.0,
+                                                                tune_vision=True, pool_schedule=""), scenes=scenes)
