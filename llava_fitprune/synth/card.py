@@ -76,9 +76,9 @@ def _grounding_text(tr: dict) -> str:
    decoder layer 0 is trained so that each question word naming a shape type, a colour or the written digit
    ("star", "stars", "red", "number") puts its attention on the patches of the objects it names (from the
    scene layout), as MDETR aligns words with boxes. It supervises the first hop of a look-up only; the
-   answer position, every other head and every other layer learn from the answers alone. Pruning methods
-   that score tokens by attention see this head in layer 0: see `docs/synth.md` for what that means for
-   the pruning comparison."""
+   answer position, every other head and every other layer learn from the answers alone. Because this
+   head reads the named objects in layer 0, before any pruning method here drops a token, pruning costs
+   this model no accuracy up to ratio 0.9 (`BENCHMARKS.md`, `docs/synth.md`)."""
 
 
 def _learned_text(res: dict, base: dict) -> str:
