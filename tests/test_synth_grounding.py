@@ -101,9 +101,9 @@ def test_grounding_targets_are_question_words_naming_objects(grounded_batch, tin
         assert torch.equal(mask, object_masks(scenes[b], 24)[word]) and mask.any()
 
 
-def test_first_layer_head_attention_matches_the_stock_layer(grounded_batch, tiny2):
-    """The loss reads layer 0's own attention: equal to what LlamaAttention computes (output_attentions)."""
-    from llava_fitprune.synth.grounding import first_layer_head_logprobs
+def test_layer_head_attention_matches_the_stock_layers(grounded_batch, tiny2):
+    """The loss reads a layer's own attention: equal to what LlamaAttention computes (output_attentions)."""
+    from llava_fitprune.synth.grounding import layer_head_logprobs
 
     _, batch, _, _, targets = grounded_batch
     _, (_, model, _) = tiny2
@@ -112,14 +112,17 @@ def test_first_layer_head_attention_matches_the_stock_layer(grounded_batch, tiny
             batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
         model.get_model().config._attn_implementation = "eager"
         try:
-            stock = model.get_model()(inputs_embeds=embeds, attention_mask=attention_mask, output_attentions=True)
+            stock = model.get_model()(inputs_embeds=embeds, attention_mask=attention_mask, output_attentions=True,
+                                      output_hidden_states=True)
         finally:
             model.get_model().config._attn_implementation = "sdpa"
         rows = torch.tensor([b for b, _, _ in targets])
         positions = torch.tensor([t for _, t, _ in targets])
-        for head in range(model.config.num_attention_heads):
-            ours = first_layer_head_logprobs(model, embeds, rows, positions, head).exp()  # [n, N]
-            torch.testing.assert_close(ours, stock.attentions[0][rows, head, positions], atol=1e-6, rtol=1e-4)
+        for layer in range(model.config.num_hidden_layers):
+            hidden = embeds if layer == 0 else stock.hidden_states[layer]  # [B, N, D] the layer's input
+            for head in range(model.config.num_attention_heads):
+                ours = layer_head_logprobs(model, hidden, rows, positions, layer, head).exp()  # [n, N]
+                torch.testing.assert_close(ours, stock.attentions[layer][rows, head, positions], atol=1e-6, rtol=1e-4)
 
 
 def test_grounded_losses_keep_the_stock_task_loss(grounded_batch, tiny2):
@@ -135,9 +138,10 @@ def test_grounded_losses_keep_the_stock_task_loss(grounded_batch, tiny2):
         for pool in (1, 2):
             cached.pool = pool
             batch = cached.batch([0, 1], collate)
-            task, align = grounded_losses(model, batch, scenes, word_ids, pool, head=0)
-            assert abs(task.item() - model(**batch).loss.item()) < 1e-5
-            assert align.item() > 0
+            for layer in (0, 1):
+                task, align = grounded_losses(model, batch, scenes, word_ids, pool, head=0, layer=layer)
+                assert abs(task.item() - model(**batch).loss.item()) < 1e-5
+                assert align.item() > 0
 
 
 def test_alignment_loss_trains_and_needs_the_frozen_tower(short_split, tiny2):

@@ -72,13 +72,15 @@ the two checkpoints' weights {_weights_max_diff(ckpt, other):.3g}.
 def _grounding_text(tr: dict) -> str:
     if not tr.get("grounding_weight"):
         return ""
+    layer = tr.get("grounding_layer", 0)
+    consequence = ("Because this\n   head reads the named objects in layer 0, before any pruning method here drops a token, pruning costs\n"
+                   "   this model no accuracy up to ratio 0.9 (`BENCHMARKS.md`, `docs/synth.md`)." if layer == 0 else
+                   f"Layers 0-{layer - 1} see every token before this head looks.")
     return f"""   Word-region alignment (`synth/grounding.py`, weight {tr['grounding_weight']}): one head ({tr.get('grounding_head', 0)}) of
-   decoder layer 0 is trained so that each question word naming a shape type, a colour or the written digit
+   decoder layer {layer} is trained so that each question word naming a shape type, a colour or the written digit
    ("star", "stars", "red", "number") puts its attention on the patches of the objects it names (from the
    scene layout), as MDETR aligns words with boxes. It supervises the first hop of a look-up only; the
-   answer position, every other head and every other layer learn from the answers alone. Because this
-   head reads the named objects in layer 0, before any pruning method here drops a token, pruning costs
-   this model no accuracy up to ratio 0.9 (`BENCHMARKS.md`, `docs/synth.md`)."""
+   answer position, every other head and every other layer learn from the answers alone. {consequence}"""
 
 
 def _learned_text(res: dict, base: dict) -> str:

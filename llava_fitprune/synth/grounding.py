@@ -3,12 +3,13 @@
 A from-scratch decoder must learn two hops to answer "What colour is the star?": find the star's
 patches from the word "star", and carry what it read to the answer position. Until one hop works
 the other gets no gradient, and on 2 CPU cores the plateau outlasts the training budget
-(docs/synth.md). This loss supervises the first hop only, at one head of the first decoder layer:
+(docs/synth.md). This loss supervises the first hop only, at one head of one decoder layer (layer 0 in
+the shipped model; a later layer puts the look-up behind the first pruned layers):
 each question token that names a shape type ("star", "stars"), a colour ("red") or the
 written digit ("number") puts its attention on the image patches of the objects it names, taken from the scene layout. Answers, the
 hop to the answer position and every other head and layer are left to the task loss.
 
-Pure functions of tensors apart from `grounding_loss`, which reads the first layer's projections.
+Pure functions of tensors apart from `layer_head_logprobs`, which reads one layer's projections.
 """
 from __future__ import annotations
 
@@ -84,19 +85,20 @@ def grounding_targets(input_ids: torch.Tensor, labels: torch.Tensor, scenes: lis
     return out
 
 
-def first_layer_head_logprobs(model, inputs_embeds: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                              head: int) -> torch.Tensor:
-    """Log attention probabilities of one head of decoder layer 0 for the queries (rows[i], positions[i]).
+def layer_head_logprobs(model, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, layer: int,
+                        head: int) -> torch.Tensor:
+    """Log attention probabilities of one head of decoder layer `layer` for the queries (rows[i], positions[i]).
 
-    inputs_embeds: [B, N, D] as the decoder receives them (no left padding); returns [n, N], -inf on
-    future keys. Recomputes LlamaAttention's own q/k (input norm, projections, RoPE) for that head.
+    hidden: [B, N, D] the layer's input (inputs_embeds for layer 0, else hidden_states[layer] of the
+    decoder's output), no left padding; returns [n, N], -inf on future keys. Recomputes LlamaAttention's
+    own q/k (input norm, projections, RoPE) for that head.
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    layer = model.get_model().layers[0]
-    attn = layer.self_attn
+    block = model.get_model().layers[layer]
+    attn = block.self_attn
     d = attn.head_dim
-    x = layer.input_layernorm(inputs_embeds)  # [B, N, D]
+    x = block.input_layernorm(hidden)  # [B, N, D]
     B, N, _ = x.shape
     q = attn.q_proj(x[rows, positions])[:, head * d:(head + 1) * d]  # [n, d]
     kv_head = head // attn.num_key_value_groups
@@ -110,17 +112,18 @@ def first_layer_head_logprobs(model, inputs_embeds: torch.Tensor, rows: torch.Te
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def grounding_loss(model, inputs_embeds: torch.Tensor, image_starts: torch.Tensor,
-                   targets: list[tuple[int, int, torch.Tensor]], head: int = 0) -> torch.Tensor:
-    """Mean over grounded words of -log(attention mass on the named objects' patches) at layer 0, `head`.
+def grounding_loss(model, hidden: torch.Tensor, image_starts: torch.Tensor,
+                   targets: list[tuple[int, int, torch.Tensor]], head: int = 0, layer: int = 0) -> torch.Tensor:
+    """Mean over grounded words of -log(attention mass on the named objects' patches) at `layer`, `head`.
 
-    image_starts: [B] position of each row's first image token; targets from `grounding_targets`.
+    hidden: [B, N, D] that layer's input; image_starts: [B] position of each row's first image token;
+    targets from `grounding_targets`.
     """
     if not targets:
-        return inputs_embeds.sum() * 0
-    rows = torch.tensor([b for b, _, _ in targets], device=inputs_embeds.device)
-    positions = torch.tensor([t for _, t, _ in targets], device=inputs_embeds.device)
-    logp = first_layer_head_logprobs(model, inputs_embeds, rows, positions, head)  # [n, N]
+        return hidden.sum() * 0
+    rows = torch.tensor([b for b, _, _ in targets], device=hidden.device)
+    positions = torch.tensor([t for _, t, _ in targets], device=hidden.device)
+    logp = layer_head_logprobs(model, hidden, rows, positions, layer, head)  # [n, N]
     P = targets[0][2].numel()
     idx = image_starts[rows][:, None] + torch.arange(P, device=logp.device)  # [n, P]
     image_logp = logp.gather(1, idx)  # [n, P]

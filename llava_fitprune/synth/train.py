@@ -67,7 +67,8 @@ class TrainConfig:
     pool_schedule: str = "4:200,2:150"  # curriculum "4:250,2:200": image patches averaged 4 x 4 for 250 steps, 2 x 2 for 200, then none
     questions_per_sample: int = 0  # > 0: conversations cut into records of this many questions (data.split_conversations)
     grounding_weight: float = 1.0  # > 0: add the word-region alignment loss (grounding.py), needs the frozen tower
-    grounding_head: int = 0  # the head of decoder layer 0 it supervises
+    grounding_head: int = 0  # the head it supervises
+    grounding_layer: int = 0  # the decoder layer of that head (0: reads the embeddings, before any pruning)
     projector_init: str = "data"  # "data": init_projector_from_features; "default": LLaVA's nn.Linear init
     vision_from: str = ""  # a checkpoint whose vision tower to start from (no sin-cos init, no stage 0)
     eval_every: int = 0  # 0: no evaluation while training
@@ -208,7 +209,7 @@ class FrozenTowerFeatures:
 
 
 def grounded_losses(model, batch: dict, scenes: list[dict], word_ids: dict[int, str], pool: int,
-                    head: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    head: int, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(LLaVA's task loss, the word-region alignment loss) of one batch of cached tower features."""
     from llava.constants import IMAGE_TOKEN_INDEX
 
@@ -218,9 +219,11 @@ def grounded_losses(model, batch: dict, scenes: list[dict], word_ids: dict[int, 
     targets = grounding_targets(batch["input_ids"], batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, grid, pool)
     _, position_ids, attention_mask, _, embeds, labels = model.prepare_inputs_labels_for_multimodal(
         batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
-    task = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels).loss
+    out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                output_hidden_states=layer > 0)
+    hidden = embeds if layer == 0 else out.hidden_states[layer]  # [B, N, D] the input of decoder layer `layer`
     starts = (batch["input_ids"] == IMAGE_TOKEN_INDEX).float().argmax(1)  # [B]
-    return task, grounding_loss(model, embeds, starts, targets, head)
+    return out.loss, grounding_loss(model, hidden, starts, targets, head, layer)
 
 
 def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None = None,
@@ -261,7 +264,8 @@ def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None 
                 loss = model(**batch).loss
             else:
                 task_loss, align_loss = grounded_losses(model, batch, [grounding["scenes"][i] for i in idx],
-                                                        grounding["word_ids"], cached.pool, cfg.grounding_head)
+                                                        grounding["word_ids"], cached.pool, cfg.grounding_head,
+                                                        cfg.grounding_layer)
                 loss = task_loss + cfg.grounding_weight * align_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -374,7 +378,7 @@ def train(data_dir: str, out_dir: str, cfg: TrainConfig, spec: TinyLlavaSpec | N
 
 
 CLI_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "seed", "threads", "sincos_positions", "vision_steps",
-              "vision_lr", "tune_vision", "pool_schedule", "questions_per_sample", "grounding_weight", "grounding_head", "projector_init", "vision_from", "eval_every", "eval_limit")
+              "vision_lr", "tune_vision", "pool_schedule", "questions_per_sample", "grounding_weight", "grounding_head", "grounding_layer", "projector_init", "vision_from", "eval_every", "eval_limit")
 
 
 def _parse_bool(text: str) -> bool:
