@@ -144,7 +144,8 @@ def test_grounded_losses_keep_the_stock_task_loss(grounded_batch, tiny2):
                 assert align.item() > 0
 
 
-def test_alignment_loss_trains_and_needs_the_frozen_tower(short_split, tiny2):
+@pytest.mark.parametrize("layer", [0, 1])
+def test_alignment_loss_trains_and_needs_the_frozen_tower(short_split, tiny2, layer):
     from llava_fitprune.synth.data import llava_collator, llava_dataset
     from llava_fitprune.synth.model_io import load_llava
     from llava_fitprune.synth.train import TrainConfig, train_steps
@@ -155,10 +156,11 @@ def test_alignment_loss_trains_and_needs_the_frozen_tower(short_split, tiny2):
     with open(os.path.join(short_split, "scenes.jsonl")) as f:
         scenes = {row["image"]: row for row in map(json.loads, f)}
     cfg = TrainConfig(steps=8, batch_size=2, lr=3e-3, warmup_steps=1, log_every=1, pool_schedule="",
-                      grounding_weight=1.0)
+                      grounding_weight=1.0, grounding_layer=layer)
     torch.manual_seed(0)
     log = train_steps(model, ds, llava_collator(tok), cfg, scenes=scenes)
-    assert log[-1]["align_loss"] < 0.8 * log[0]["align_loss"], [r["align_loss"] for r in log]
+    # layer 0 reads the embeddings directly; a later layer's input is itself still moving: slower at first
+    assert log[-1]["align_loss"] < (0.8 if layer == 0 else 0.95) * log[0]["align_loss"], [r["align_loss"] for r in log]
     with pytest.raises(ValueError, match="frozen tower"):
         train_steps(model, ds, llava_collator(tok), TrainConfig(steps=1, batch_size=2, grounding_weight=1.0,
                                                                 tune_vision=True, pool_schedule=""), scenes=scenes)
