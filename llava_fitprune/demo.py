@@ -147,9 +147,10 @@ def main(argv=None) -> int:
     if synth_split:
         from PIL import Image
 
-        from .synth.demo_task import fitted_recipes, split_questions
+        from .synth.accuracy import split_questions
+        from .synth.demo_task import task_recipes
 
-        recipes = [None] + fitted_recipes(model, tokenizer, image_processor, model_path, ratios, args.conv_mode)
+        recipes = [None] + task_recipes(model, tokenizer, image_processor, model_path, ratios, args.conv_mode)
         questions, gold = split_questions(synth_split, args.num_questions)
         samples = [(Image.open(os.path.join(synth_split, "images", q["image"])).convert("RGB"), q["text"],
                     gold[q["question_id"]]) for q in questions]

@@ -161,6 +161,13 @@ def test_alignment_loss_trains_and_needs_the_frozen_tower(short_split, tiny2, la
     log = train_steps(model, ds, llava_collator(tok), cfg, scenes=scenes)
     # layer 0 reads the embeddings directly; a later layer's input is itself still moving: slower at first
     assert log[-1]["align_loss"] < (0.8 if layer == 0 else 0.95) * log[0]["align_loss"], [r["align_loss"] for r in log]
+    for bad in ({"grounding_layer": 2}, {"grounding_head": -1}):  # tiny2: 2 layers
+        with pytest.raises(ValueError, match="is not in this model"):
+            train_steps(model, ds, llava_collator(tok), TrainConfig(steps=1, batch_size=2, pool_schedule="", **bad),
+                        scenes=scenes)
+    with pytest.raises(ValueError, match="grounding_weight must be >= 0"):
+        train_steps(model, ds, llava_collator(tok), TrainConfig(steps=1, batch_size=2, grounding_weight=-1.0,
+                                                                pool_schedule=""), scenes=scenes)
     with pytest.raises(ValueError, match="frozen tower"):
         train_steps(model, ds, llava_collator(tok), TrainConfig(steps=1, batch_size=2, grounding_weight=1.0,
                                                                 tune_vision=True, pool_schedule=""), scenes=scenes)

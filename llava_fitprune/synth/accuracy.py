@@ -154,25 +154,40 @@ def run_combo(model, tok, inputs, questions, gold, batch_size, max_new_tokens, d
     return dict(counts), rows
 
 
-def fitted_recipes(model, tok, proc, args, seed, n_visual) -> tuple[dict, dict]:
-    """{ratio: FitPrune Recipe or the reason it cannot be had}, calibration provenance."""
+def fitted_recipes(model, tok, proc, ratios, seed, n_visual, *, data_root, num_samples, conv_mode="vicuna_v1",
+                   convention="visual_only", batch_size=8) -> tuple[dict, dict]:
+    """{ratio: FitPrune Recipe or the reason it cannot be had}, calibration provenance.
+
+    Calibrated on `num_samples` questions of training scenes of data seed `seed` (generated into
+    `data_root`, reused when already there): the task's own distribution, never the test split.
+    """
     from ..calibration import build_calibration
     from ..fit import fit
     from ..flops import LMShape, reduction_for
 
     cfg = SceneConfig(train_per_type=1)  # 4 questions per train scene; calibration draws one scene per sample
-    train = cached_split(os.path.join(args.out_dir, "data"), "train", args.calibration_samples, seed, cfg)
+    train = cached_split(data_root, "train", num_samples, seed, cfg)
     calib = build_calibration(model, tok, proc, os.path.join(train, "questions.jsonl"), os.path.join(train, "images"),
-                              conv_mode=args.conv_mode, num_samples=args.calibration_samples, seed=seed)
+                              conv_mode=conv_mode, num_samples=num_samples, seed=seed)
     shape, S = LMShape.from_config(model.config), len(calib.samples)
     n_text = (2 * sum(s.num_tokens - s.num_visual for s in calib.samples) + S) // (2 * S)  # fit's reference text
-    top = reduction_for(shape, n_text, n_visual, [n_visual] + [0] * (shape.num_layers - 1), args.convention)
+    top = reduction_for(shape, n_text, n_visual, [n_visual] + [0] * (shape.num_layers - 1), convention)
     out = {r: f"out of reach: dropping all {n_visual} visual tokens at layer 0 removes only {top:.3f} of the " \
-              f"prefill FLOPs ({args.convention})" for r in args.ratios if r > top}
-    reachable = [r for r in args.ratios if r not in out]
+              f"prefill FLOPs ({convention})" for r in ratios if r > top}
+    reachable = [r for r in ratios if r not in out]
     if reachable:
-        out.update(zip(reachable, fit(model, calib, reachable, convention=args.convention, batch_size=args.batch_size)))
+        out.update(zip(reachable, fit(model, calib, reachable, convention=convention, batch_size=batch_size)))
     return out, {**calib.meta, "split_dir": train, "reference_text_tokens": n_text, "max_reduction": round(top, 6)}
+
+
+def split_questions(split: str, limit: int | None = None) -> tuple[list[dict], dict]:
+    """(the first `limit` question rows, {question_id: gold answer}) of a split written by write_split."""
+    path = os.path.join(split, "questions.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: the shipped split is eval_data/synth_llava/test, or make one "
+                                f"with python -m llava_fitprune.synth.scenes")
+    gold = {a["question_id"]: a["answer"] for a in read_jsonl(os.path.join(split, "answers.jsonl"))}
+    return read_jsonl(path)[:limit], gold
 
 
 def schedules(model, args, recipes, n_text, n_visual):
@@ -221,8 +236,7 @@ def _run(args) -> int:
 
     seed, seed_source = data_seed(args.checkpoint)
     split = args.split or cached_split(os.path.join(args.out_dir, "data"), "test", args.num_scenes, seed, SceneConfig())
-    questions = read_jsonl(os.path.join(split, "questions.jsonl"))[:args.limit]
-    gold = {a["question_id"]: a["answer"] for a in read_jsonl(os.path.join(split, "answers.jsonl"))}
+    questions, gold = split_questions(split, args.limit)
     name = os.path.basename(os.path.normpath(args.checkpoint))
     tok, model, proc, _ = load_pretrained_model(args.checkpoint, None, name if "llava" in name.lower() else
                                                 f"llava-{name}", device="cpu", torch_dtype=torch.float32,
@@ -233,7 +247,10 @@ def _run(args) -> int:
     n_visual = int(inputs[0][1].sum())
     texts = [int(e.shape[0] - v.sum()) for e, v in inputs]  # text tokens of each prompt
     n_text = (2 * sum(texts) + len(texts)) // (2 * len(texts))  # reference prompt: mean, round half up
-    recipes, calib_meta = fitted_recipes(model, tok, proc, args, seed, n_visual)
+    recipes, calib_meta = fitted_recipes(model, tok, proc, args.ratios, seed, n_visual,
+                                         data_root=os.path.join(args.out_dir, "data"),
+                                         num_samples=args.calibration_samples, conv_mode=args.conv_mode,
+                                         convention=args.convention, batch_size=args.batch_size)
     runs, skipped = schedules(model, args, recipes, n_text, n_visual)
     shape = report.model_shape(model)
     results, preds = [], []

@@ -7,35 +7,22 @@ import tempfile
 
 import torch
 
-from .accuracy import data_seed, layer0_inputs, run_combo
-from .evaluate import read_jsonl
+from .accuracy import data_seed, fitted_recipes, layer0_inputs, run_combo, split_questions
 from .questions import QUESTION_TYPES
-from .scenes import SceneConfig, write_split
 
 
-def split_questions(split: str, limit: int | None = None) -> tuple[list[dict], dict]:
-    """(question rows, {question_id: gold answer}) of a test split written by write_split."""
-    path = os.path.join(split, "questions.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: the shipped split is eval_data/synth_llava/test, or make one "
-                                f"with python -m llava_fitprune.synth.scenes")
-    gold = {a["question_id"]: a["answer"] for a in read_jsonl(os.path.join(split, "answers.jsonl"))}
-    return read_jsonl(path)[:limit], gold
-
-
-def fitted_recipes(model, tok, proc, checkpoint: str, ratios: list[float], conv_mode: str, num_samples: int = 16):
-    """FitPrune recipes (visual-only convention) fitted on `num_samples` questions of freshly generated
-    training scenes of the checkpoint's data seed: the task's own distribution, never the test split."""
-    from ..calibration import build_calibration
-    from ..fit import fit
-
+def task_recipes(model, tok, proc, checkpoint: str, ratios: list[float], conv_mode: str, num_samples: int = 16):
+    """FitPrune recipes (visual-only convention), one per ratio, fitted on `num_samples` questions of freshly
+    generated training scenes of the checkpoint's data seed (`accuracy.fitted_recipes`)."""
     seed, _ = data_seed(checkpoint)
+    n_visual = model.get_vision_tower().num_patches
     with tempfile.TemporaryDirectory() as tmp:
-        train = write_split(tmp, "train", num_samples, seed, SceneConfig(train_per_type=1))
-        calib = build_calibration(model, tok, proc, os.path.join(train, "questions.jsonl"),
-                                  os.path.join(train, "images"), conv_mode=conv_mode, num_samples=num_samples,
-                                  seed=seed)
-    return fit(model, calib, list(ratios), convention="visual_only")
+        fitted, _ = fitted_recipes(model, tok, proc, ratios, seed, n_visual, data_root=tmp, num_samples=num_samples,
+                                   conv_mode=conv_mode, convention="visual_only")
+    unreachable = {r: why for r, why in fitted.items() if isinstance(why, str)}
+    if unreachable:
+        raise SystemExit(f"cannot fit these ratios on this model: {unreachable}")
+    return [fitted[r] for r in ratios]
 
 
 @torch.inference_mode()

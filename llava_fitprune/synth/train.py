@@ -176,10 +176,11 @@ class FrozenTowerFeatures:
         missing = [i for i in idx if i not in self.items]
         if missing:
             fresh = [self.dataset[i] for i in missing]
-            todo = {}
+            todo = {}  # image -> pixels, each image once
             for i, f in zip(missing, fresh):
-                if self._image_name(i) not in self.by_image:
-                    todo.setdefault(self._image_name(i), f["image"])
+                name = self._image_name(i)
+                if name not in self.by_image:
+                    todo.setdefault(name, f["image"])
             if todo:
                 with torch.no_grad():
                     feats = self.model.get_vision_tower()(torch.stack(list(todo.values())))  # [b, P, C]
@@ -240,8 +241,15 @@ def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None 
     if cfg.tune_vision and schedule:
         raise ValueError("pooled curriculum steps need the frozen tower: set tune_vision to false")
     cached = None if cfg.tune_vision else FrozenTowerFeatures(model, dataset)
+    if cfg.grounding_weight < 0:
+        raise ValueError(f"grounding_weight must be >= 0 (0: no alignment loss), got {cfg.grounding_weight}")
     if cfg.grounding_weight and (cached is None or scenes is None):
         raise ValueError("the grounding loss needs the frozen tower (tune_vision false) and the split's scenes")
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    if cfg.grounding_weight and not (0 <= cfg.grounding_layer < layers and 0 <= cfg.grounding_head < heads):
+        raise ValueError(f"grounding layer {cfg.grounding_layer} / head {cfg.grounding_head} is not in this model "
+                         f"({layers} layers of {heads} heads): pass --grounding-layer in [0, {layers}) and "
+                         f"--grounding-head in [0, {heads})")
     grounding = None
     if cfg.grounding_weight:
         from .grounding import word_token_ids
@@ -361,13 +369,17 @@ def train(data_dir: str, out_dir: str, cfg: TrainConfig, spec: TinyLlavaSpec | N
             eval_fn = lambda: quick_eval(model, tokenizer, image_processor, test_dir, cfg.eval_limit, preds)  # noqa: E731
         scenes = None
         if cfg.grounding_weight:
-            with open(os.path.join(data_dir, "scenes.jsonl")) as f:
-                scenes = {row["image"]: row for row in map(json.loads, f)}
+            from .evaluate import read_jsonl
+
+            scenes = {row["image"]: row for row in read_jsonl(os.path.join(data_dir, "scenes.jsonl"))}
         log = train_steps(model, dataset, llava_collator(tokenizer), cfg, log_path, eval_fn, scenes)
         save_llava(model, tokenizer, out_dir, getattr(torch, cfg.save_dtype), spec_from=init_dir)
     spec_record = {k: v for k, v in asdict(spec).items() if k != "tokenizer_extra_text"}
     meta_path = os.path.join(data_dir, "meta.json")
-    data_seed = json.load(open(meta_path))["seed"] if os.path.isfile(meta_path) else None
+    data_seed = None
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            data_seed = json.load(f)["seed"]
     record = {"data": os.path.abspath(data_dir), "data_seed": data_seed, "num_scenes": len(dataset), "train": asdict(cfg),
               "spec": spec_record, "projector_init": projector_stats, "wall_s": round(time.time() - t0, 1),
               "cpu_s": round(time.process_time() - c0, 1), "final_loss": log[-1]["loss"],
