@@ -333,6 +333,17 @@ def test_vision_pretraining_trains_the_tower_and_refreezes_it(split, tiny2):
     assert not any(p.requires_grad for p in clip.parameters())
 
 
+def test_position_targets_are_each_patchs_row_and_column(split, tiny2):
+    from llava_fitprune.synth.pretrain_vision import PretrainConfig, patch_positions, pretrain_vision
+
+    pos = patch_positions(3)
+    assert pos.tolist() == [[r, c] for r in range(3) for c in range(3)]  # row-major, as CLIP's patches
+    _, (_, model, _) = tiny2
+    log = pretrain_vision(model.get_vision_tower(), split,
+                          PretrainConfig(steps=2, batch_size=2, log_every=1, position_targets=True))
+    assert {"row_acc", "column_acc", "kind_acc"} <= set(log[0])
+
+
 def test_saved_checkpoint_loads_by_path_and_evaluates(split, tiny2, tmp_path):
     from llava_fitprune import load_pretrained_model
     from llava_fitprune.synth.evaluate import evaluate, evaluate_checkpoint

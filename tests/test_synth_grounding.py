@@ -101,6 +101,57 @@ def test_grounding_targets_are_question_words_naming_objects(grounded_batch, tin
         assert torch.equal(mask, object_masks(scenes[b], 24)[word]) and mask.any()
 
 
+def _named_objects(question: str, scene: dict) -> list[str]:
+    """Reference for answer_targets, from the question's text: distinct grounded words in order."""
+    import re
+
+    from llava_fitprune.synth.grounding import GROUNDED_WORDS, object_masks
+    from llava_fitprune.synth.questions import PLURAL
+
+    singular = {**{w: w for w in GROUNDED_WORDS}, **{p: s for s, p in PLURAL.items()}}
+    named = []
+    for token in re.findall(r"[a-z]+", question.lower()):
+        word = singular.get(token)
+        if word and word not in named:
+            named.append(word)
+    masks = object_masks(scene, 24)
+    return [(k, w) for k, w in enumerate(named[:2]) if w in masks]  # (which answer head, word naming an object)
+
+
+def test_answer_targets_sit_where_the_answer_is_predicted(grounded_batch, tiny2):
+    from llava_fitprune.synth.grounding import answer_targets, object_masks, prompt_end_token_id
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    ds, batch, scenes, word_ids, _ = grounded_batch
+    _, (tok, _, _) = tiny2
+    end = prompt_end_token_id(tok)
+    assert tok.convert_ids_to_tokens(end).endswith(":")
+    targets = answer_targets(batch["input_ids"], batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, 24, 1, (3, 1), end)
+    P = 576
+    for b in range(2):
+        mine = [(t, h, m) for r, t, m, h in targets if r == b]  # in the order answer_targets gives
+        positions = sorted({t for t, _, _ in mine})
+        questions = [turn["value"] for turn in ds.list_data_dict[b]["conversations"][::2]]
+        answers = [turn["value"] for turn in ds.list_data_dict[b]["conversations"][1::2]]
+        expected = [_named_objects(q, scenes[b]) for q in questions]
+        assert len(positions) == sum(1 for e in expected if e)  # one query position per question that names an object
+        by_position = {t: [(h, m) for u, h, m in mine if u == t] for t in positions}
+        asked = iter([(e, a) for e, a in zip(expected, answers) if e])
+        for t in positions:
+            named, answer = next(asked)
+            q = t - P + 1  # back to the position before the image is spliced in
+            assert int(batch["input_ids"][b, q]) == end  # "ASSISTANT:" ends here, as at inference
+            following = tok.decode(batch["input_ids"][b, q + 1:q + 1 + len(tok(answer).input_ids)])
+            assert following.strip().startswith(answer)  # this position predicts the answer
+            got = by_position[t]
+            assert [h for h, _ in got] == [(3, 1)[k] for k, _ in named]
+            for (_, mask), (_, word) in zip(got, named):
+                assert torch.equal(mask, object_masks(scenes[b], 24)[word])
+    assert any(h == 1 for *_, h in targets)  # a left/right question supervises the second head too
+    with pytest.raises(ValueError, match="assistant role"):
+        answer_targets(batch["input_ids"], batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, 24, 1, (3,), end + 1)
+
+
 def test_layer_head_attention_matches_the_stock_layers(grounded_batch, tiny2):
     """The loss reads a layer's own attention: equal to what LlamaAttention computes (output_attentions)."""
     from llava_fitprune.synth.grounding import layer_head_logprobs
@@ -125,7 +176,38 @@ def test_layer_head_attention_matches_the_stock_layers(grounded_batch, tiny2):
                 torch.testing.assert_close(ours, stock.attentions[layer][rows, head, positions], atol=1e-6, rtol=1e-4)
 
 
+def test_alignment_loss_reads_each_targets_own_head(grounded_batch, tiny2):
+    """grounding_loss on (row, position, mask, head) targets = -log of the stock attention mass of that head."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    from llava_fitprune.synth.grounding import answer_targets, grounding_loss, prompt_end_token_id
+
+    _, batch, scenes, word_ids, word_targets = grounded_batch
+    _, (tok, model, _) = tiny2
+    targets = [(*t, 3) for t in word_targets] + answer_targets(
+        batch["input_ids"], batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, 24, 1, (1, 2), prompt_end_token_id(tok))
+    assert {h for *_, h in targets} == {1, 2, 3}
+    starts = (batch["input_ids"] == IMAGE_TOKEN_INDEX).float().argmax(1)
+    with torch.no_grad():
+        _, _, attention_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
+            batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
+        model.get_model().config._attn_implementation = "eager"
+        try:
+            stock = model.get_model()(inputs_embeds=embeds, attention_mask=attention_mask, output_attentions=True,
+                                      output_hidden_states=True)
+        finally:
+            model.get_model().config._attn_implementation = "sdpa"
+        for layer in (0, 1):
+            hidden = embeds if layer == 0 else stock.hidden_states[layer]
+            expected = torch.stack([
+                -stock.attentions[layer][b, h, t, int(starts[b]):int(starts[b]) + 576][m].sum().log()
+                for b, t, m, h in targets]).mean()
+            ours = grounding_loss(model, hidden, starts, targets, layer=layer)
+            torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_grounded_losses_keep_the_stock_task_loss(grounded_batch, tiny2):
+    from llava_fitprune.synth.grounding import prompt_end_token_id
     from llava_fitprune.synth.train import FrozenTowerFeatures, grounded_losses
 
     ds, _, scenes, word_ids, _ = grounded_batch
@@ -142,6 +224,11 @@ def test_grounded_losses_keep_the_stock_task_loss(grounded_batch, tiny2):
                 task, align = grounded_losses(model, batch, scenes, word_ids, pool, head=0, layer=layer)
                 assert abs(task.item() - model(**batch).loss.item()) < 1e-5
                 assert align.item() > 0
+                task2, both = grounded_losses(model, batch, scenes, word_ids, pool, head=0, layer=layer,
+                                              answer_heads=(1, 2), prompt_end_id=prompt_end_token_id(tok))
+                assert task2.item() == task.item() and both.item() != align.item()  # answer targets join the mean
+        with pytest.raises(ValueError, match="prompt_end_id"):
+            grounded_losses(model, batch, scenes, word_ids, 2, head=0, answer_heads=(1,))
 
 
 @pytest.mark.parametrize("layer", [0, 1])
@@ -156,12 +243,12 @@ def test_alignment_loss_trains_and_needs_the_frozen_tower(short_split, tiny2, la
     with open(os.path.join(short_split, "scenes.jsonl")) as f:
         scenes = {row["image"]: row for row in map(json.loads, f)}
     cfg = TrainConfig(steps=8, batch_size=2, lr=3e-3, warmup_steps=1, log_every=1, pool_schedule="",
-                      grounding_weight=1.0, grounding_layer=layer)
+                      grounding_weight=1.0, grounding_layer=layer, grounding_answer_heads="")  # question words only
     torch.manual_seed(0)
     log = train_steps(model, ds, llava_collator(tok), cfg, scenes=scenes)
     # layer 0 reads the embeddings directly; a later layer's input is itself still moving: slower at first
     assert log[-1]["align_loss"] < (0.8 if layer == 0 else 0.95) * log[0]["align_loss"], [r["align_loss"] for r in log]
-    for bad in ({"grounding_layer": 2}, {"grounding_head": -1}):  # tiny2: 2 layers
+    for bad in ({"grounding_layer": 2}, {"grounding_head": -1}, {"grounding_answer_heads": "1,9"}):  # tiny2: 2 layers
         with pytest.raises(ValueError, match="is not in this model"):
             train_steps(model, ds, llava_collator(tok), TrainConfig(steps=1, batch_size=2, pool_schedule="", **bad),
                         scenes=scenes)
@@ -171,3 +258,24 @@ def test_alignment_loss_trains_and_needs_the_frozen_tower(short_split, tiny2, la
     with pytest.raises(ValueError, match="frozen tower"):
         train_steps(model, ds, llava_collator(tok), TrainConfig(steps=1, batch_size=2, grounding_weight=1.0,
                                                                 tune_vision=True, pool_schedule=""), scenes=scenes)
+
+
+def test_answer_alignment_trains_and_checks_its_heads(short_split, tiny2):
+    from llava_fitprune.synth.data import llava_collator, llava_dataset
+    from llava_fitprune.synth.model_io import load_llava
+    from llava_fitprune.synth.train import TrainConfig, train_steps
+
+    path, _ = tiny2
+    tok, model, proc = load_llava(path)
+    ds = llava_dataset(short_split, tok, proc)
+    with open(os.path.join(short_split, "scenes.jsonl")) as f:
+        scenes = {row["image"]: row for row in map(json.loads, f)}
+    cfg = TrainConfig(steps=8, batch_size=2, lr=3e-3, warmup_steps=1, log_every=1, pool_schedule="",
+                      grounding_weight=1.0, grounding_layer=1, grounding_answer_heads="1,2")
+    torch.manual_seed(0)
+    log = train_steps(model, ds, llava_collator(tok), cfg, scenes=scenes)
+    assert log[-1]["align_loss"] < 0.95 * log[0]["align_loss"], [r["align_loss"] for r in log]
+    for heads, match in (("1,1", "distinct"), ("a", "comma-separated")):
+        with pytest.raises(ValueError, match=match):
+            train_steps(model, ds, llava_collator(tok), TrainConfig(steps=1, batch_size=2, pool_schedule="",
+                                                                    grounding_answer_heads=heads), scenes=scenes)

@@ -3,11 +3,16 @@
 A from-scratch decoder must learn two hops to answer "What colour is the star?": find the star's
 patches from the word "star", and carry what it read to the answer position. Until one hop works
 the other gets no gradient, and on 2 CPU cores the plateau outlasts the training budget
-(docs/synth.md). This loss supervises the first hop only, at one head of one decoder layer (layer 0 in
-the shipped model; a later layer puts the look-up behind the first pruned layers):
-each question token that names a shape type ("star", "stars"), a colour ("red") or the
-written digit ("number") puts its attention on the image patches of the objects it names, taken from the scene layout. Answers, the
-hop to the answer position and every other head and layer are left to the task loss.
+(docs/synth.md). This loss supervises the first hop, at one head of one decoder layer (layer 2 in the
+shipped model, so the look-up sits behind the first pruned layers; at layer 0 it would happen before
+any method drops a token): each question token that names a shape type ("star", "stars"), a colour ("red") or the
+written digit ("number") puts its attention on the image patches of the objects it names, taken from the scene layout.
+
+With `answer_targets` (as in the shipped model) the look-up itself is supervised too: at the position that predicts an
+answer, one head attends to the objects the question names first and another head to those it names
+second ("Is the star to the left or right of the circle?": one head on the star, one on the circle), so
+the answer position reads both positions it must compare. Which answer, and how to compare, are left
+to the task loss, as is every other head and layer.
 
 Pure functions of tensors apart from `layer_head_logprobs`, which reads one layer's projections.
 """
@@ -85,6 +90,51 @@ def grounding_targets(input_ids: torch.Tensor, labels: torch.Tensor, scenes: lis
     return out
 
 
+def prompt_end_token_id(tokenizer, template: str = "vicuna_v1") -> int:
+    """Id of the last token of the assistant's role as the template writes it ("ASSISTANT:" -> ":")."""
+    from llava.conversation import conv_templates
+
+    conv = conv_templates[template].copy()
+    conv.append_message(conv.roles[0], "x")
+    conv.append_message(conv.roles[1], None)
+    return tokenizer(conv.get_prompt()).input_ids[-1]
+
+
+def answer_targets(input_ids: torch.Tensor, labels: torch.Tensor, scenes: list[dict], word_ids: dict[int, str],
+                   image_token_id: int, grid: int, pool: int, heads: tuple[int, ...],
+                   prompt_end_id: int) -> list[tuple[int, int, torch.Tensor, int]]:
+    """(batch row, query position, [P] patch mask, head) at the position that predicts each answer.
+
+    That position holds prompt_end_id, the last token of the assistant's role ("ASSISTANT:" -> ":"), as
+    the last prompt token does at inference. LLaVA's vicuna_v1 masking may label that token itself
+    (its instruction length is off by one for some tokenizers), so it is the first labelled token of
+    a turn or the one before it. The k-th distinct grounded word of the question ("star", then
+    "circle") gives the target of heads[k]; words past len(heads), and words naming no object ("How
+    many stars?" with no star), give none. Positions as in `grounding_targets`.
+    """
+    P = (grid // pool) ** 2
+    out = []
+    for b in range(input_ids.shape[0]):
+        start = int((input_ids[b] == image_token_id).nonzero()[0, 0])
+        masks = {w: pool_mask(m, pool) for w, m in object_masks(scenes[b], grid).items()}
+        named: list[str] = []
+        for t in range(start + 1, input_ids.shape[1]):
+            if labels[b, t] == -100:
+                word = word_ids.get(int(input_ids[b, t]))
+                if word is not None and word not in named:
+                    named.append(word)
+            elif labels[b, t - 1] == -100:  # t: the first labelled token of a turn
+                q = t if int(input_ids[b, t]) == prompt_end_id else t - 1
+                if int(input_ids[b, q]) != prompt_end_id:
+                    raise ValueError(f"row {b}: the answer at position {t} does not follow the assistant role's last "
+                                     f"token (id {prompt_end_id}); is the conversation template vicuna_v1?")
+                for word, head in zip(named, heads):
+                    if word in masks:
+                        out.append((b, q + P - 1, masks[word], head))
+                named = []
+    return out
+
+
 def layer_head_logprobs(model, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, layer: int,
                         head: int) -> torch.Tensor:
     """Log attention probabilities of one head of decoder layer `layer` for the queries (rows[i], positions[i]).
@@ -112,20 +162,26 @@ def layer_head_logprobs(model, hidden: torch.Tensor, rows: torch.Tensor, positio
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def grounding_loss(model, hidden: torch.Tensor, image_starts: torch.Tensor,
-                   targets: list[tuple[int, int, torch.Tensor]], head: int = 0, layer: int = 0) -> torch.Tensor:
-    """Mean over grounded words of -log(attention mass on the named objects' patches) at `layer`, `head`.
+def grounding_loss(model, hidden: torch.Tensor, image_starts: torch.Tensor, targets: list[tuple], head: int = 0,
+                   layer: int = 0) -> torch.Tensor:
+    """Mean over targets of -log(attention mass on the target patches) at decoder layer `layer`.
 
     hidden: [B, N, D] that layer's input; image_starts: [B] position of each row's first image token;
-    targets from `grounding_targets`.
+    targets: (row, position, [P] mask) from `grounding_targets`, supervising `head`, or
+    (row, position, [P] mask, head) from `answer_targets`, each naming its own head.
     """
     if not targets:
         return hidden.sum() * 0
-    rows = torch.tensor([b for b, _, _ in targets], device=hidden.device)
-    positions = torch.tensor([t for _, t, _ in targets], device=hidden.device)
-    logp = layer_head_logprobs(model, hidden, rows, positions, layer, head)  # [n, N]
+    targets = [t if len(t) == 4 else (*t, head) for t in targets]
     P = targets[0][2].numel()
-    idx = image_starts[rows][:, None] + torch.arange(P, device=logp.device)  # [n, P]
-    image_logp = logp.gather(1, idx)  # [n, P]
-    mask = torch.stack([m for _, _, m in targets]).to(logp.device)  # [n, P]
-    return -torch.logsumexp(image_logp.masked_fill(~mask, float("-inf")), dim=-1).mean()
+    losses = []
+    for h in sorted({t[3] for t in targets}):
+        mine = [t for t in targets if t[3] == h]
+        rows = torch.tensor([t[0] for t in mine], device=hidden.device)
+        positions = torch.tensor([t[1] for t in mine], device=hidden.device)
+        logp = layer_head_logprobs(model, hidden, rows, positions, layer, h)  # [n, N]
+        idx = image_starts[rows][:, None] + torch.arange(P, device=logp.device)  # [n, P]
+        image_logp = logp.gather(1, idx)  # [n, P]
+        mask = torch.stack([t[2] for t in mine]).to(logp.device)  # [n, P]
+        losses.append(-torch.logsumexp(image_logp.masked_fill(~mask, float("-inf")), dim=-1))
+    return torch.cat(losses).mean()

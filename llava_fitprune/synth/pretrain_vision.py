@@ -2,7 +2,9 @@
 
 LLaVA starts from a pretrained CLIP; we have none, so the tower first learns, for every patch of the
 features LLaVA uses (hidden_states[select_layer][:, 1:]), the kind of object over it (background, one
-of the shapes, text), its colour and the written digit, with a linear head that is thrown away.
+of the shapes, text), its colour and the written digit, with a linear head that is thrown away;
+optionally also the patch's own row and column, so that where a patch is stays a strong, linearly
+readable part of its feature (left/right questions compare two objects' positions).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class PretrainConfig:
     batch_size: int = 8
     lr: float = 2e-3
     min_pixels: int = 8  # pixels an object needs inside a patch to label it
+    position_targets: bool = False  # also classify each patch's own row and column (so position is a strong, linear feature)
     seed: int = 0
     log_every: int = 10
 
@@ -57,6 +60,12 @@ def init_sincos_positions(clip) -> None:
     with torch.no_grad():
         emb.position_embedding.weight[0].zero_()
         emb.position_embedding.weight[1:] = table.to(emb.position_embedding.weight.dtype)
+
+
+def patch_positions(side: int) -> torch.Tensor:
+    """[side * side, 2] long: each patch's own (row, column), row-major as CLIP orders its patches."""
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], dim=-1)
 
 
 def patch_targets(scene: dict, image_size: int, patch: int, min_pixels: int) -> torch.Tensor:
@@ -96,7 +105,7 @@ def _accuracies(logits, targets) -> dict:
     """Per-target accuracy on object patches only (background patches would swamp it)."""
     on_object = targets[..., 0] > 0
     out = {}
-    for k, (name, lg) in enumerate(zip(("kind", "colour", "digit"), logits)):
+    for k, (name, lg) in enumerate(zip(("kind", "colour", "digit", "row", "column"), logits)):
         t = targets[..., k]
         mask = on_object & (t != IGNORE)
         if mask.any():
@@ -112,12 +121,14 @@ def pretrain_vision(tower, split_dir: str, cfg: PretrainConfig, log_path: str | 
     if len(data) < cfg.batch_size:
         raise ValueError(f"{len(data)} scenes is fewer than one batch of {cfg.batch_size}")
     g = torch.Generator().manual_seed(cfg.seed)
-    head = nn.Linear(vcfg.hidden_size, len(KINDS) + len(COLOURS) + DIGITS)
+    side = vcfg.image_size // vcfg.patch_size
+    splits = (len(KINDS), len(COLOURS), DIGITS) + ((side, side) if cfg.position_targets else ())
+    head = nn.Linear(vcfg.hidden_size, sum(splits))
+    position = patch_positions(side)  # [N, 2]
     clip.requires_grad_(True)
     clip.train()
     params = list(clip.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    splits = (len(KINDS), len(COLOURS), DIGITS)
     log = []
     bar = tqdm(range(cfg.steps), desc="pretrain vision")
     for step in bar:
@@ -129,6 +140,8 @@ def pretrain_vision(tower, split_dir: str, cfg: PretrainConfig, log_path: str | 
         targets = torch.stack([data[i][1] for i in idx])  # (B, N, 3)
         out = clip(images, output_hidden_states=True)
         feats = tower.feature_select(out)  # (B, N, vision_hidden), what LLaVA feeds the projector
+        if cfg.position_targets:
+            targets = torch.cat([targets, position.expand(len(idx), -1, -1)], dim=-1)  # (B, N, 5)
         logits = head(feats).split(splits, dim=-1)
         loss = sum(F.cross_entropy(lg.flatten(0, 1), targets[..., k].flatten(), ignore_index=IGNORE)
                    for k, lg in enumerate(logits))

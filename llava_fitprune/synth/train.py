@@ -63,12 +63,14 @@ class TrainConfig:
     sincos_positions: bool = True  # start the CLIP position table from 2-D sin-cos values (as MAE)
     vision_steps: int = 200  # stage 0: steps of dense per-patch pretraining of the vision tower (0: none)
     vision_lr: float = 2e-3
+    vision_position_targets: bool = False  # stage 0 also classifies each patch's row and column (pretrain_vision.py)
     tune_vision: bool = False  # train the vision tower in the LLaVA stage too (LLaVA itself keeps it frozen)
     pool_schedule: str = "4:200,2:150"  # curriculum "4:250,2:200": image patches averaged 4 x 4 for 250 steps, 2 x 2 for 200, then none
     questions_per_sample: int = 0  # > 0: conversations cut into records of this many questions (data.split_conversations)
     grounding_weight: float = 1.0  # > 0: add the word-region alignment loss (grounding.py), needs the frozen tower
     grounding_head: int = 0  # the head it supervises
-    grounding_layer: int = 0  # the decoder layer of that head (0: reads the embeddings, before any pruning)
+    grounding_layer: int = 2  # the decoder layer of these heads (0: reads the embeddings, before any pruning)
+    grounding_answer_heads: str = "1,2"  # (with grounding_weight > 0) at each answer position, head 1 attends to the first-named objects, head 2 to the second (grounding.answer_targets); same layer
     projector_init: str = "data"  # "data": init_projector_from_features; "default": LLaVA's nn.Linear init
     vision_from: str = ""  # a checkpoint whose vision tower to start from (no sin-cos init, no stage 0)
     eval_every: int = 0  # 0: no evaluation while training
@@ -112,6 +114,17 @@ def quick_eval(model, tokenizer, image_processor, test_dir: str, limit: int, pre
                    progress=False, predictions_file=predictions_file)
     model.train()
     return {k: round(v["accuracy"], 3) for k, v in res.items()}
+
+
+def parse_heads(text: str) -> tuple[int, ...]:
+    """"1,2" -> (1, 2); "" -> ()."""
+    try:
+        heads = tuple(int(h) for h in text.split(",")) if text.strip() else ()
+    except ValueError:
+        raise ValueError(f"answer heads must be comma-separated head indices like '1,2', got {text!r}") from None
+    if len(set(heads)) != len(heads):
+        raise ValueError(f"answer heads must be distinct (one head per named object), got {text!r}")
+    return heads
 
 
 def parse_pool_schedule(text: str) -> list[tuple[int, int]]:
@@ -210,14 +223,21 @@ class FrozenTowerFeatures:
 
 
 def grounded_losses(model, batch: dict, scenes: list[dict], word_ids: dict[int, str], pool: int,
-                    head: int, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LLaVA's task loss, the word-region alignment loss) of one batch of cached tower features."""
+                    head: int, layer: int = 0, answer_heads: tuple[int, ...] = (),
+                    prompt_end_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LLaVA's task loss, the alignment loss of question words and, with answer_heads, of answer positions) of
+    one batch of cached tower features."""
     from llava.constants import IMAGE_TOKEN_INDEX
 
-    from .grounding import grounding_loss, grounding_targets
+    from .grounding import answer_targets, grounding_loss, grounding_targets
 
     grid = math.isqrt(batch["images"].shape[1])
     targets = grounding_targets(batch["input_ids"], batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, grid, pool)
+    if answer_heads:
+        if prompt_end_id is None:
+            raise ValueError("answer heads need prompt_end_id (grounding.prompt_end_token_id(tokenizer))")
+        targets = [(*t, head) for t in targets] + answer_targets(
+            batch["input_ids"], batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, grid, pool, answer_heads, prompt_end_id)
     _, position_ids, attention_mask, _, embeds, labels = model.prepare_inputs_labels_for_multimodal(
         batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
     out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
@@ -246,15 +266,17 @@ def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None 
     if cfg.grounding_weight and (cached is None or scenes is None):
         raise ValueError("the grounding loss needs the frozen tower (tune_vision false) and the split's scenes")
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
-    if cfg.grounding_weight and not (0 <= cfg.grounding_layer < layers and 0 <= cfg.grounding_head < heads):
-        raise ValueError(f"grounding layer {cfg.grounding_layer} / head {cfg.grounding_head} is not in this model "
-                         f"({layers} layers of {heads} heads): pass --grounding-layer in [0, {layers}) and "
-                         f"--grounding-head in [0, {heads})")
+    answer_heads = parse_heads(cfg.grounding_answer_heads)
+    if cfg.grounding_weight and not (0 <= cfg.grounding_layer < layers and 0 <= cfg.grounding_head < heads
+                                     and all(0 <= h < heads for h in answer_heads)):
+        raise ValueError(f"grounding layer {cfg.grounding_layer} / head {cfg.grounding_head} / answer heads "
+                         f"{answer_heads} is not in this model ({layers} layers of {heads} heads): pass "
+                         f"--grounding-layer in [0, {layers}) and heads in [0, {heads})")
     grounding = None
     if cfg.grounding_weight:
-        from .grounding import word_token_ids
+        from .grounding import prompt_end_token_id, word_token_ids
 
-        grounding = {"word_ids": word_token_ids(dataset.tokenizer),
+        grounding = {"word_ids": word_token_ids(dataset.tokenizer), "prompt_end_id": prompt_end_token_id(dataset.tokenizer),
                      "scenes": [scenes[rec["image"]] for rec in dataset.list_data_dict]}
     context = trainable_vision_tower(model) if cfg.tune_vision else cached.installed()
     with context:
@@ -273,7 +295,7 @@ def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None 
             else:
                 task_loss, align_loss = grounded_losses(model, batch, [grounding["scenes"][i] for i in idx],
                                                         grounding["word_ids"], cached.pool, cfg.grounding_head,
-                                                        cfg.grounding_layer)
+                                                        cfg.grounding_layer, answer_heads, grounding["prompt_end_id"])
                 loss = task_loss + cfg.grounding_weight * align_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -357,7 +379,8 @@ def train(data_dir: str, out_dir: str, cfg: TrainConfig, spec: TinyLlavaSpec | N
             init_sincos_positions(model.get_vision_tower().vision_tower)
         if cfg.vision_steps and not cfg.vision_from:
             pretrain_vision(model.get_vision_tower(), data_dir,
-                            PretrainConfig(steps=cfg.vision_steps, lr=cfg.vision_lr, seed=cfg.seed), log_path)
+                            PretrainConfig(steps=cfg.vision_steps, lr=cfg.vision_lr, seed=cfg.seed,
+                                           position_targets=cfg.vision_position_targets), log_path)
         projector_stats = None
         if cfg.projector_init == "data":
             projector_stats = init_projector_from_features(model, dataset, seed=cfg.seed)
@@ -390,7 +413,7 @@ def train(data_dir: str, out_dir: str, cfg: TrainConfig, spec: TinyLlavaSpec | N
 
 
 CLI_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "seed", "threads", "sincos_positions", "vision_steps",
-              "vision_lr", "tune_vision", "pool_schedule", "questions_per_sample", "grounding_weight", "grounding_head", "grounding_layer", "projector_init", "vision_from", "eval_every", "eval_limit")
+              "vision_lr", "vision_position_targets", "tune_vision", "pool_schedule", "questions_per_sample", "grounding_weight", "grounding_head", "grounding_layer", "grounding_answer_heads", "projector_init", "vision_from", "eval_every", "eval_limit")
 
 
 def _parse_bool(text: str) -> bool:
