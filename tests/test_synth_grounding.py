@@ -152,21 +152,48 @@ def test_answer_targets_sit_where_the_answer_is_predicted(grounded_batch, tiny2)
         answer_targets(batch["input_ids"], batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, 24, 1, (3,), end + 1)
 
 
-def test_layer_head_attention_matches_the_stock_layers(grounded_batch, tiny2):
-    """The loss reads a layer's own attention: equal to what LlamaAttention computes (output_attentions)."""
-    from llava_fitprune.synth.grounding import layer_head_logprobs
+def test_targets_need_exactly_one_image_token(grounded_batch, tiny2):
+    from llava.constants import IMAGE_TOKEN_INDEX
 
-    _, batch, _, _, targets = grounded_batch
+    from llava_fitprune.synth.grounding import answer_targets, grounding_targets, prompt_end_token_id
+
+    _, batch, scenes, word_ids, _ = grounded_batch
+    _, (tok, _, _) = tiny2
+    ids = batch["input_ids"].clone()
+    ids[1, -1] = IMAGE_TOKEN_INDEX  # row 1 now holds two images
+    with pytest.raises(ValueError, match="row 1 has 2 image tokens"):
+        grounding_targets(ids, batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, 24, 1)
+    with pytest.raises(ValueError, match="row 1 has 2 image tokens"):
+        answer_targets(ids, batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, 24, 1, (1,), prompt_end_token_id(tok))
+
+
+@pytest.fixture(scope="module")
+def stock_eager(grounded_batch, tiny2):
+    """(inputs_embeds [B, N, D], the stock decoder's eager output with every layer's attentions and inputs)."""
+    _, batch, _, _, _ = grounded_batch
     _, (_, model, _) = tiny2
+    config = model.get_model().config
+    before = config._attn_implementation
     with torch.no_grad():
         _, _, attention_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
             batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
-        model.get_model().config._attn_implementation = "eager"
+        config._attn_implementation = "eager"
         try:
             stock = model.get_model()(inputs_embeds=embeds, attention_mask=attention_mask, output_attentions=True,
                                       output_hidden_states=True)
         finally:
-            model.get_model().config._attn_implementation = "sdpa"
+            config._attn_implementation = before
+    return embeds, stock
+
+
+def test_layer_head_attention_matches_the_stock_layers(grounded_batch, tiny2, stock_eager):
+    """The loss reads a layer's own attention: equal to what LlamaAttention computes (output_attentions)."""
+    from llava_fitprune.synth.grounding import layer_head_logprobs
+
+    _, _, _, _, targets = grounded_batch
+    _, (_, model, _) = tiny2
+    embeds, stock = stock_eager
+    with torch.no_grad():
         rows = torch.tensor([b for b, _, _ in targets])
         positions = torch.tensor([t for _, t, _ in targets])
         for layer in range(model.config.num_hidden_layers):
@@ -176,7 +203,7 @@ def test_layer_head_attention_matches_the_stock_layers(grounded_batch, tiny2):
                 torch.testing.assert_close(ours, stock.attentions[layer][rows, head, positions], atol=1e-6, rtol=1e-4)
 
 
-def test_alignment_loss_reads_each_targets_own_head(grounded_batch, tiny2):
+def test_alignment_loss_reads_each_targets_own_head(grounded_batch, tiny2, stock_eager):
     """grounding_loss on (row, position, mask, head) targets = -log of the stock attention mass of that head."""
     from llava.constants import IMAGE_TOKEN_INDEX
 
@@ -188,15 +215,8 @@ def test_alignment_loss_reads_each_targets_own_head(grounded_batch, tiny2):
         batch["input_ids"], batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, 24, 1, (1, 2), prompt_end_token_id(tok))
     assert {h for *_, h in targets} == {1, 2, 3}
     starts = (batch["input_ids"] == IMAGE_TOKEN_INDEX).float().argmax(1)
+    embeds, stock = stock_eager
     with torch.no_grad():
-        _, _, attention_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
-            batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
-        model.get_model().config._attn_implementation = "eager"
-        try:
-            stock = model.get_model()(inputs_embeds=embeds, attention_mask=attention_mask, output_attentions=True,
-                                      output_hidden_states=True)
-        finally:
-            model.get_model().config._attn_implementation = "sdpa"
         for layer in (0, 1):
             hidden = embeds if layer == 0 else stock.hidden_states[layer]
             expected = torch.stack([

@@ -73,7 +73,9 @@ def _grounding_text(tr: dict) -> str:
     if not tr.get("grounding_weight"):
         return ""
     layer = tr.get("grounding_layer", 0)
-    answer_heads = [int(h) for h in str(tr.get("grounding_answer_heads", "")).split(",") if h.strip()]
+    from .grounding import parse_heads
+
+    answer_heads = parse_heads(tr.get("grounding_answer_heads", ""))
     consequence = ("Because this\n   head reads the named objects in layer 0, before any pruning method here drops a token, pruning costs\n"
                    "   this model no accuracy up to ratio 0.9 (`BENCHMARKS.md`, `docs/synth.md`)." if layer == 0 else
                    f"Layers 0-{layer - 1} see every token before these heads look; a token pruned\n   there is gone when they do.")

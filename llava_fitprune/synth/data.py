@@ -7,8 +7,6 @@ import tempfile
 
 import torch
 
-IMAGE_TOKEN = "<image>"
-
 EPOCH_SEED_STRIDE = 100_003  # seed -> per-epoch generator seeds that no other seed reuses
 
 
@@ -23,6 +21,8 @@ def split_conversations(records: list[dict], questions_per_sample: int) -> list[
         raise ValueError(f"questions_per_sample must be >= 0 (0: whole conversations), got {questions_per_sample}")
     if questions_per_sample == 0:
         return records
+    from llava.constants import DEFAULT_IMAGE_TOKEN as IMAGE_TOKEN
+
     out = []
     for rec in records:
         turns = rec["conversations"]

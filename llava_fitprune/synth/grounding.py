@@ -66,6 +66,19 @@ def pool_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     return (torch.nn.functional.max_pool2d(grid, factor) > 0).flatten()
 
 
+def image_token_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """input_ids: [B, T] before LLaVA splices the image in -> [B] position of each row's one image token."""
+    is_image = input_ids == image_token_id  # [B, T]
+    counts = is_image.sum(1)
+    for b in (counts != 1).nonzero()[:, 0].tolist():
+        raise ValueError(f"row {b} has {int(counts[b])} image tokens; grounding expects exactly one")
+    return is_image.float().argmax(1)
+
+
+def _pooled_masks(scene: dict, grid: int, pool: int) -> dict[str, torch.Tensor]:
+    return {w: pool_mask(m, pool) for w, m in object_masks(scene, grid).items()}
+
+
 def grounding_targets(input_ids: torch.Tensor, labels: torch.Tensor, scenes: list[dict], word_ids: dict[int, str],
                       image_token_id: int, grid: int, pool: int) -> list[tuple[int, int, torch.Tensor]]:
     """(batch row, query position in the expanded sequence, [P] patch mask) for every grounded question word.
@@ -77,17 +90,24 @@ def grounding_targets(input_ids: torch.Tensor, labels: torch.Tensor, scenes: lis
     """
     P = (grid // pool) ** 2
     out = []
-    for b in range(input_ids.shape[0]):
-        img = (input_ids[b] == image_token_id).nonzero()
-        if len(img) != 1:
-            raise ValueError(f"row {b} has {len(img)} image tokens; grounding expects exactly one")
-        start = int(img[0, 0])
-        masks = {w: pool_mask(m, pool) for w, m in object_masks(scenes[b], grid).items()}
+    for b, start in enumerate(image_token_positions(input_ids, image_token_id).tolist()):
+        masks = _pooled_masks(scenes[b], grid, pool)
         for t in range(start + 1, input_ids.shape[1]):
             word = word_ids.get(int(input_ids[b, t]))
             if word in masks and labels[b, t] == -100:
                 out.append((b, t + P - 1, masks[word]))
     return out
+
+
+def parse_heads(text: str) -> tuple[int, ...]:
+    """Answer heads as written on the command line and in train_record.json: "1,2" -> (1, 2); "" -> ()."""
+    try:
+        heads = tuple(int(h) for h in text.split(",")) if text.strip() else ()
+    except ValueError:
+        raise ValueError(f"answer heads must be comma-separated head indices like '1,2', got {text!r}") from None
+    if len(set(heads)) != len(heads):
+        raise ValueError(f"answer heads must be distinct (one head per named object), got {text!r}")
+    return heads
 
 
 def prompt_end_token_id(tokenizer, template: str = "vicuna_v1") -> int:
@@ -114,9 +134,8 @@ def answer_targets(input_ids: torch.Tensor, labels: torch.Tensor, scenes: list[d
     """
     P = (grid // pool) ** 2
     out = []
-    for b in range(input_ids.shape[0]):
-        start = int((input_ids[b] == image_token_id).nonzero()[0, 0])
-        masks = {w: pool_mask(m, pool) for w, m in object_masks(scenes[b], grid).items()}
+    for b, start in enumerate(image_token_positions(input_ids, image_token_id).tolist()):
+        masks = _pooled_masks(scenes[b], grid, pool)
         named: list[str] = []
         for t in range(start + 1, input_ids.shape[1]):
             if labels[b, t] == -100:

@@ -49,7 +49,7 @@ def synth_spec(seed: int = 0, hidden_size: int = 128) -> TinyLlavaSpec:
 
 @dataclass
 class TrainConfig:
-    # defaults: the shipped recipe (eval_data/synth_llava/CARD.md, docs/synth.md), about 27 min on 2 CPU cores
+    # defaults: the shipped recipe (eval_data/synth_llava/CARD.md, docs/synth.md), about 20 min on 2 CPU cores
     steps: int = 1250
     batch_size: int = 4
     lr: float = 5e-4
@@ -114,17 +114,6 @@ def quick_eval(model, tokenizer, image_processor, test_dir: str, limit: int, pre
                    progress=False, predictions_file=predictions_file)
     model.train()
     return {k: round(v["accuracy"], 3) for k, v in res.items()}
-
-
-def parse_heads(text: str) -> tuple[int, ...]:
-    """"1,2" -> (1, 2); "" -> ()."""
-    try:
-        heads = tuple(int(h) for h in text.split(",")) if text.strip() else ()
-    except ValueError:
-        raise ValueError(f"answer heads must be comma-separated head indices like '1,2', got {text!r}") from None
-    if len(set(heads)) != len(heads):
-        raise ValueError(f"answer heads must be distinct (one head per named object), got {text!r}")
-    return heads
 
 
 def parse_pool_schedule(text: str) -> list[tuple[int, int]]:
@@ -229,21 +218,21 @@ def grounded_losses(model, batch: dict, scenes: list[dict], word_ids: dict[int, 
     one batch of cached tower features."""
     from llava.constants import IMAGE_TOKEN_INDEX
 
-    from .grounding import answer_targets, grounding_loss, grounding_targets
+    from .grounding import answer_targets, grounding_loss, grounding_targets, image_token_positions
 
     grid = math.isqrt(batch["images"].shape[1])
     targets = grounding_targets(batch["input_ids"], batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, grid, pool)
     if answer_heads:
         if prompt_end_id is None:
             raise ValueError("answer heads need prompt_end_id (grounding.prompt_end_token_id(tokenizer))")
-        targets = [(*t, head) for t in targets] + answer_targets(
+        targets = targets + answer_targets(
             batch["input_ids"], batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, grid, pool, answer_heads, prompt_end_id)
     _, position_ids, attention_mask, _, embeds, labels = model.prepare_inputs_labels_for_multimodal(
         batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
     out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
                 output_hidden_states=layer > 0)
     hidden = embeds if layer == 0 else out.hidden_states[layer]  # [B, N, D] the input of decoder layer `layer`
-    starts = (batch["input_ids"] == IMAGE_TOKEN_INDEX).float().argmax(1)  # [B]
+    starts = image_token_positions(batch["input_ids"], IMAGE_TOKEN_INDEX)  # [B]
     return out.loss, grounding_loss(model, hidden, starts, targets, head, layer)
 
 
@@ -266,6 +255,8 @@ def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None 
     if cfg.grounding_weight and (cached is None or scenes is None):
         raise ValueError("the grounding loss needs the frozen tower (tune_vision false) and the split's scenes")
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    from .grounding import parse_heads
+
     answer_heads = parse_heads(cfg.grounding_answer_heads)
     if cfg.grounding_weight and not (0 <= cfg.grounding_layer < layers and 0 <= cfg.grounding_head < heads
                                      and all(0 <= h < heads for h in answer_heads)):
