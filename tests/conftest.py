@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random LLaVA checkpoints built offline, stock and pruning-aware loaders."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -112,3 +113,53 @@ def tiny2(tmp_path_factory):
                          tokenizer_extra_text=phrasebook(), tokenizer_extra_repeat=20, init_std=None)
     path = build_tiny_llava(str(tmp_path_factory.mktemp("ckpt") / "llava-synth-2l"), spec)
     return path, load_llava(path)
+
+
+@pytest.fixture(scope="module")
+def grounded_batch(short_split, tiny2):
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    from llava_fitprune.synth.data import llava_collator, llava_dataset
+    from llava_fitprune.synth.grounding import grounding_targets, word_token_ids
+
+    _, (tok, model, proc) = tiny2
+    ds = llava_dataset(short_split, tok, proc)
+    with open(os.path.join(short_split, "scenes.jsonl")) as f:
+        scenes = {row["image"]: row for row in map(json.loads, f)}
+    batch = llava_collator(tok)([ds[0], ds[1]])
+    rows = [scenes[ds.list_data_dict[i]["image"]] for i in (0, 1)]
+    word_ids = word_token_ids(tok)
+    targets = grounding_targets(batch["input_ids"], batch["labels"], rows, word_ids, IMAGE_TOKEN_INDEX, 24, 1)
+    return ds, batch, rows, word_ids, targets
+
+
+@pytest.fixture(scope="module")
+def stock_eager(grounded_batch, tiny2):
+    """(inputs_embeds [B, N, D], the stock decoder's eager output with every layer's attentions and inputs)."""
+    _, batch, _, _, _ = grounded_batch
+    _, (_, model, _) = tiny2
+    config = model.get_model().config
+    before = config._attn_implementation
+    with torch.no_grad():
+        _, _, attention_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
+            batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
+        config._attn_implementation = "eager"
+        try:
+            stock = model.get_model()(inputs_embeds=embeds, attention_mask=attention_mask, output_attentions=True,
+                                      output_hidden_states=True)
+        finally:
+            config._attn_implementation = before
+    return embeds, stock
+
+
+@pytest.fixture
+def fresh_training(short_split, tiny2):
+    """(a fresh copy of tiny2's model, LLaVA's dataset of short_split, LLaVA's collator, scenes by image name)."""
+    from llava_fitprune.synth.data import llava_collator, llava_dataset
+    from llava_fitprune.synth.model_io import load_llava
+
+    tok, model, proc = load_llava(tiny2[0])
+    ds = llava_dataset(short_split, tok, proc)
+    with open(os.path.join(short_split, "scenes.jsonl")) as f:
+        scenes = {row["image"]: row for row in map(json.loads, f)}
+    return model, ds, llava_collator(tok), scenes

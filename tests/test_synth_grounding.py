@@ -1,9 +1,6 @@
 """Training aids of the synthetic trainer: cut conversations, and the word-region alignment loss (grounding.py)."""
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
 
@@ -65,24 +62,6 @@ def test_object_masks_and_pooling():
     pooled = pool_mask(masks["star"], 2).view(3, 3)  # the star's 2 x 2 block straddles pooled cells (0,1), (1,1)
     assert pooled.tolist() == [[False, True, False], [False, True, False], [False, False, False]]
     assert pool_mask(masks["star"], 1) is masks["star"]
-
-
-@pytest.fixture(scope="module")
-def grounded_batch(short_split, tiny2):
-    from llava.constants import IMAGE_TOKEN_INDEX
-
-    from llava_fitprune.synth.data import llava_collator, llava_dataset
-    from llava_fitprune.synth.grounding import grounding_targets, word_token_ids
-
-    _, (tok, model, proc) = tiny2
-    ds = llava_dataset(short_split, tok, proc)
-    with open(os.path.join(short_split, "scenes.jsonl")) as f:
-        scenes = {row["image"]: row for row in map(json.loads, f)}
-    batch = llava_collator(tok)([ds[0], ds[1]])
-    rows = [scenes[ds.list_data_dict[i]["image"]] for i in (0, 1)]
-    word_ids = word_token_ids(tok)
-    targets = grounding_targets(batch["input_ids"], batch["labels"], rows, word_ids, IMAGE_TOKEN_INDEX, 24, 1)
-    return ds, batch, rows, word_ids, targets
 
 
 def test_grounding_targets_are_question_words_naming_objects(grounded_batch, tiny2):
@@ -167,25 +146,6 @@ def test_targets_need_exactly_one_image_token(grounded_batch, tiny2):
         answer_targets(ids, batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, 24, 1, (1,), prompt_end_token_id(tok))
 
 
-@pytest.fixture(scope="module")
-def stock_eager(grounded_batch, tiny2):
-    """(inputs_embeds [B, N, D], the stock decoder's eager output with every layer's attentions and inputs)."""
-    _, batch, _, _, _ = grounded_batch
-    _, (_, model, _) = tiny2
-    config = model.get_model().config
-    before = config._attn_implementation
-    with torch.no_grad():
-        _, _, attention_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
-            batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
-        config._attn_implementation = "eager"
-        try:
-            stock = model.get_model()(inputs_embeds=embeds, attention_mask=attention_mask, output_attentions=True,
-                                      output_hidden_states=True)
-        finally:
-            config._attn_implementation = before
-    return embeds, stock
-
-
 def test_layer_head_attention_matches_the_stock_layers(grounded_batch, tiny2, stock_eager):
     """The loss reads a layer's own attention: equal to what LlamaAttention computes (output_attentions)."""
     from llava_fitprune.synth.grounding import layer_head_logprobs
@@ -241,10 +201,10 @@ def test_grounded_losses_keep_the_stock_task_loss(grounded_batch, tiny2):
             cached.pool = pool
             batch = cached.batch([0, 1], collate)
             for layer in (0, 1):
-                task, align = grounded_losses(model, batch, scenes, word_ids, pool, head=0, layer=layer)
+                task, align, value = grounded_losses(model, batch, scenes, word_ids, pool, head=0, layer=layer)
                 assert abs(task.item() - model(**batch).loss.item()) < 1e-5
-                assert align.item() > 0
-                task2, both = grounded_losses(model, batch, scenes, word_ids, pool, head=0, layer=layer,
+                assert align.item() > 0 and value.item() == 0  # no value probe, no value loss
+                task2, both, _ = grounded_losses(model, batch, scenes, word_ids, pool, head=0, layer=layer,
                                               answer_heads=(1, 2), prompt_end_id=prompt_end_token_id(tok))
                 assert task2.item() == task.item() and both.item() != align.item()  # answer targets join the mean
         with pytest.raises(ValueError, match="prompt_end_id"):
@@ -252,50 +212,39 @@ def test_grounded_losses_keep_the_stock_task_loss(grounded_batch, tiny2):
 
 
 @pytest.mark.parametrize("layer", [0, 1])
-def test_alignment_loss_trains_and_needs_the_frozen_tower(short_split, tiny2, layer):
-    from llava_fitprune.synth.data import llava_collator, llava_dataset
-    from llava_fitprune.synth.model_io import load_llava
+def test_alignment_loss_trains_and_needs_the_frozen_tower(fresh_training, layer):
     from llava_fitprune.synth.train import TrainConfig, train_steps
 
-    path, _ = tiny2
-    tok, model, proc = load_llava(path)  # a fresh copy
-    ds = llava_dataset(short_split, tok, proc)
-    with open(os.path.join(short_split, "scenes.jsonl")) as f:
-        scenes = {row["image"]: row for row in map(json.loads, f)}
+    model, ds, collate, scenes = fresh_training
     cfg = TrainConfig(steps=8, batch_size=2, lr=3e-3, warmup_steps=1, log_every=1, pool_schedule="",
                       grounding_weight=1.0, grounding_layer=layer, grounding_answer_heads="")  # question words only
     torch.manual_seed(0)
-    log = train_steps(model, ds, llava_collator(tok), cfg, scenes=scenes)
+    log = train_steps(model, ds, collate, cfg, scenes=scenes)
     # layer 0 reads the embeddings directly; a later layer's input is itself still moving: slower at first
     assert log[-1]["align_loss"] < (0.8 if layer == 0 else 0.95) * log[0]["align_loss"], [r["align_loss"] for r in log]
     for bad in ({"grounding_layer": 2}, {"grounding_head": -1}, {"grounding_answer_heads": "1,9"}):  # tiny2: 2 layers
         with pytest.raises(ValueError, match="is not in this model"):
-            train_steps(model, ds, llava_collator(tok), TrainConfig(steps=1, batch_size=2, pool_schedule="", **bad),
+            train_steps(model, ds, collate, TrainConfig(steps=1, batch_size=2, pool_schedule="", **bad),
                         scenes=scenes)
     with pytest.raises(ValueError, match="grounding_weight must be >= 0"):
-        train_steps(model, ds, llava_collator(tok), TrainConfig(steps=1, batch_size=2, grounding_weight=-1.0,
+        train_steps(model, ds, collate, TrainConfig(steps=1, batch_size=2, grounding_weight=-1.0,
                                                                 pool_schedule=""), scenes=scenes)
     with pytest.raises(ValueError, match="frozen tower"):
-        train_steps(model, ds, llava_collator(tok), TrainConfig(steps=1, batch_size=2, grounding_weight=1.0,
+        train_steps(model, ds, collate, TrainConfig(steps=1, batch_size=2, grounding_weight=1.0,
                                                                 tune_vision=True, pool_schedule=""), scenes=scenes)
 
 
-def test_answer_alignment_trains_and_checks_its_heads(short_split, tiny2):
-    from llava_fitprune.synth.data import llava_collator, llava_dataset
-    from llava_fitprune.synth.model_io import load_llava
+def test_answer_alignment_trains_and_checks_its_heads(fresh_training):
     from llava_fitprune.synth.train import TrainConfig, train_steps
 
-    path, _ = tiny2
-    tok, model, proc = load_llava(path)
-    ds = llava_dataset(short_split, tok, proc)
-    with open(os.path.join(short_split, "scenes.jsonl")) as f:
-        scenes = {row["image"]: row for row in map(json.loads, f)}
+    model, ds, collate, scenes = fresh_training
     cfg = TrainConfig(steps=8, batch_size=2, lr=3e-3, warmup_steps=1, log_every=1, pool_schedule="",
-                      grounding_weight=1.0, grounding_layer=1, grounding_answer_heads="1,2")
+                      grounding_weight=1.0, grounding_layer=1, grounding_answer_heads="1,2",
+                      grounding_value_weight=0.0)  # the alignment alone (the value target: test_synth_answer_values.py)
     torch.manual_seed(0)
-    log = train_steps(model, ds, llava_collator(tok), cfg, scenes=scenes)
+    log = train_steps(model, ds, collate, cfg, scenes=scenes)
     assert log[-1]["align_loss"] < 0.95 * log[0]["align_loss"], [r["align_loss"] for r in log]
     for heads, match in (("1,1", "distinct"), ("a", "comma-separated")):
         with pytest.raises(ValueError, match=match):
-            train_steps(model, ds, llava_collator(tok), TrainConfig(steps=1, batch_size=2, pool_schedule="",
+            train_steps(model, ds, collate, TrainConfig(steps=1, batch_size=2, pool_schedule="",
                                                                     grounding_answer_heads=heads), scenes=scenes)

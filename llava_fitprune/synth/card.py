@@ -60,7 +60,7 @@ def reproduction_text(ckpt: str, other: str) -> str:
     return f"""## Reproduction
 
 The data regenerated into a fresh folder and the model retrained with the commands below (same seed,
-{rec['train']['threads']} threads; wall {rec['wall_s'] / 60:.1f} min on a busy machine): largest difference between
+{rec['train']['threads']} threads; wall {rec['wall_s'] / 60:.1f} min): largest difference between
 the two checkpoints' weights {_weights_max_diff(ckpt, other):.3g}.
 
 | type | shipped % | retrained % | difference (points) |
@@ -86,7 +86,7 @@ def _grounding_text(tr: dict) -> str:
                     if len(answer_heads) > 1 else "") +
                  """. This supervises where the
    look-up reads, not what it answers: which colour, how many, and how to compare two positions are
-   learned from the answers alone, as is every other head and layer.""")
+   learned from the answers alone, as is every other head and layer.""" + _value_text(tr))
     else:
         scope = ("It supervises the first hop of a look-up only; the\n   answer position, every other head and every other "
                  "layer learn from the answers alone.")
@@ -94,6 +94,28 @@ def _grounding_text(tr: dict) -> str:
    decoder layer {layer} is trained so that each question word naming a shape type, a colour or the written digit
    ("star", "stars", "red", "number") puts its attention on the patches of the objects it names (from the
    scene layout), as MDETR aligns words with boxes. {scope} {consequence}"""
+
+
+def _value_text(tr: dict) -> str:
+    if not tr.get("grounding_value_weight"):
+        return ""
+    return f"""
+   Value target (`synth/answer_values.py`, weight {tr['grounding_value_weight']}): each answer head's output at that
+   position (its attention-weighted values, before `o_proj`) must also carry what it was sent to read: a
+   linear probe, trained alongside and thrown away, reads from it the objects' mean x position (squared
+   error, weight {tr.get("grounding_value_x_weight", 1.0)}), their colour mix and the written digit (squared errors). How to
+   compare two x positions, and which attribute an answer needs, is still left to the answers."""
+
+
+def _left_right_history(tr: dict, res: dict) -> str:
+    now = "The position is lost on the way to the answer."
+    if tr.get("grounding_value_weight") and "relation" in res:
+        now = f"With the value target above, left/right is at {100 * res['relation']['accuracy']:.1f}% (below)."
+    return f"""Left/right stayed at chance with the answer position's
+two heads on the two named shapes and no value target: a linear probe read a shape's x from the tower's
+features (RMSE 5% of the width) and less well from the projector's output (11%), but not from the answer
+position's residual at any layer (RMSE equal to the spread of x), and 200 more steps on relation questions
+alone did not change that. {now}"""
 
 
 def _learned_text(res: dict, base: dict) -> str:
@@ -185,11 +207,7 @@ batch 16, it was at 60% colour; the full task at the recipe above without it rea
 never left the answer-prior plateau in 1,400 steps: the decoder learned to ignore the image. lr 5e-4
 without the curriculum started to look (colour 47% on 15 questions) only after 400 steps. Conversations
 whose relation questions named colours ("the red star") let the colour answers be copied from other turns:
-training loss fell, test accuracy stayed at chance. Left/right stays at chance even with the answer
-position's two heads on the two named shapes: a linear probe reads a shape's x from the tower's features
-(RMSE 5% of the width) and less well from the projector's output (11%), but not from the answer position's
-residual at any layer (RMSE equal to the spread of x), and 200 more steps on relation questions alone did
-not change that. The position is lost on the way to the answer.
+training loss fell, test accuracy stayed at chance. {_left_right_history(tr, res)}
 
 ## Dense accuracy (greedy, `model.generate` as `model_vqa_loader`, saved fp16 weights run in fp32)
 

@@ -11,8 +11,9 @@ written digit ("number") puts its attention on the image patches of the objects 
 With `answer_targets` (as in the shipped model) the look-up itself is supervised too: at the position that predicts an
 answer, one head attends to the objects the question names first and another head to those it names
 second ("Is the star to the left or right of the circle?": one head on the star, one on the circle), so
-the answer position reads both positions it must compare. Which answer, and how to compare, are left
-to the task loss, as is every other head and layer.
+the answer position reads both positions it must compare. What those heads must carry (x, colour,
+digit of what they read) is `answer_values.py`; which answer, and how to compare, are left to the task
+loss, as is every other head and layer.
 
 Pure functions of tensors apart from `layer_head_logprobs`, which reads one layer's projections.
 """
@@ -120,22 +121,19 @@ def prompt_end_token_id(tokenizer, template: str = "vicuna_v1") -> int:
     return tokenizer(conv.get_prompt()).input_ids[-1]
 
 
-def answer_targets(input_ids: torch.Tensor, labels: torch.Tensor, scenes: list[dict], word_ids: dict[int, str],
-                   image_token_id: int, grid: int, pool: int, heads: tuple[int, ...],
-                   prompt_end_id: int) -> list[tuple[int, int, torch.Tensor, int]]:
-    """(batch row, query position, [P] patch mask, head) at the position that predicts each answer.
+def answer_queries(input_ids: torch.Tensor, labels: torch.Tensor, word_ids: dict[int, str], image_token_id: int,
+                   num_image_tokens: int, heads: tuple[int, ...], prompt_end_id: int) -> list[tuple[int, int, str, int]]:
+    """(batch row, query position in the expanded sequence, grounded word, head) at the position that predicts each answer.
 
     That position holds prompt_end_id, the last token of the assistant's role ("ASSISTANT:" -> ":"), as
     the last prompt token does at inference. LLaVA's vicuna_v1 masking may label that token itself
     (its instruction length is off by one for some tokenizers), so it is the first labelled token of
     a turn or the one before it. The k-th distinct grounded word of the question ("star", then
-    "circle") gives the target of heads[k]; words past len(heads), and words naming no object ("How
-    many stars?" with no star), give none. Positions as in `grounding_targets`.
+    "circle") goes to heads[k]; words past len(heads) go nowhere. Positions as in `grounding_targets`
+    (the image becomes num_image_tokens tokens).
     """
-    P = (grid // pool) ** 2
     out = []
     for b, start in enumerate(image_token_positions(input_ids, image_token_id).tolist()):
-        masks = _pooled_masks(scenes[b], grid, pool)
         named: list[str] = []
         for t in range(start + 1, input_ids.shape[1]):
             if labels[b, t] == -100:
@@ -147,11 +145,20 @@ def answer_targets(input_ids: torch.Tensor, labels: torch.Tensor, scenes: list[d
                 if int(input_ids[b, q]) != prompt_end_id:
                     raise ValueError(f"row {b}: the answer at position {t} does not follow the assistant role's last "
                                      f"token (id {prompt_end_id}); is the conversation template vicuna_v1?")
-                for word, head in zip(named, heads):
-                    if word in masks:
-                        out.append((b, q + P - 1, masks[word], head))
+                out += [(b, q + num_image_tokens - 1, word, head) for word, head in zip(named, heads)]
                 named = []
     return out
+
+
+def answer_targets(input_ids: torch.Tensor, labels: torch.Tensor, scenes: list[dict], word_ids: dict[int, str],
+                   image_token_id: int, grid: int, pool: int, heads: tuple[int, ...],
+                   prompt_end_id: int) -> list[tuple[int, int, torch.Tensor, int]]:
+    """(batch row, query position, [P] patch mask, head) at the position that predicts each answer
+    (`answer_queries`): heads[k] attends to the objects named by the question's k-th grounded word.
+    Words naming no object ("How many stars?" with no star) give none."""
+    masks = [_pooled_masks(scene, grid, pool) for scene in scenes]
+    queries = answer_queries(input_ids, labels, word_ids, image_token_id, (grid // pool) ** 2, heads, prompt_end_id)
+    return [(b, q, masks[b][word], head) for b, q, word, head in queries if word in masks[b]]
 
 
 def layer_head_logprobs(model, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, layer: int,

@@ -71,6 +71,8 @@ class TrainConfig:
     grounding_head: int = 0  # the head it supervises
     grounding_layer: int = 2  # the decoder layer of these heads (0: reads the embeddings, before any pruning)
     grounding_answer_heads: str = "1,2"  # (with grounding_weight > 0) at each answer position, head 1 attends to the first-named objects, head 2 to the second (grounding.answer_targets); same layer
+    grounding_value_weight: float = 1.0  # > 0 (with grounding_weight > 0 and answer heads): their outputs must also carry x, colour and digit of what they read (answer_values.py)
+    grounding_value_x_weight: float = 4.0  # weight of x's squared error against the colour and digit squared errors in that loss
     projector_init: str = "data"  # "data": init_projector_from_features; "default": LLaVA's nn.Linear init
     vision_from: str = ""  # a checkpoint whose vision tower to start from (no sin-cos init, no stage 0)
     eval_every: int = 0  # 0: no evaluation while training
@@ -213,9 +215,10 @@ class FrozenTowerFeatures:
 
 def grounded_losses(model, batch: dict, scenes: list[dict], word_ids: dict[int, str], pool: int,
                     head: int, layer: int = 0, answer_heads: tuple[int, ...] = (),
-                    prompt_end_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LLaVA's task loss, the alignment loss of question words and, with answer_heads, of answer positions) of
-    one batch of cached tower features."""
+                    prompt_end_id: int | None = None, value_probe=None,
+                    value_x_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(LLaVA's task loss, the alignment loss of question words and, with answer_heads, of answer positions,
+    the answer heads' value loss with `value_probe`, else 0) of one batch of cached tower features."""
     from llava.constants import IMAGE_TOKEN_INDEX
 
     from .grounding import answer_targets, grounding_loss, grounding_targets, image_token_positions
@@ -233,7 +236,14 @@ def grounded_losses(model, batch: dict, scenes: list[dict], word_ids: dict[int, 
                 output_hidden_states=layer > 0)
     hidden = embeds if layer == 0 else out.hidden_states[layer]  # [B, N, D] the input of decoder layer `layer`
     starts = image_token_positions(batch["input_ids"], IMAGE_TOKEN_INDEX)  # [B]
-    return out.loss, grounding_loss(model, hidden, starts, targets, head, layer)
+    value = hidden.sum() * 0
+    if value_probe is not None:
+        from .answer_values import value_loss, value_targets
+
+        value = value_loss(model, value_probe, hidden, value_targets(
+            batch["input_ids"], batch["labels"], scenes, word_ids, IMAGE_TOKEN_INDEX, grid, pool, answer_heads,
+            prompt_end_id), layer, value_x_weight)
+    return out.loss, grounding_loss(model, hidden, starts, targets, head, layer), value
 
 
 def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None = None,
@@ -263,7 +273,14 @@ def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None 
         raise ValueError(f"grounding layer {cfg.grounding_layer} / head {cfg.grounding_head} / answer heads "
                          f"{answer_heads} is not in this model ({layers} layers of {heads} heads): pass "
                          f"--grounding-layer in [0, {layers}) and heads in [0, {heads})")
-    grounding = None
+    if cfg.grounding_value_weight < 0 or cfg.grounding_value_x_weight < 0:
+        raise ValueError(f"grounding_value_weight {cfg.grounding_value_weight} and grounding_value_x_weight "
+                         f"{cfg.grounding_value_x_weight} must be >= 0 (0: no value target)")
+    grounding, probe = None, None
+    if cfg.grounding_value_weight and cfg.grounding_weight and answer_heads:  # the answer heads' value target
+        from .answer_values import ValueProbe
+
+        probe = ValueProbe(model.config.hidden_size // heads, answer_heads)  # trained here, not saved
     if cfg.grounding_weight:
         from .grounding import prompt_end_token_id, word_token_ids
 
@@ -271,7 +288,7 @@ def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None 
                      "scenes": [scenes[rec["image"]] for rec in dataset.list_data_dict]}
     context = trainable_vision_tower(model) if cfg.tune_vision else cached.installed()
     with context:
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe else [])
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         bar = tqdm(batches(len(dataset), cfg), total=cfg.steps, desc="train")
         for step, idx in enumerate(bar):
@@ -284,10 +301,11 @@ def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None 
             if grounding is None:
                 loss = model(**batch).loss
             else:
-                task_loss, align_loss = grounded_losses(model, batch, [grounding["scenes"][i] for i in idx],
-                                                        grounding["word_ids"], cached.pool, cfg.grounding_head,
-                                                        cfg.grounding_layer, answer_heads, grounding["prompt_end_id"])
-                loss = task_loss + cfg.grounding_weight * align_loss
+                task_loss, align_loss, value_loss = grounded_losses(
+                    model, batch, [grounding["scenes"][i] for i in idx], grounding["word_ids"], cached.pool,
+                    cfg.grounding_head, cfg.grounding_layer, answer_heads, grounding["prompt_end_id"], probe,
+                    cfg.grounding_value_x_weight)
+                loss = task_loss + cfg.grounding_weight * align_loss + cfg.grounding_value_weight * value_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -295,7 +313,8 @@ def train_steps(model, dataset, collate, cfg: TrainConfig, log_path: str | None 
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 rec = {"step": step, "loss": round(loss.item(), 5),
-                       **({"align_loss": round(align_loss.item(), 4)} if grounding else {}), "lr": lr_at(step, cfg),
+                       **({"align_loss": round(align_loss.item(), 4)} if grounding else {}),
+                       **({"value_loss": round(value_loss.item(), 4)} if probe else {}), "lr": lr_at(step, cfg),
                        "elapsed_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
                 if cached and cached.pool > 1:
                     rec["pool"] = cached.pool
@@ -404,7 +423,7 @@ def train(data_dir: str, out_dir: str, cfg: TrainConfig, spec: TinyLlavaSpec | N
 
 
 CLI_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "seed", "threads", "sincos_positions", "vision_steps",
-              "vision_lr", "vision_position_targets", "tune_vision", "pool_schedule", "questions_per_sample", "grounding_weight", "grounding_head", "grounding_layer", "grounding_answer_heads", "projector_init", "vision_from", "eval_every", "eval_limit")
+              "vision_lr", "vision_position_targets", "tune_vision", "pool_schedule", "questions_per_sample", "grounding_weight", "grounding_head", "grounding_layer", "grounding_answer_heads", "grounding_value_weight", "grounding_value_x_weight", "projector_init", "vision_from", "eval_every", "eval_limit")
 
 
 def _parse_bool(text: str) -> bool:
