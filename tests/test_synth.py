@@ -232,7 +232,7 @@ def test_training_steps_lower_loss_and_train_the_vision_tower(short_split, tiny2
 def test_frozen_tower_features_give_the_stock_loss_and_are_computed_once(short_split, tiny2):
     """The cached-feature path (tower run once per image, projector at each step) is the stock forward."""
     from llava_fitprune.synth.data import llava_collator, llava_dataset
-    from llava_fitprune.synth.train import FrozenTowerFeatures
+    from llava_fitprune.synth.tower_cache import FrozenTowerFeatures
 
     _, (tok, model, proc) = tiny2
     ds = llava_dataset(short_split, tok, proc)
@@ -250,7 +250,7 @@ def test_frozen_tower_features_give_the_stock_loss_and_are_computed_once(short_s
 
 
 def test_pool_patches_averages_grid_neighbourhoods():
-    from llava_fitprune.synth.train import pool_patches
+    from llava_fitprune.synth.tower_cache import pool_patches
 
     side, C = 4, 3
     grid = torch.arange(side * side, dtype=torch.float32).view(1, side * side, 1).expand(1, -1, C)  # value = index
@@ -263,7 +263,7 @@ def test_pool_patches_averages_grid_neighbourhoods():
 
 
 def test_pool_schedule():
-    from llava_fitprune.synth.train import parse_pool_schedule, pool_at
+    from llava_fitprune.synth.tower_cache import parse_pool_schedule, pool_at
 
     schedule = parse_pool_schedule("4:3, 2:2")
     assert schedule == [(4, 3), (2, 2)] and parse_pool_schedule("") == []

@@ -188,7 +188,8 @@ def test_alignment_loss_reads_each_targets_own_head(grounded_batch, tiny2, stock
 
 def test_grounded_losses_keep_the_stock_task_loss(grounded_batch, tiny2):
     from llava_fitprune.synth.grounding import prompt_end_token_id
-    from llava_fitprune.synth.train import FrozenTowerFeatures, grounded_losses
+    from llava_fitprune.synth.tower_cache import FrozenTowerFeatures
+    from llava_fitprune.synth.train import grounded_losses
 
     ds, _, scenes, word_ids, _ = grounded_batch
     _, (tok, model, _) = tiny2
