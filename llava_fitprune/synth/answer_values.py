@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .draw import COLOURS
-from .grounding import DIGIT_WORD, answer_queries, layer_head_logprobs
+from .grounding import DIGIT_WORD, answer_queries, layer_head_logprobs, named_objects
 
 NUM_DIGITS = 10
 X_STD = math.sqrt(1 / 12)  # std of a uniform position in [0, 1]: x targets are standardised with it
@@ -33,10 +33,7 @@ def word_attributes(scene: dict, word: str, grid: int) -> dict | None:
     """What the objects named by `word` look like: {"x": mean centre column as a fraction of the width,
     "colour": [len(COLOURS)] colour mix or None, "digit": the written digit or None}; None if `word`
     names no object. Centres come from the objects' cells (row, column, size) on the `grid`-wide grid."""
-    if word == DIGIT_WORD:
-        objects = [scene["text"]] if "text" in scene else []
-    else:
-        objects = [s for s in scene["shapes"] if word in (s["shape"], s["colour"])]
+    objects = [obj for obj, words in named_objects(scene) if word in words]
     if not objects:
         return None
     x = sum(o["cells"][1] + o["cells"][2] / 2 for o in objects) / len(objects) / grid

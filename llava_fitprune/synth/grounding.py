@@ -44,14 +44,21 @@ def word_token_ids(tokenizer) -> dict[int, str]:
     return out
 
 
+def named_objects(scene: dict) -> list[tuple[dict, tuple[str, ...]]]:
+    """Every object of a scene with the words that name it: a shape by its type and its colour, the written
+    digit by "number"."""
+    named = [(obj, (obj["shape"], obj["colour"])) for obj in scene["shapes"]]
+    if "text" in scene:
+        named.append((scene["text"], (DIGIT_WORD,)))
+    return named
+
+
 def object_masks(scene: dict, grid: int) -> dict[str, torch.Tensor]:
     """Word -> [grid * grid] bool mask of the patches of the objects that word names ("star": every star,
     "number": the written digit)."""
     masks: dict[str, torch.Tensor] = {}
-    named = [(obj["cells"], (obj["shape"], obj["colour"])) for obj in scene["shapes"]]
-    if "text" in scene:
-        named.append((scene["text"]["cells"], (DIGIT_WORD,)))
-    for (r, c, k), words in named:
+    for obj, words in named_objects(scene):
+        r, c, k = obj["cells"]
         for word in words:
             m = masks.setdefault(word, torch.zeros(grid, grid, dtype=torch.bool))
             m[r:r + k, c:c + k] = True
