@@ -87,7 +87,8 @@ def build_lm(model: str, cfg: dict, has_weights: bool, attn: str, dtype: torch.d
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # initialise in the target dtype: no fp32 copy of a large model
         try:
-            lm = FitPruneLlavaLlamaForCausalLM(config)
+            with torch.device(device):  # and on the target device: a 7B random init on CPU takes minutes
+                lm = FitPruneLlavaLlamaForCausalLM(config)
         finally:
             torch.set_default_dtype(default)
     return lm.to(device).eval()
