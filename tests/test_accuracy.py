@@ -122,3 +122,18 @@ def test_data_seed_from_the_training_record(tmp_path):
     assert data_seed(str(tmp_path))[0] == 5
     (tmp_path / "train_record.json").write_text(json.dumps({"data": str(data), "data_seed": 3}))
     assert data_seed(str(tmp_path))[0] == 3
+
+
+def test_comparison_is_paired_on_the_same_questions():
+    from llava_fitprune.synth.accuracy_report import comparison
+
+    right = {"fitprune": [1, 1, 1, 0], "uniform": [0, 1, 1, 1], "random": [0, 0, 1, 0]}
+    preds = [{"method": m, "ratio": 0.8, "question_id": f"q{i}", "correct": bool(c)}
+             for m, cs in right.items() for i, c in enumerate(cs)]
+    results = [{"method": m, "ratio": 0.8} for m in right] + [{"method": "fitprune", "ratio": 0.5}]
+    text = comparison(results, preds)
+    # uniform: d = [1, 0, 0, -1], mean 0, SE = sqrt((2/4 - 0) / 3); random: d = [1, 1, 0, 0], mean 0.5,
+    # SE = sqrt((2/4 - 1/4) / 3)
+    assert "ratio 0.8: vs random: +0.500 (+-0.289; 2 won, 0 lost), vs uniform: +0.000 (+-0.408; 1 won, 1 lost)" in text
+    assert "ratio 0.5" not in text  # below min_ratio
+    assert "vs uniform: n/a" in comparison(results, [p for p in preds if p["method"] != "uniform"])

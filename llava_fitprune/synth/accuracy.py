@@ -269,7 +269,7 @@ def _run(args) -> int:
     provenance = report.provenance(args, split, seed, seed_source, len(questions), max_new, n_text, n_visual,
                                    calib_meta)
     report.write_all(args.out_dir, results, skipped, preds, provenance, recipes)
-    print(report.comparison(results))
+    print(report.comparison(results, preds))
     return 0
 
 

@@ -123,21 +123,27 @@ def plot(results: list[dict], path: str) -> str:
     return finish(fig, ax, path)
 
 
-def comparison(results: list[dict], min_ratio: float = 0.6) -> str:
-    """FitPrune's accuracy minus random's and uniform's at each ratio >= min_ratio, with a standard error."""
-    by = {(x["method"], x["ratio"]): x for x in results}
-    ratios = sorted({x["ratio"] for x in results if x["ratio"] is not None and x["ratio"] >= min_ratio - 1e-9})
-    lines = [f"FitPrune minus baselines at ratios >= {min_ratio} (accuracy points; +-1 SE of independent "
-             f"proportions, so differences within about 2 SE are noise):"]
+def comparison(results: list[dict], preds: list[dict], min_ratio: float = 0.6) -> str:
+    """FitPrune's accuracy minus random's and uniform's at each ratio >= min_ratio, paired on the same
+    questions: the mean of per-question differences (+1, 0, -1), its standard error, and the questions
+    FitPrune alone got right (won) or alone got wrong (lost)."""
+    correct = {(p["method"], p["ratio"], p["question_id"]): bool(p["correct"]) for p in preds}
+    ratios = sorted({x["ratio"] for x in results if x["method"] == "fitprune" and x.get("ratio") is not None
+                     and x["ratio"] >= min_ratio - 1e-9})
+    lines = [f"FitPrune minus baselines at ratios >= {min_ratio} (accuracy; paired on the same questions, "
+             f"+-1 SE of the mean difference, so differences within about 2 SE are noise):"]
     for r in ratios:
-        f, parts = by.get(("fitprune", r)), []
+        ours = {q: c for (m, rr, q), c in correct.items() if m == "fitprune" and rr == r}
+        parts = []
         for b in ("random", "uniform"):
-            o = by.get((b, r))
-            if f is None or o is None:
+            theirs = [correct.get((b, r, q)) for q in ours]
+            if not ours or any(o is None for o in theirs):
                 parts.append(f"vs {b}: n/a")
                 continue
-            se = math.sqrt(f["accuracy"] * (1 - f["accuracy"]) / f["n"] + o["accuracy"] * (1 - o["accuracy"]) / o["n"])
-            parts.append(f"vs {b}: {f['accuracy'] - o['accuracy']:+.3f} (+-{se:.3f})")
+            d = [int(f) - int(o) for f, o in zip(ours.values(), theirs)]  # per question: +1 won, -1 lost
+            n, mean = len(d), sum(d) / len(d)
+            se = math.sqrt(max(sum(x * x for x in d) / n - mean ** 2, 0.0) / (n - 1)) if n > 1 else math.nan
+            parts.append(f"vs {b}: {mean:+.3f} (+-{se:.3f}; {d.count(1)} won, {d.count(-1)} lost)")
         lines.append(f"  ratio {r:g}: " + ", ".join(parts))
     if not ratios:
         lines.append("  (no ratio >= %g was run or reachable)" % min_ratio)
@@ -148,7 +154,7 @@ def write_all(out_dir, results, skipped, preds, prov, recipes) -> None:
     os.makedirs(out_dir, exist_ok=True)
     rows = _ordered(results, skipped)
     with open(os.path.join(out_dir, "accuracy.md"), "w") as f:
-        f.write(markdown(rows, prov))
+        f.write(markdown(rows, prov) + "\n" + comparison(results, preds) + "\n")
     with open(os.path.join(out_dir, "accuracy.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
         w.writeheader()
