@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         print(f"\naccuracy % on the first {args.accuracy_questions} questions of {synth_split} "
               f"(the full table: llava-fitprune accuracy, BENCHMARKS.md)")
         print(accuracy_table(model, tokenizer, image_processor, synth_split, configs,
-                             lambda r: configure(r, n_text_prompt), args.accuracy_questions, args.conv_mode))
+                             configure, args.accuracy_questions, args.conv_mode))
     os.makedirs(args.out, exist_ok=True)
     png = plot_schedules([r for r in recipes if r is not None], os.path.join(args.out, "tokens_per_layer.png"),
                          title=f"{name}: visual tokens entering each layer")

@@ -55,3 +55,21 @@ def test_demo_rejects_a_split_without_questions(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo_main(["--synth-split", str(tmp_path)])
     assert "has no questions.jsonl" in capsys.readouterr().err
+
+
+def test_demo_accuracy_table_matches_methods_at_the_mean_prompt(tiny2, split):
+    """fastv/uniform rows are matched to FitPrune's FLOPs at the mean text length of the questions asked,
+    as `llava-fitprune accuracy` does, not at the length of whichever prompt came last."""
+    from llava_fitprune.demo import _prompt
+    from llava_fitprune.synth.accuracy import split_questions
+    from llava_fitprune.synth.demo_task import accuracy_table
+    from .conftest import load_ours
+
+    tok, model, proc, _ = load_ours(tiny2[0])
+    questions, _ = split_questions(split, 5)
+    lengths = [int((_prompt(tok, q["text"], "vicuna_v1")[0] >= 0).sum()) for q in questions]
+    assert len(set(lengths)) > 1  # otherwise any one prompt would do
+    calls = []
+    accuracy_table(model, tok, proc, split, [("dense", None)], lambda r, n: calls.append(n), 5, "vicuna_v1")
+    expected = (2 * sum(lengths) + len(lengths)) // (2 * len(lengths))
+    assert calls == [expected, expected]

@@ -136,6 +136,13 @@ def generate_batch(model, tok, items, max_new_tokens: int) -> list[str]:
     return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
 
+def reference_text_tokens(inputs: list[tuple]) -> int:
+    """Text tokens of the reference prompt at which methods are matched to equal FLOPs: the mean over
+    `inputs` ((embeds [N, D], visual mask [N]) per question), rounded half up."""
+    texts = [int(e.shape[0] - v.sum()) for e, v in inputs]
+    return (2 * sum(texts) + len(texts)) // (2 * len(texts))
+
+
 def run_combo(model, tok, inputs, questions, gold, batch_size, max_new_tokens, desc) -> tuple[dict, list]:
     """Exact-match counts {category: [correct, total]} (plus "overall") and the prediction rows."""
     counts, rows = defaultdict(lambda: [0, 0]), [None] * len(questions)
@@ -246,7 +253,7 @@ def _run(args) -> int:
     inputs = layer0_inputs(model, tok, proc, questions, os.path.join(split, "images"), args.conv_mode)
     n_visual = int(inputs[0][1].sum())
     texts = [int(e.shape[0] - v.sum()) for e, v in inputs]  # text tokens of each prompt
-    n_text = (2 * sum(texts) + len(texts)) // (2 * len(texts))  # reference prompt: mean, round half up
+    n_text = reference_text_tokens(inputs)
     recipes, calib_meta = fitted_recipes(model, tok, proc, args.ratios, seed, n_visual,
                                          data_root=os.path.join(args.out_dir, "data"),
                                          num_samples=args.calibration_samples, conv_mode=args.conv_mode,

@@ -7,7 +7,7 @@ import tempfile
 
 import torch
 
-from .accuracy import data_seed, fitted_recipes, layer0_inputs, run_combo, split_questions
+from .accuracy import data_seed, fitted_recipes, layer0_inputs, reference_text_tokens, run_combo, split_questions
 from .questions import QUESTION_TYPES
 
 
@@ -29,16 +29,18 @@ def task_recipes(model, tok, proc, checkpoint: str, ratios: list[float], conv_mo
 def accuracy_table(model, tok, proc, split: str, configs: list[tuple[str, object]], configure, limit: int,
                    conv_mode: str) -> str:
     """Markdown: exact-match accuracy per question type for each (label, recipe) on the split's first
-    `limit` questions; `configure(recipe)` sets the model's pruning for a row."""
+    `limit` questions; `configure(recipe, num_text_tokens)` sets the model's pruning for a row, with the
+    reference prompt's text length for methods matched to equal FLOPs (as `llava-fitprune accuracy`)."""
     questions, gold = split_questions(split, limit)
     inputs = layer0_inputs(model, tok, proc, questions, os.path.join(split, "images"), conv_mode)
+    n_text = reference_text_tokens(inputs)
     max_new = 1 + max(len(tok(gold[q["question_id"]], add_special_tokens=False).input_ids) for q in questions)
     types = [t for t in QUESTION_TYPES if any(q.get("category") == t for q in questions)]
     lines = ["| run | " + " | ".join(types) + " | overall |", "|---" * (len(types) + 2) + "|"]
     for label, recipe in configs:
-        configure(recipe)
+        configure(recipe, n_text)
         counts, _ = run_combo(model, tok, inputs, questions, gold, 8, max_new, label)
         cells = [f"{100 * counts[t][0] / counts[t][1]:.0f}" if t in counts else "-" for t in types + ["overall"]]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    configure(None)
+    configure(None, n_text)
     return "\n".join(lines)
