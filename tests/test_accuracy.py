@@ -137,3 +137,17 @@ def test_comparison_is_paired_on_the_same_questions():
     assert "ratio 0.8: vs random: +0.500 (+-0.289; 2 won, 0 lost), vs uniform: +0.000 (+-0.408; 1 won, 1 lost)" in text
     assert "ratio 0.5" not in text  # below min_ratio
     assert "vs uniform: n/a" in comparison(results, [p for p in preds if p["method"] != "uniform"])
+
+
+def test_cached_split_is_rebuilt_when_the_generator_changes(tmp_path, monkeypatch):
+    from llava_fitprune.synth import accuracy
+    from llava_fitprune.synth.scenes import SceneConfig
+
+    first = accuracy.cached_split(str(tmp_path), "test", 2, 5, SceneConfig())
+    questions = os.path.join(first, "questions.jsonl")
+    os.utime(questions, (0, 0))  # a marker: rewriting the split resets it
+    assert accuracy.cached_split(str(tmp_path), "test", 2, 5, SceneConfig()) == first
+    assert os.path.getmtime(questions) == 0  # reused
+    monkeypatch.setattr(accuracy, "generator_digest", lambda: "other source")
+    assert accuracy.cached_split(str(tmp_path), "test", 2, 5, SceneConfig()) == first
+    assert os.path.getmtime(questions) > 0  # written again by the (changed) generator

@@ -16,6 +16,7 @@ Writes accuracy.md / .csv / .json / .png and predictions.jsonl to --out-dir.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -95,15 +96,33 @@ def data_seed(ckpt: str) -> tuple[int, str]:
     return 0, "default (train_record.json names no data seed)"
 
 
+def generator_digest() -> str:
+    """sha256 (16 hex) of the scene generator's source (draw, questions, scenes): what a cached split
+    must have been written by to be reused."""
+    from . import draw, questions, scenes
+
+    h = hashlib.sha256()
+    for module in (draw, questions, scenes):
+        with open(module.__file__, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def cached_split(root: str, split: str, num: int, seed: int, cfg: SceneConfig) -> str:
-    """write_split into root/<split>-seed<seed>-n<num>, reused when its meta.json matches."""
+    """write_split into root/<split>-seed<seed>-n<num>, reused when its meta.json matches and the
+    generator's source is the one that wrote it (`generator.json` beside the split)."""
     d = os.path.join(root, f"{split}-seed{seed}-n{num}")
-    meta = os.path.join(d, split, "meta.json")
-    if os.path.isfile(meta):
+    meta, stamp = os.path.join(d, split, "meta.json"), os.path.join(d, "generator.json")
+    digest = generator_digest()
+    if os.path.isfile(meta) and os.path.isfile(stamp):
         old = json.load(open(meta))
-        if (old.get("num_scenes"), old.get("seed"), old.get("config")) == (num, seed, asdict(cfg)):
+        if (old.get("num_scenes"), old.get("seed"), old.get("config")) == (num, seed, asdict(cfg)) and \
+                json.load(open(stamp)).get("source_sha256") == digest:
             return os.path.join(d, split)
-    return write_split(d, split, num, seed, cfg)
+    out = write_split(d, split, num, seed, cfg)
+    with open(stamp, "w") as f:
+        json.dump({"source_sha256": digest}, f)
+    return out
 
 
 @torch.inference_mode()
