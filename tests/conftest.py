@@ -32,24 +32,24 @@ def tiny32_dir(tmp_path_factory):
     return build_tiny_llava(str(tmp_path_factory.mktemp("ckpt") / "llava-tiny32"), TinyLlavaSpec(num_layers=32))
 
 
-def load_ours(path, attn="sdpa", **kw):
+def load_ours(path, attn="sdpa", device="cpu", **kw):
     from llava_fitprune import load_pretrained_model
 
-    return load_pretrained_model(path, None, os.path.basename(path), device="cpu", attn_implementation=attn, **kw)
+    return load_pretrained_model(path, None, os.path.basename(path), device=device, attn_implementation=attn, **kw)
 
 
-def load_stock(path, attn="sdpa"):
-    """LLaVA's own class on CPU in fp32 (LLaVA's builder forces fp16 + CUDA)."""
+def load_stock(path, attn="sdpa", device="cpu", dtype=torch.float32):
+    """LLaVA's own class, on CPU in fp32 by default (LLaVA's builder forces fp16 + CUDA)."""
     from llava.model import LlavaLlamaForCausalLM
 
     cwd = os.getcwd()
     os.chdir(path)  # the tiny checkpoint names its vision tower relative to itself
     try:
-        model = LlavaLlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation=attn)
+        model = LlavaLlamaForCausalLM.from_pretrained(path, torch_dtype=dtype, attn_implementation=attn)
         model.get_vision_tower().load_model()
     finally:
         os.chdir(cwd)
-    return model.eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def prompt_ids(tokenizer, question, system=SYSTEM):

@@ -7,13 +7,12 @@ LLaVA-1.5-7B shape (random weights, bfloat16) the pruning model with a zero reci
 transformers' own `LlamaForCausalLM` and its cache equals recomputation.
 Run on a GPU machine: `python -m pytest -q tests/test_cuda.py` (results: BENCHMARKS.md, "GPU").
 """
-import os
 
 import pytest
 import torch
 
 from llava_fitprune import OracleSelector, Recipe, zero_recipe
-from .conftest import batch_ids, image_tensor, prompt_ids
+from .conftest import batch_ids, image_tensor, load_ours, load_stock, prompt_ids
 from .test_equivalence import QUESTIONS, RECIPE4, _gen
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -30,32 +29,12 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def load_ours_on(path, device, dtype, attn="sdpa", **kw):
-    from llava_fitprune import load_pretrained_model
-
-    return load_pretrained_model(path, None, os.path.basename(path), device=device, torch_dtype=dtype,
-                                 attn_implementation=attn, **kw)
-
-
-def load_stock_on(path, device, dtype, attn="sdpa"):
-    from llava.model import LlavaLlamaForCausalLM
-
-    cwd = os.getcwd()
-    os.chdir(path)  # the tiny checkpoint names its vision tower relative to itself
-    try:
-        model = LlavaLlamaForCausalLM.from_pretrained(path, torch_dtype=dtype, attn_implementation=attn)
-        model.get_vision_tower().load_model()
-    finally:
-        os.chdir(cwd)
-    return model.to(device=device, dtype=dtype).eval()
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("dtype", sorted(HALF))
 def test_zero_recipe_equals_stock_half(tiny_dir, dtype, attn):
-    stock = load_stock_on(tiny_dir, "cuda", HALF[dtype], attn)
-    tok, model, _, _ = load_ours_on(tiny_dir, "cuda", HALF[dtype], attn)
+    stock = load_stock(tiny_dir, attn, "cuda", HALF[dtype])
+    tok, model, _, _ = load_ours(tiny_dir, attn, "cuda", torch_dtype=HALF[dtype])
     model.set_pruning(zero_recipe(4, 576))
     ids, images = prompt_ids(tok, QUESTIONS[0])[None].cuda(), image_tensor(1, 336).to("cuda", HALF[dtype])
     torch.testing.assert_close(model(ids, images=images).logits, stock(ids, images=images).logits, atol=0, rtol=0)
@@ -69,7 +48,7 @@ def test_zero_recipe_equals_stock_half(tiny_dir, dtype, attn):
 def test_cuda_float32_drops_what_cpu_drops(tiny_dir, attn):
     out = {}
     for device in ("cpu", "cuda"):
-        tok, model, _, _ = load_ours_on(tiny_dir, device, torch.float32, attn, recipe=RECIPE4)
+        tok, model, _, _ = load_ours(tiny_dir, attn, device, torch_dtype=torch.float32, recipe=RECIPE4)
         ids, images = prompt_ids(tok, QUESTIONS[2])[None].to(device), image_tensor(2, 336).to(device)
         logits = model(ids, images=images).logits.cpu()
         out[device] = logits, [d if d is None else d.cpu().tolist() for d in model.last_trace.dropped_positions]
@@ -80,7 +59,7 @@ def test_cuda_float32_drops_what_cpu_drops(tiny_dir, attn):
 @torch.no_grad()
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_batched_equals_one_by_one_cuda(tiny_dir, attn):
-    tok, model, _, _ = load_ours_on(tiny_dir, "cuda", torch.float32, attn, recipe=RECIPE4)
+    tok, model, _, _ = load_ours(tiny_dir, attn, "cuda", torch_dtype=torch.float32, recipe=RECIPE4)
     images = torch.cat([image_tensor(i, 336) for i in range(len(QUESTIONS))]).cuda()
     ids, mask = batch_ids(tok, QUESTIONS)
     seq_b, scores_b, _ = _gen(model, ids.cuda(), images, attention_mask=mask.cuda())
@@ -95,7 +74,7 @@ def test_batched_equals_one_by_one_cuda(tiny_dir, attn):
 def test_cached_decoding_equals_recompute_cuda(tiny_dir, dtype):
     torch_dtype = {"float32": torch.float32, **HALF}[dtype]
     tol = 1e-4 if dtype == "float32" else 2e-2
-    tok, model, _, _ = load_ours_on(tiny_dir, "cuda", torch_dtype, recipe=RECIPE4)
+    tok, model, _, _ = load_ours(tiny_dir, "sdpa", "cuda", torch_dtype=torch_dtype, recipe=RECIPE4)
     ids, images = prompt_ids(tok, QUESTIONS[0])[None].cuda(), image_tensor(3, 336).to("cuda", torch_dtype)
     seq, scores, _ = _gen(model, ids, images, n=6)
     oracle = OracleSelector(model.last_trace.dropped_positions)
