@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from .calibration import CalibrationError, CalibrationSample
-from .flops import LMShape, reduction_for
+from .flops import LMShape, reduction_for, reference_text_tokens
 from .scoring import keep_index
 
 
@@ -197,9 +197,9 @@ def collect_statistics(model, samples: Sequence[CalibrationSample], batch_size: 
     for l, layer in enumerate(tqdm(layers, desc="fit: statistics (layers)", disable=not progress)):
         for idx in _chunks(S, batch_size):
             w_cross[idx, l], w_self[idx, l], _ = _run_layer(layer, rows, idx, rope_len)
-    text = sum(s.num_tokens - s.num_visual for s in samples)
     n_ref = max(s.num_visual for s in samples)  # the reference count: the largest in the set
-    return Statistics(list(samples), w_cross, w_self, n_ref, (2 * text + S) // (2 * S),
+    n_text = reference_text_tokens([s.num_tokens - s.num_visual for s in samples])
+    return Statistics(list(samples), w_cross, w_self, n_ref, n_text,
                       LMShape.from_config(model.config), batch_size)
 
 

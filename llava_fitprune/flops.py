@@ -189,6 +189,14 @@ def prefill_report(
     )
 
 
+def reference_text_tokens(texts: Sequence[int]) -> int:
+    """The text length of the reference prompt a FLOPs budget is stated at: the mean of the prompts'
+    text tokens, rounded half up."""
+    if not texts:
+        raise ValueError("reference_text_tokens needs at least one prompt")
+    return (2 * sum(texts) + len(texts)) // (2 * len(texts))
+
+
 def reduction_for(shape: LMShape, num_text_tokens: int, num_visual_tokens: int, drops: Sequence[int],
                   convention: str = "total") -> float:
     rep = prefill_report(shape, num_text_tokens, num_visual_tokens, drops)

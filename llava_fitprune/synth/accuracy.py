@@ -26,6 +26,7 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
+from ..flops import reference_text_tokens
 from ..recipe import RecipeError, check_reduction_ratio
 from .evaluate import _model_inputs, normalize, read_jsonl
 from .scenes import SceneConfig, write_split
@@ -155,11 +156,9 @@ def generate_batch(model, tok, items, max_new_tokens: int) -> list[str]:
     return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
 
-def reference_text_tokens(inputs: list[tuple]) -> int:
-    """Text tokens of the reference prompt at which methods are matched to equal FLOPs: the mean over
-    `inputs` ((embeds [N, D], visual mask [N]) per question), rounded half up."""
-    texts = [int(e.shape[0] - v.sum()) for e, v in inputs]
-    return (2 * sum(texts) + len(texts)) // (2 * len(texts))
+def text_tokens(inputs: list[tuple]) -> list[int]:
+    """Text tokens of each prompt in `inputs` ((embeds [N, D], visual mask [N]) per question)."""
+    return [int(e.shape[0] - v.sum()) for e, v in inputs]
 
 
 def run_combo(model, tok, inputs, questions, gold, batch_size, max_new_tokens, desc) -> tuple[dict, list]:
@@ -195,8 +194,8 @@ def fitted_recipes(model, tok, proc, ratios, seed, n_visual, *, data_root, num_s
     train = cached_split(data_root, "train", num_samples, seed, cfg)
     calib = build_calibration(model, tok, proc, os.path.join(train, "questions.jsonl"), os.path.join(train, "images"),
                               conv_mode=conv_mode, num_samples=num_samples, seed=seed)
-    shape, S = LMShape.from_config(model.config), len(calib.samples)
-    n_text = (2 * sum(s.num_tokens - s.num_visual for s in calib.samples) + S) // (2 * S)  # fit's reference text
+    shape = LMShape.from_config(model.config)
+    n_text = reference_text_tokens([s.num_tokens - s.num_visual for s in calib.samples])  # the fit's reference text
     top = reduction_for(shape, n_text, n_visual, [n_visual] + [0] * (shape.num_layers - 1), convention)
     out = {r: f"out of reach: dropping all {n_visual} visual tokens at layer 0 removes only {top:.3f} of the " \
               f"prefill FLOPs ({convention})" for r in ratios if r > top}
@@ -271,8 +270,8 @@ def _run(args) -> int:
                                              for q in questions)
     inputs = layer0_inputs(model, tok, proc, questions, os.path.join(split, "images"), args.conv_mode)
     n_visual = int(inputs[0][1].sum())
-    texts = [int(e.shape[0] - v.sum()) for e, v in inputs]  # text tokens of each prompt
-    n_text = reference_text_tokens(inputs)
+    texts = text_tokens(inputs)
+    n_text = reference_text_tokens(texts)
     recipes, calib_meta = fitted_recipes(model, tok, proc, args.ratios, seed, n_visual,
                                          data_root=os.path.join(args.out_dir, "data"),
                                          num_samples=args.calibration_samples, conv_mode=args.conv_mode,

@@ -7,7 +7,8 @@ import tempfile
 
 import torch
 
-from .accuracy import data_seed, fitted_recipes, layer0_inputs, reference_text_tokens, run_combo, split_questions
+from ..flops import reference_text_tokens
+from .accuracy import data_seed, fitted_recipes, layer0_inputs, run_combo, split_questions, text_tokens
 from .questions import QUESTION_TYPES
 
 
@@ -33,7 +34,7 @@ def accuracy_table(model, tok, proc, split: str, configs: list[tuple[str, object
     reference prompt's text length for methods matched to equal FLOPs (as `llava-fitprune accuracy`)."""
     questions, gold = split_questions(split, limit)
     inputs = layer0_inputs(model, tok, proc, questions, os.path.join(split, "images"), conv_mode)
-    n_text = reference_text_tokens(inputs)
+    n_text = reference_text_tokens(text_tokens(inputs))
     max_new = 1 + max(len(tok(gold[q["question_id"]], add_special_tokens=False).input_ids) for q in questions)
     types = [t for t in QUESTION_TYPES if any(q.get("category") == t for q in questions)]
     lines = ["| run | " + " | ".join(types) + " | overall |", "|---" * (len(types) + 2) + "|"]
