@@ -23,14 +23,18 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=35, help="text tokens before the image")
+    p.add_argument("--visual-tokens", type=int, default=576)
+    p.add_argument("--text-tokens", type=int, default=30, help="text tokens after the image")
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg, has_weights = load_lm_config(args.model)
     lm = build_lm(args.model, cfg, has_weights, args.attn, getattr(torch, args.dtype), device)
     layers = cfg["num_hidden_layers"]
-    lm.set_pruning(builtin_recipe(args.ratio) if args.ratio else zero_recipe(layers, 576))
-    embeds, visual = make_inputs(lm, PromptLayout(35, 576, 30), args.batch_size)  # [B, N, D], [B, N]
+    lm.set_pruning(builtin_recipe(args.ratio) if args.ratio else zero_recipe(layers, args.visual_tokens))
+    layout = PromptLayout(args.prompt_tokens, args.visual_tokens, args.text_tokens)
+    embeds, visual = make_inputs(lm, layout, args.batch_size)  # [B, N, D], [B, N]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch.inference_mode():
         for _ in range(3):  # warm-up
