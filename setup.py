@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Visual-token pruning (FitPrune, LVPruning and baselines) as a plugin for haotian-liu/LLaVA",
     packages=find_packages(include=["llava_fitprune", "llava_fitprune.*"]),
-    package_data={"llava_fitprune": ["recipes/*.json", "assets/*"]},
+    package_data={"llava_fitprune.core": ["recipes/*.json"]},
     python_requires=">=3.10",
     # llava-torch is installed separately with --no-deps (its metadata pins torch 2.0.1 and gradio);
     # see README "Install".

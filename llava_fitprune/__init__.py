@@ -1,21 +1,21 @@
 """llava-fitprune: visual-token pruning inside the language model of LLaVA (FitPrune and friends).
 
 Names load lazily, so `python -m llava_fitprune.eval.merge` and other small tools stay quick; the
-model classes register with AutoConfig/AutoModelForCausalLM when `llava_fitprune.modeling` loads.
+model classes register with AutoConfig/AutoModelForCausalLM when `llava_fitprune.adapters.llava.modeling` loads.
 """
 from importlib import import_module
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Recipe": "recipe", "RecipeError": "recipe", "builtin_recipe": "recipe", "load_recipe": "recipe",
-    "zero_recipe": "recipe",
-    "FitPruneLlavaConfig": "modeling", "FitPruneLlavaLlamaForCausalLM": "modeling",
-    "FitPruneLlavaLlamaModel": "modeling", "PruneTrace": "modeling",
-    "FitPruneLlavaMistralForCausalLM": "modeling_mistral",
-    "FitPruneSelector": "selectors", "OracleSelector": "selectors", "RandomSelector": "selectors",
-    "TokenSelector": "selectors", "make_selector": "selectors",
-    "load_pretrained_model": "builder", "fit": "fit",
+    "Recipe": "core.recipe", "RecipeError": "core.recipe", "builtin_recipe": "core.recipe", "load_recipe": "core.recipe",
+    "zero_recipe": "core.recipe",
+    "FitPruneLlavaConfig": "adapters.llava.modeling", "FitPruneLlavaLlamaForCausalLM": "adapters.llava.modeling",
+    "FitPruneLlavaLlamaModel": "adapters.llava.modeling", "PruneTrace": "adapters.llava.modeling",
+    "FitPruneLlavaMistralForCausalLM": "adapters.llava.modeling_mistral",
+    "FitPruneSelector": "core.selectors", "OracleSelector": "core.selectors", "RandomSelector": "core.selectors",
+    "TokenSelector": "core.selectors", "make_selector": "core.selectors",
+    "load_pretrained_model": "adapters.llava.builder", "fit": "core.fit",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -28,9 +28,9 @@ from .bench_measure import run_once, summarize
 from .bench_models import (PromptLayout, RowSpec, available_attn_implementations, build_lm, load_lm_config,
                            make_inputs, row_specs)
 from .bench_report import add_figures_of_merit, markdown_table, plot_latency_vs_flops, write_csv
-from .flops import LMShape, kv_cache_bytes
-from .recipe import RecipeError, builtin_recipe, check_reduction_ratio, load_recipe
-from .selectors import FitPruneSelector, OracleSelector
+from .core.flops import LMShape, kv_cache_bytes
+from .core.recipe import RecipeError, builtin_recipe, check_reduction_ratio, load_recipe
+from .core.selectors import FitPruneSelector, OracleSelector
 
 METHODS = ("dense", "fitprune", "oracle", "prellm")
 DEFAULT_RATIOS = (0.5, 0.6, 0.7, 0.8, 0.9)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .cache import PrunedCache
+from .adapters.llava.cache import PrunedCache
 
 _SAMPLE_S = 0.002  # RSS sampling period when the kernel's peak counter cannot be reset
 

@@ -16,9 +16,9 @@ from typing import Optional
 
 import torch
 
-from .flops import NAMED_SHAPES, LMShape, decode_token_flops, dense_prefill_flops, prefill_flops, tokens_entering
-from .modeling import FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM
-from .recipe import Recipe
+from .core.flops import NAMED_SHAPES, LMShape, decode_token_flops, dense_prefill_flops, prefill_flops, tokens_entering
+from .adapters.llava.modeling import FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM
+from .core.recipe import Recipe
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 _LLAVA_ONLY_KEYS = ("mm_vision_tower", "mm_projector_type", "mm_hidden_size", "fitprune_recipe")

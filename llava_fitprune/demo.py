@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from .flops import LMShape, prefill_report
+from .core.flops import LMShape, prefill_report
 from .plots import plot_schedules
-from .recipe import Recipe, RecipeError, builtin_recipe, check_reduction_ratio
+from .core.recipe import Recipe, RecipeError, builtin_recipe, check_reduction_ratio
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_CHECKPOINT = os.path.join(REPO_ROOT, "eval_data", "synth_llava", "checkpoint")
@@ -60,8 +60,8 @@ def recipes_for(model, ratios, tokenizer, image_processor, conv_mode) -> list[Re
     first layer alone can exceed a 0.9 budget of total FLOPs)."""
     if len(model.get_model().layers) == 32:
         return [builtin_recipe(r) for r in ratios]
-    from .calibration import build_calibration
-    from .fit import fit
+    from .adapters.llava.calibration import build_calibration
+    from .core.fit import fit
 
     questions = os.path.join(BUNDLED_CALIBRATION, "questions.jsonl")
     if not os.path.isfile(questions):
@@ -126,9 +126,9 @@ def main(argv=None) -> int:
 
     from llava.mm_utils import get_model_name_from_path, process_images
     from . import load_pretrained_model
-    from .methods import build_method
-    from .selectors import make_selector
-    from .tiny import TinyLlavaSpec, build_tiny_llava
+    from .core.methods import build_method
+    from .core.selectors import make_selector
+    from .adapters.llava.tiny import TinyLlavaSpec, build_tiny_llava
 
     model_path, synth_split = args.model_path, args.synth_split
     if model_path is None:

@@ -15,8 +15,8 @@ import json
 import os
 import sys
 
-from .flops import LMShape, NAMED_SHAPES, prefill_report, resolve_shape
-from .recipe import Recipe, RecipeError, check_reduction_ratio, load_recipe
+from .core.flops import LMShape, NAMED_SHAPES, prefill_report, resolve_shape
+from .core.recipe import Recipe, RecipeError, check_reduction_ratio, load_recipe
 
 
 def parse_args(argv):
@@ -120,9 +120,9 @@ def run_fit(args, ratios) -> int:
 
     from llava.mm_utils import get_model_name_from_path
 
-    from .builder import load_pretrained_model
-    from .calibration import build_calibration, read_questions
-    from .fit import fit
+    from .adapters.llava.builder import load_pretrained_model
+    from .adapters.llava.calibration import build_calibration, read_questions
+    from .core.fit import fit
 
     read_questions(args.question_file)  # fail on a bad file before loading the model
     if not os.path.isdir(args.image_folder):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .flops import NAMED_SHAPES, decode_token_flops, prefill_report, resolve_shape
-from .recipe import RecipeError, builtin_recipes, check_reduction_ratio, load_recipe, builtin_recipe
+from .core.flops import NAMED_SHAPES, decode_token_flops, prefill_report, resolve_shape
+from .core.recipe import RecipeError, builtin_recipes, check_reduction_ratio, load_recipe, builtin_recipe
 
 
 def build_parser() -> argparse.ArgumentParser:

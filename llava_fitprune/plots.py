@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .recipe import Recipe
+from .core.recipe import Recipe
 
 
 def plot_schedules(recipes: Sequence[Recipe], path: str, title: str = "visual tokens per layer",

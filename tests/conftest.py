@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llava_fitprune.synth.scenes import SceneConfig, write_split
-from llava_fitprune.tiny import TinyLlavaSpec, build_tiny_llava
+from llava_fitprune.adapters.llava.tiny import TinyLlavaSpec, build_tiny_llava
 
 torch.set_num_threads(2)
 
@@ -107,7 +107,7 @@ def tiny2(tmp_path_factory):
     """A 2-layer tiny LLaVA (336 px, 576 visual tokens) loaded with LLaVA's class."""
     from llava_fitprune.synth.model_io import load_llava
     from llava_fitprune.synth.questions import phrasebook
-    from llava_fitprune.tiny import TinyLlavaSpec, build_tiny_llava
+    from llava_fitprune.adapters.llava.tiny import TinyLlavaSpec, build_tiny_llava
 
     spec = TinyLlavaSpec(num_layers=2, hidden_size=64, intermediate_size=128, vision_layers=1,
                          tokenizer_extra_text=phrasebook(), tokenizer_extra_repeat=20, init_std=None)

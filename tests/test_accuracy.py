@@ -17,7 +17,7 @@ LIMIT = 6
 def ckpt(tmp_path_factory):
     """A 3-layer tiny LLaVA (336 px, 576 visual tokens) with the task's phrasing in its tokenizer."""
     from llava_fitprune.synth.questions import phrasebook
-    from llava_fitprune.tiny import TinyLlavaSpec, build_tiny_llava
+    from llava_fitprune.adapters.llava.tiny import TinyLlavaSpec, build_tiny_llava
 
     spec = TinyLlavaSpec(num_layers=3, hidden_size=64, intermediate_size=128, vision_layers=1,
                          tokenizer_extra_text=phrasebook(), tokenizer_extra_repeat=20)

@@ -12,8 +12,8 @@ from llava_fitprune import OracleSelector, builtin_recipe
 from llava_fitprune.bench import main as bench_main
 from llava_fitprune.bench_models import PromptLayout, build_lm, load_lm_config, make_inputs
 from llava_fitprune.bench_report import COLUMNS
-from llava_fitprune.flops import LMShape, kv_cache_bytes, tokens_entering
-from llava_fitprune.layer_step import attention_mask_4d, attention_rows, attention_rows_head_max
+from llava_fitprune.core.flops import LMShape, kv_cache_bytes, tokens_entering
+from llava_fitprune.adapters.llava.layer_step import attention_mask_4d, attention_rows, attention_rows_head_max
 
 TINY = ["--model", "llava-v1.5-7b", "--width", "64", "--heads", "2"]  # 32 layers, as the built-in recipes
 LAYOUT = PromptLayout(prompt_tokens=4, visual_tokens=48, text_tokens=3)
@@ -89,7 +89,7 @@ def test_oracle_with_trace_positions_reproduces_fitprune(tiny_lm, ratio):
 @pytest.mark.parametrize("padded", [False, True])
 def test_blocked_head_max_attention_equals_full_probabilities(monkeypatch, padded):
     """The pruning layer's block-by-block attention (several blocks here) matches the one-piece one."""
-    import llava_fitprune.layer_step as ls
+    import llava_fitprune.adapters.llava.layer_step as ls
 
     monkeypatch.setattr(ls, "BLOCK_ELEMENTS_DEFAULT", 1)  # minimum-size blocks
     gen = torch.Generator().manual_seed(0)

@@ -141,7 +141,7 @@ def _step_vs_recompute(lm, embeds, visual, selector=None):
 def test_7b_pruned_cache_equals_recompute_and_batch(lm7b):
     """bfloat16 over 32 layers: a cached step never equals recomputation bit for bit, even dense. The
     pruned cache must stay within the dense model's own cache-vs-recompute error."""
-    from llava_fitprune.recipe import builtin_recipe
+    from llava_fitprune.core.recipe import builtin_recipe
 
     cfg, lm, embeds, visual = lm7b
     lm.set_pruning(zero_recipe(cfg["num_hidden_layers"], 576))

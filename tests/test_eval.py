@@ -13,8 +13,8 @@ import pytest
 
 from llava_fitprune.eval import synthetic
 from llava_fitprune.eval.io import EvalInputError
-from llava_fitprune.recipe import Recipe
-from llava_fitprune.tiny import TinyLlavaSpec, build_tiny_llava
+from llava_fitprune.core.recipe import Recipe
+from llava_fitprune.adapters.llava.tiny import TinyLlavaSpec, build_tiny_llava
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts" / "v1_5" / "eval"

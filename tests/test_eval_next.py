@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from llava_fitprune.eval import synthetic
-from llava_fitprune.recipe import Recipe
-from llava_fitprune.tiny import TinyLlavaSpec, build_tiny_llava
+from llava_fitprune.core.recipe import Recipe
+from llava_fitprune.adapters.llava.tiny import TinyLlavaSpec, build_tiny_llava
 from .test_eval import EVAL, REPO, read_jsonl
 
 

@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
-from llava_fitprune.calibration import CalibrationError, CalibrationSample, read_questions, sample_questions
-from llava_fitprune.fit import fit
-from llava_fitprune.fit_runner import _Rows, _run_layer, collect_statistics, schedule_for, simulate
-from llava_fitprune.flops import LMShape, reduction_for
-from llava_fitprune.modeling import FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM
-from llava_fitprune.recipe import Recipe, RecipeError, load_recipe
-from llava_fitprune.selectors import FitPruneSelector, RandomSelector
+from llava_fitprune.adapters.llava.calibration import CalibrationError, CalibrationSample, read_questions, sample_questions
+from llava_fitprune.core.fit import fit
+from llava_fitprune.core.fit_runner import _Rows, _run_layer, collect_statistics, schedule_for, simulate
+from llava_fitprune.core.flops import LMShape, reduction_for
+from llava_fitprune.adapters.llava.modeling import FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM
+from llava_fitprune.core.recipe import Recipe, RecipeError, load_recipe
+from llava_fitprune.core.selectors import FitPruneSelector, RandomSelector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CALIB = os.path.join(ROOT, "eval_data", "calibration", "tiny")
@@ -234,7 +234,7 @@ def test_question_file_errors(tmp_path):
 
 def test_missing_image_names_the_file(tiny_gqa_dir, tmp_path):
     from llava_fitprune import load_pretrained_model
-    from llava_fitprune.calibration import build_calibration
+    from llava_fitprune.adapters.llava.calibration import build_calibration
 
     tokenizer, model, processor, _ = load_pretrained_model(tiny_gqa_dir, None, "llava-tiny-gqa", device="cpu")
     q = tmp_path / "q.jsonl"
@@ -333,8 +333,8 @@ def anyres_setup(tmp_path_factory):
     from PIL import Image
 
     from llava_fitprune import load_pretrained_model
-    from llava_fitprune.calibration import build_calibration
-    from llava_fitprune.tiny import TinyLlavaSpec, build_tiny_llava
+    from llava_fitprune.adapters.llava.calibration import build_calibration
+    from llava_fitprune.adapters.llava.tiny import TinyLlavaSpec, build_tiny_llava
 
     root = tmp_path_factory.mktemp("anyres")
     path = build_tiny_llava(str(root / "llava-tiny-next"), TinyLlavaSpec(num_layers=3, image_size=112, anyres=True,
@@ -360,7 +360,7 @@ def test_mixed_visual_counts_fit_and_apply(anyres_setup):
     from llava.constants import IMAGE_TOKEN_INDEX
     from llava.mm_utils import process_images, tokenizer_image_token
 
-    from llava_fitprune.calibration import build_prompt
+    from llava_fitprune.adapters.llava.calibration import build_prompt
 
     tok, model, proc, calib, images, questions = anyres_setup
     counts = [s.num_visual for s in calib.samples]
@@ -397,7 +397,7 @@ def test_mixed_rounding_reduces_to_one_count_rule():
     """C_l over fractions of each sample's own count equals the integer rule when all counts are equal."""
     import random
 
-    from llava_fitprune.fit_runner import cumulative_reference
+    from llava_fitprune.core.fit_runner import cumulative_reference
 
     rng = random.Random(0)
     for _ in range(2000):

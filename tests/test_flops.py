@@ -4,8 +4,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from llava_fitprune import Recipe, builtin_recipe
-from llava_fitprune.layer_step import attention_blocks
-from llava_fitprune.flops import NAMED_SHAPES, LMShape, dense_prefill_flops, prefill_report
+from llava_fitprune.adapters.llava.layer_step import attention_blocks
+from llava_fitprune.core.flops import NAMED_SHAPES, LMShape, dense_prefill_flops, prefill_report
 from .conftest import image_tensor, load_ours, prompt_ids
 
 

@@ -4,7 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llava_fitprune import Recipe
-from llava_fitprune.layer_step import attention_blocks
+from llava_fitprune.adapters.llava.layer_step import attention_blocks
 from .conftest import image_tensor, load_ours, prompt_ids
 
 

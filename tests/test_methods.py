@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 
 from llava_fitprune import OracleSelector, Recipe, builtin_recipe
-from llava_fitprune.flops import NAMED_SHAPES, LMShape
+from llava_fitprune.core.flops import NAMED_SHAPES, LMShape
 from llava_fitprune.lvprune import LVPruneConfig, LVPruneModules, attach, detach
 from llava_fitprune.lvprune.data import make_dataset
 from llava_fitprune.lvprune.masking import masked_forward
 from llava_fitprune.lvprune.train import main as train_main, parse_args, train
-from llava_fitprune.method_flops import lvprune_module_flops, method_flops
-from llava_fitprune.methods import METHODS, build_method, fastv_drops, uniform_drops
-from llava_fitprune.selectors import LayerAttention, PruneState, RandomSelector
+from llava_fitprune.core.method_flops import lvprune_module_flops, method_flops
+from llava_fitprune.core.methods import METHODS, build_method, fastv_drops, uniform_drops
+from llava_fitprune.core.selectors import LayerAttention, PruneState, RandomSelector
 from .conftest import batch_ids, image_tensor, load_ours, prompt_ids
 
 QUESTIONS = ["What is the colour of the circle?", "Is the red square left of the blue star? Answer yes or no."]

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from llava_fitprune import OracleSelector, Recipe
-from llava_fitprune.flops import LMShape, prefill_report
-from llava_fitprune.tiny import TinyLlavaSpec, build_tiny_llava
+from llava_fitprune.core.flops import LMShape, prefill_report
+from llava_fitprune.adapters.llava.tiny import TinyLlavaSpec, build_tiny_llava
 from .conftest import load_ours, prompt_ids
 from .test_flops import _sdpa_cpu_flops
 
@@ -110,7 +110,7 @@ def test_flops_model_on_anyres_inputs(next_dir):
 def test_recipe_meets_its_budget_at_other_resolutions():
     """A recipe fitted for LLaVA-NeXT's 2880 tokens keeps its reduction within 2% at other counts."""
     from llava_fitprune import builtin_recipe
-    from llava_fitprune.flops import NAMED_SHAPES, reduction_for
+    from llava_fitprune.core.flops import NAMED_SHAPES, reduction_for
 
     shape = NAMED_SHAPES["llava-v1.6-vicuna-7b"]
     base = builtin_recipe(0.6)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from llava_fitprune.recipe import (Recipe, RecipeError, builtin_recipe, builtin_recipes, check_reduction_ratio,
+from llava_fitprune.core.recipe import (Recipe, RecipeError, builtin_recipe, builtin_recipes, check_reduction_ratio,
                                    load_recipe, resolve_recipe)
 from .conftest import image_tensor, load_ours, prompt_ids
 

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from typing import Optional
 
-from ..flops import LMShape
+from ..core.flops import LMShape
 from .io import EvalInputError, meta_path, write_json
 from .prefill import summarize
 

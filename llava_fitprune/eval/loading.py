@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from ..recipe import Recipe, resolve_recipe
+from ..core.recipe import Recipe, resolve_recipe
 
 
 def resolve_device(device: str) -> str:
@@ -19,7 +19,7 @@ def resolve_device(device: str) -> str:
 
 def load_model(args, model_name: str):
     """(tokenizer, model, image_processor, context_len) with the pruning flags applied."""
-    from ..builder import load_pretrained_model
+    from ..adapters.llava.builder import load_pretrained_model
 
     return load_pretrained_model(
         os.path.expanduser(args.model_path), args.model_base, model_name, device=resolve_device(args.device),

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from ..flops import LMShape
+from ..core.flops import LMShape
 from .answers import META_FORMAT, META_VERSION, RESUME_KEYS, read_answers, read_meta
 from .io import EvalInputError, meta_path, write_json
 from .prefill import summarize

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
 
-from ..flops import LMShape, prefill_report
+from ..core.flops import LMShape, prefill_report
 
 TERA = 1e12
 

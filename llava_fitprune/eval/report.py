@@ -125,7 +125,7 @@ def markdown(table: dict, notes: list[str]) -> str:
               "its three splits); MME perception score; SEED-IMG accuracy on image questions. "
               f"`{NO_LOCAL_SCORE}`: answers are ready to submit (VQAv2, VizWiz, MMBench servers) or to grade with "
               "GPT-4 (LLaVA-W, MM-Vet).",
-              "TFLOPs: language-model prefill per sample (llava_fitprune.flops), the mean over this row's "
+              "TFLOPs: language-model prefill per sample (llava_fitprune.core.flops), the mean over this row's "
               "benchmarks; Reduction: FLOPs removed relative to the dense prefill of the same inputs."]
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..flops import LMShape
+from ..core.flops import LMShape
 from .answers import RESUME_KEYS, AnswerFile, answer_key, check_same_run, read_meta, require_sidecar
 from .args import check_args
 from .io import EvalInputError

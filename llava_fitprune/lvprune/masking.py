@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from llava.constants import IGNORE_INDEX
 
-from ..recipe import Recipe
-from ..scoring import drop_mask_lowest
+from ..core.recipe import Recipe
+from ..core.scoring import drop_mask_lowest
 from .modules import LVPruneModules
 from .selector import model_num_visual_tokens, prompt_text
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..recipe import Recipe
-from ..scoring import keep_index
+from ..core.recipe import Recipe
+from ..core.scoring import keep_index
 
 LVPRUNE_FORMAT = "llava-fitprune.lvprune-modules"
 LVPRUNE_VERSION = 1

@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from ..recipe import Recipe
-from ..selectors import TokenSelector
+from ..core.recipe import Recipe
+from ..core.selectors import TokenSelector
 from .modules import LVPruneModules
 
 

@@ -99,7 +99,7 @@ def _setup(args):
 def _load_model(args, device, dtype):
     from llava.mm_utils import get_model_name_from_path
 
-    from ..builder import load_pretrained_model
+    from ..adapters.llava.builder import load_pretrained_model
 
     tokenizer, model, image_processor, _ = load_pretrained_model(
         args.model_path, args.model_base, get_model_name_from_path(args.model_path), device=device,

@@ -14,7 +14,7 @@ import sys
 import torch
 
 from ..eval.prefill import TERA
-from ..flops import LMShape, prefill_report
+from ..core.flops import LMShape, prefill_report
 
 
 def infer_conv_mode(model_name: str) -> str:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from llava.serve.cli import load_image
     from transformers import TextStreamer
 
-    from ..builder import load_pretrained_model
+    from ..adapters.llava.builder import load_pretrained_model
     from ..eval.loading import resolve_device
     from ..eval.runner import PrefillTracer
 

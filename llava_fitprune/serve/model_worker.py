@@ -21,7 +21,7 @@ try:
 except ImportError as e:  # fastapi / uvicorn are LLaVA's optional serving dependencies
     raise ImportError(f"LLaVA's model worker needs its serving extras ({e}): pip install fastapi uvicorn") from e
 
-from ..builder import load_pretrained_model
+from ..adapters.llava.builder import load_pretrained_model
 from ..eval.loading import resolve_device
 
 

@@ -26,8 +26,8 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from ..flops import reference_text_tokens
-from ..recipe import RecipeError, check_reduction_ratio
+from ..core.flops import reference_text_tokens
+from ..core.recipe import RecipeError, check_reduction_ratio
 from .evaluate import _model_inputs, normalize, read_jsonl
 from .scenes import SceneConfig, write_split
 
@@ -186,9 +186,9 @@ def fitted_recipes(model, tok, proc, ratios, seed, n_visual, *, data_root, num_s
     Calibrated on `num_samples` questions of training scenes of data seed `seed` (generated into
     `data_root`, reused when already there): the task's own distribution, never the test split.
     """
-    from ..calibration import build_calibration
-    from ..fit import fit
-    from ..flops import LMShape, reduction_for
+    from ..adapters.llava.calibration import build_calibration
+    from ..core.fit import fit
+    from ..core.flops import LMShape, reduction_for
 
     cfg = SceneConfig(train_per_type=1)  # 4 questions per train scene; calibration draws one scene per sample
     train = cached_split(data_root, "train", num_samples, seed, cfg)
@@ -217,7 +217,7 @@ def split_questions(split: str, limit: int | None = None) -> tuple[list[dict], d
 
 def schedules(model, args, recipes, n_text, n_visual):
     """(method, ratio, recipe or None, selector, modules config) to run, and (method, ratio, reason) n/a."""
-    from ..methods import build_method
+    from ..core.methods import build_method
 
     runs, skipped = [("dense", 0.0, None, None, None)], []
     for r in args.ratios:
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from .. import load_pretrained_model
-    from ..method_flops import method_flops
+    from ..core.method_flops import method_flops
     from . import accuracy_report as report
 
     seed, seed_source = data_seed(args.checkpoint)

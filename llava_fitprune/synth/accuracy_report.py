@@ -9,12 +9,12 @@ import os
 
 import torch
 
-from ..flops import LMShape
+from ..core.flops import LMShape
 from .questions import QUESTION_TYPES
 
 FORMAT, VERSION = "llava-fitprune-accuracy", 1
 CONVENTION = ("language-model prefill FLOPs, 'total' convention (every prefill token, 2 x MACs of the matmuls; "
-              "llava_fitprune.flops) - the convention build_method matches budgets under")
+              "llava_fitprune.core.flops) - the convention build_method matches budgets under")
 METHOD_ORDER = ("dense", "fitprune", "random", "uniform", "fastv", "lvprune")
 FIELDS = ["method", "ratio", "status", "achieved_reduction", "prefill_tflops", "accuracy", "correct", "n",
           *QUESTION_TYPES, "seconds", "drop_per_layer", "reason"]

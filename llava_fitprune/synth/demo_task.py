@@ -7,7 +7,7 @@ import tempfile
 
 import torch
 
-from ..flops import reference_text_tokens
+from ..core.flops import reference_text_tokens
 from .accuracy import data_seed, fitted_recipes, layer0_inputs, run_combo, split_questions, text_tokens
 from .questions import QUESTION_TYPES
 

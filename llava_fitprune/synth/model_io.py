@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..tiny import VISION_SUBDIR
+from ..adapters.llava.tiny import VISION_SUBDIR
 
 SPEC_FILE = "tiny_spec.json"
 

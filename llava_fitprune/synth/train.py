@@ -2,7 +2,7 @@
 
 python -m llava_fitprune.synth.train --data DATA/train --out CKPT [--test TEST] [--steps N] [--seed S]
 
-Builds the random initial checkpoint with `llava_fitprune.tiny.build_tiny_llava`; stage 0 pretrains
+Builds the random initial checkpoint with `llava_fitprune.adapters.llava.tiny.build_tiny_llava`; stage 0 pretrains
 the CLIP tower on dense per-patch labels (`pretrain_vision.py`); the LLaVA stage trains projector
 and decoder (tower frozen, as LLaVA's fine-tuning; `tune_vision` trains it too) with LLaVA's
 dataset, vicuna_v1 label masking and `LlavaLlamaForCausalLM.forward`; saves the checkpoint layout
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..tiny import TinyLlavaSpec, build_tiny_llava
+from ..adapters.llava.tiny import TinyLlavaSpec, build_tiny_llava
 from .data import epoch_order, llava_collator, llava_dataset
 from .model_io import load_llava, save_llava, trainable_vision_tower
 from .pretrain_vision import PretrainConfig, init_sincos_positions, pretrain_vision

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from .scoring import keep_index
-from .selectors import FitPruneSelector, LayerAttention, PruneState, TokenSelector
+from ...core.scoring import keep_index
+from ...core.selectors import FitPruneSelector, LayerAttention, PruneState, TokenSelector
 
 # Pruning layers compute the attention rows the scores read in blocks of rows: each block holds at
 # most this many probabilities ([B, H, rows, keys]), so it stays in a CPU core's cache (or, on a GPU,

@@ -66,7 +66,7 @@ class MethodContext:
         if ref is not None:
             return ref.num_visual_tokens
         if self.model is not None:
-            from .lvprune.selector import model_num_visual_tokens
+            from ..lvprune.selector import model_num_visual_tokens
 
             return model_num_visual_tokens(self.model)
         raise ValueError("give num_visual_tokens (or a model or a recipe to take it from)")
@@ -188,7 +188,7 @@ def _uniform(ctx: MethodContext, per_layer: Optional[float] = None, target_reduc
 
 def _lvprune(ctx: MethodContext, modules=None, **options):
     _check_options("lvprune", options, ("modules",))
-    from .lvprune.selector import LVPruneSelector, as_modules
+    from ..lvprune.selector import LVPruneSelector, as_modules
 
     if modules is None:
         raise ValueError("lvprune needs modules= (trained LVPruning modules or their folder)")

@@ -167,13 +167,13 @@ def zero_recipe(num_layers: int, num_visual_tokens: int) -> Recipe:
 
 # -- built-in recipes -------------------------------------------------------------------
 def builtin_recipe_sets() -> list[str]:
-    """Names of the shipped recipe sets (one JSON file each under llava_fitprune/recipes/)."""
-    files = resources.files("llava_fitprune") / "recipes"
+    """Names of the shipped recipe sets (one JSON file each under llava_fitprune/core/recipes/)."""
+    files = resources.files("llava_fitprune.core") / "recipes"
     return sorted(p.name[: -len(".json")] for p in files.iterdir() if p.name.endswith(".json"))
 
 
 def builtin_recipes(name: str = "llava-v1.5-7b") -> list[Recipe]:
-    path = resources.files("llava_fitprune") / "recipes" / f"{name}.json"
+    path = resources.files("llava_fitprune.core") / "recipes" / f"{name}.json"
     if not path.is_file():
         raise RecipeError(f"no built-in recipe set {name!r}; available: {builtin_recipe_sets()}")
     d = json.loads(path.read_text())

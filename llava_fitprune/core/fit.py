@@ -40,7 +40,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .calibration import CalibrationSample, CalibrationSet
+from ..adapters.llava.calibration import CalibrationSample, CalibrationSet
 from .fit_runner import Statistics, collect_statistics, meets, schedule_for, schedule_reduction, simulate
 from .flops import prefill_report, reduction_for
 from .recipe import Recipe, RecipeError, check_reduction_ratio
@@ -163,7 +163,7 @@ def _model_identity(model, stats: Statistics, name: Optional[str]) -> dict:
 
 def _provenance(stats: Statistics, meta: dict, model, alpha: float, tol: float, rounds: int,
                 trim: Optional[dict], drops: list[int], convention: str) -> dict:
-    from . import __version__
+    from .. import __version__
 
     rep = prefill_report(stats.shape, stats.num_text, stats.num_visual, drops)
     visual_only = convention == "visual_only"

@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from .modeling import FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM
 from .modeling_mistral import FitPruneLlavaMistralConfig, FitPruneLlavaMistralForCausalLM
-from .recipe import Recipe, RecipeError, resolve_recipe
-from .selectors import make_selector
+from ...core.recipe import Recipe, RecipeError, resolve_recipe
+from ...core.selectors import make_selector
 
 
 def _device_and_dtype(device: str, torch_dtype):
@@ -135,7 +135,7 @@ def load_pretrained_model(
     if method in ("fitprune", "random") and not method_options:
         model.set_pruning(chosen, make_selector(method))
     else:  # baselines at equal FLOPs to the chosen recipe, LVPruning with its modules (methods.py)
-        from .methods import build_method
+        from ...core.methods import build_method
 
         n_visual = getattr(vision_tower, "num_patches", None)
         schedule, selector = build_method(method, recipe=chosen, model=model, num_text_tokens=num_text_tokens,

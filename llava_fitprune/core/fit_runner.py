@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from .calibration import CalibrationError, CalibrationSample
+from ..adapters.llava.calibration import CalibrationError, CalibrationSample
 from .flops import LMShape, reduction_for, reference_text_tokens
 from .scoring import keep_index
 
@@ -190,7 +190,7 @@ def collect_statistics(model, samples: Sequence[CalibrationSample], batch_size: 
                                    f"an image")
         if not bool(s.text_mask.any()):
             raise CalibrationError(f"sample {s.question_id!r} has no text after its image: the cross score needs "
-                                   f"the question after the image (build samples with llava_fitprune.calibration)")
+                                   f"the question after the image (build samples with llava_fitprune.adapters.llava.calibration)")
     layers, S = _layers(model), len(samples)
     rows, rope_len = _Rows.start(samples), max(s.num_tokens for s in samples)
     w_cross, w_self = torch.zeros(S, len(layers), dtype=torch.float64), torch.zeros(S, len(layers), dtype=torch.float64)

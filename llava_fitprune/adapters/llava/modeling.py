@@ -20,8 +20,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache import PrunedCache
 from .layer_step import RopeSpan, RopeTable, attention_mask_4d, pruning_layer_forward
-from .recipe import Recipe
-from .selectors import FitPruneSelector, OracleSelector, PruneState, TokenSelector
+from ...core.recipe import Recipe
+from ...core.selectors import FitPruneSelector, OracleSelector, PruneState, TokenSelector
 
 _TEXT_LABEL = -1  # marks text labels while LLaVA expands images (its image positions get IGNORE_INDEX)
 
