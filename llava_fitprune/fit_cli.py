@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from .core.fit_stages import check_max_pruning_layers
 from .core.flops import LMShape, NAMED_SHAPES, prefill_report, resolve_shape
 from .core.recipe import Recipe, RecipeError, check_reduction_ratio, load_recipe
 
@@ -37,6 +38,8 @@ def parse_args(argv):
                    help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--flops-convention", default="total", choices=["total", "visual_only"])
     p.add_argument("--tol", type=float, default=0.01, help="bisection tolerance on alpha")
+    p.add_argument("--max-pruning-layers", type=int, default=None, metavar="K",
+                   help="at most K layers drop tokens (few-stage schedule, docs/fit.md); default: no cap")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the FLOPs budget and schedule of --recipe")
     p.add_argument("--recipe", help="recipe JSON for --dry-run")
@@ -95,7 +98,9 @@ def plot(recipes: list[Recipe], path: str, title: str) -> None:
 
 
 def recipe_filename(recipe: Recipe) -> str:
-    return f"{recipe.model.get('name', 'model')}-fitprune-r{recipe.reduction_ratio}-{recipe.flops_convention}.json"
+    k = recipe.provenance.get("max_pruning_layers")
+    return f"{recipe.model.get('name', 'model')}-fitprune-r{recipe.reduction_ratio}-{recipe.flops_convention}" \
+           f"{'' if k is None else f'-k{k}'}.json"
 
 
 def main(argv=None) -> int:
@@ -109,6 +114,7 @@ def main(argv=None) -> int:
             print(f"llava-fitprune fit: missing {' '.join(missing)}", file=sys.stderr)
             return 2
         ratios = [check_reduction_ratio(r) for r in args.reduction_ratio]  # before loading anything
+        check_max_pruning_layers(args.max_pruning_layers)  # >= 1 here; <= the layer count once the model is loaded
         return run_fit(args, ratios)
     except (RecipeError, ValueError, FileNotFoundError) as e:
         print(f"llava-fitprune fit: error: {e}", file=sys.stderr)
@@ -141,7 +147,8 @@ def run_fit(args, ratios) -> int:
     report["calibration_s"] = round(time.perf_counter() - t0, 3)
     name = args.model_name or get_model_name_from_path(args.model_path)
     recipes = fit(model, calib, ratios, convention=args.flops_convention, tol=args.tol, progress=progress,
-                  batch_size=args.batch_size, model_name=name, report=report)
+                  batch_size=args.batch_size, model_name=name, report=report,
+                  max_pruning_layers=args.max_pruning_layers)
     os.makedirs(args.out, exist_ok=True)
     for r in recipes:
         path = os.path.join(args.out, recipe_filename(r))

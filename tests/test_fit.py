@@ -418,3 +418,137 @@ def test_single_count_recipes_unchanged(random_setup, anyres_setup):
     same = [s for s in calib.samples if s.num_visual == calib.samples[0].num_visual]
     a, b = (fit(model, same, 0.5, convention="visual_only", progress=False, batch_size=bs) for bs in (1, 2))
     assert a.to_json() == b.to_json() and a.num_visual_tokens == same[0].num_visual
+
+
+# -- few-stage schedules: max_pruning_layers ----------------------------------------------------------
+def _cumulative(drops):
+    out, run = [], 0
+    for d in drops:
+        run += d
+        out.append(run)
+    return out
+
+
+def test_stage_schedule_is_the_least_flops_stage_set():
+    """The DP's schedule equals the best of every set of at most K stage layers (brute force), and never
+    runs ahead of the simulated cumulative drops."""
+    import itertools
+    import random
+
+    from llava_fitprune.core.fit_stages import stage_schedule
+
+    shape, rng = LMShape(6, 64, 128, 4, 4, 128), random.Random(0)
+    for _ in range(40):
+        V, T, drops = rng.randint(1, 80), rng.randint(1, 40), []
+        for _ in range(6):
+            drops.append(rng.randint(0, V - sum(drops)))
+        C = _cumulative(drops)
+        for conv, K in itertools.product(("total", "visual_only"), (1, 2, 3, 6)):
+            got = stage_schedule(shape, T, V, drops, K, conv)
+            assert sum(d > 0 for d in got) <= K and all(g <= c for g, c in zip(_cumulative(got), C))
+            best = 0.0
+            for P in (P for k in range(K + 1) for P in itertools.combinations(range(6), k)):
+                s = [0] * 6
+                for i, p in enumerate(P):
+                    s[p] = C[p] - (C[P[i - 1]] if i else 0)
+                best = max(best, reduction_for(shape, T, V, s, conv))
+            assert reduction_for(shape, T, V, got, conv) == pytest.approx(best, abs=1e-12), (drops, K, conv)
+            if K == 6:
+                assert got == drops or reduction_for(shape, T, V, got, conv) == reduction_for(shape, T, V, drops, conv)
+
+
+@pytest.fixture(scope="module")
+def staged_setup(random_setup):
+    model, samples, _ = random_setup
+    return {K: fit(model, samples, [0.3, 0.6, 0.9], convention="visual_only", progress=False, batch_size=4,
+                   max_pruning_layers=K) for K in (1, 2)}
+
+
+def test_max_pruning_layers_caps_meets_budget_least_alpha(random_setup, staged_setup):
+    from llava_fitprune.core.fit_stages import stage_schedule
+
+    model, samples, unconstrained = random_setup
+    stats = collect_statistics(model, samples, batch_size=4)
+    shape, n_text = stats.shape, stats.num_text
+    for K, recipes in staged_setup.items():
+        for r, free in zip(recipes, unconstrained):
+            p = r.provenance
+            assert sum(d > 0 for d in r.drop_per_layer) <= K, (K, r.drop_per_layer)
+            got = reduction_for(shape, n_text, 64, r.drop_per_layer, "visual_only")
+            assert r.reduction_ratio <= got <= r.reduction_ratio + 0.02 and r.achieved_reduction == round(got, 6)
+            assert p["max_pruning_layers"] == K and p["unconstrained_alpha"] == free.provenance["alpha"]
+            assert p["unconstrained_pruning_layers"] == sum(d > 0 for d in free.drop_per_layer) > K
+            assert p["alpha"] >= free.provenance["alpha"]
+            full = simulate(model, stats, p["alpha"], None, "visual_only")  # never ahead of the alpha schedule
+            assert all(g <= c for g, c in zip(_cumulative(r.drop_per_layer), _cumulative(full)))
+            prev = round(p["alpha"] - p["tol"], 10)  # the least alpha: one grid step less misses
+            sched = stage_schedule(shape, n_text, 64, simulate(model, stats, prev, None, "visual_only"), K,
+                                   "visual_only")
+            assert reduction_for(shape, n_text, 64, sched, "visual_only") < r.reduction_ratio, (K, prev)
+    assert [r.drop_per_layer for r in staged_setup[1]] != [r.drop_per_layer for r in unconstrained]
+
+
+def test_max_pruning_layers_not_binding_gives_the_unconstrained_recipe(random_setup):
+    model, samples, unconstrained = random_setup
+    keys = {"max_pruning_layers", "unconstrained_alpha", "unconstrained_pruning_layers"}
+    for K in (4, 3):  # 4: every layer of this model; 3: the 0.9 recipe already prunes in 3 layers
+        ratios = [0.3, 0.6, 0.9] if K == 4 else [0.9]
+        got = fit(model, samples, ratios, convention="visual_only", progress=False, batch_size=4,
+                  max_pruning_layers=K)
+        for r, free in zip(got, unconstrained[-len(ratios):]):
+            d = r.to_dict()
+            assert {k: d["provenance"].pop(k) for k in keys} == {
+                "max_pruning_layers": K, "unconstrained_alpha": free.provenance["alpha"],
+                "unconstrained_pruning_layers": sum(x > 0 for x in free.drop_per_layer)}
+            assert d == free.to_dict()
+    assert "max_pruning_layers" not in unconstrained[0].provenance  # no cap: recipes as before
+
+
+def test_max_pruning_layers_round_trip(staged_setup, tmp_path):
+    for r in staged_setup[1]:
+        r.save(tmp_path / "r.json")
+        back = load_recipe(tmp_path / "r.json")
+        assert back == r and back.to_json() == r.to_json() and back.provenance["max_pruning_layers"] == 1
+
+
+def test_bad_max_pruning_layers(random_setup):
+    model, samples, _ = random_setup
+    for bad in (0, -1, 5, 2.5, True, "2"):
+        with pytest.raises(RecipeError, match=r"max_pruning_layers must be a whole number from 1 to 4 .*got"):
+            fit(model, samples, 0.5, progress=False, max_pruning_layers=bad)
+
+
+def test_cap_that_cannot_meet_the_budget_names_k(random_setup, monkeypatch):
+    """A simulation whose drops are spread over every layer: the unconstrained schedule meets the budget,
+    no one-stage schedule under it does; the error names K and the fix."""
+    import llava_fitprune.core.fit as fit_module
+
+    model, samples, _ = random_setup
+    spread = [16, 16, 16, 16]
+    shape, n_text = LMShape.from_config(model.config), samples[0].num_tokens - samples[0].num_visual
+    one_stage = max(reduction_for(shape, n_text, 64, [spread[0] * (l + 1) if i == l else 0 for i in range(4)],
+                                  "visual_only") for l in range(4))
+    ratio = round((one_stage + reduction_for(shape, n_text, 64, spread, "visual_only")) / 2, 3)
+    monkeypatch.setattr(fit_module, "simulate", lambda *a, **k: list(spread))
+    assert fit(model, samples, ratio, convention="visual_only", progress=False).drop_per_layer != [0] * 4
+    with pytest.raises(RecipeError, match=rf"at most 1 pruning layers \(max_pruning_layers=1\) meets reduction_ratio "
+                                          rf"{ratio}.*raise --max-pruning-layers or lower the ratio"):
+        fit(model, samples, ratio, convention="visual_only", progress=False, max_pruning_layers=1)
+
+
+def test_cli_max_pruning_layers(tiny_gqa_dir, tmp_path, capsys):
+    from llava_fitprune.fit_cli import main
+
+    out = tmp_path / "recipes"
+    argv = ["--model-path", tiny_gqa_dir, "--question-file", os.path.join(TINY_CALIB, "questions.jsonl"),
+            "--image-folder", os.path.join(TINY_CALIB, "images"), "--reduction-ratio", "0.8",
+            "--num-samples", "4", "--seed", "1", "--out", str(out), "--device", "cpu",
+            "--flops-convention", "visual_only", "--no-progress"]
+    assert main(argv + ["--max-pruning-layers", "0"]) == 2  # before loading the model
+    assert "max_pruning_layers must be a whole number >= 1, got 0" in capsys.readouterr().err
+    assert main(argv + ["--max-pruning-layers", "4"]) == 2  # the model has 3 layers
+    assert "from 1 to 3" in capsys.readouterr().err and not os.path.isdir(out)
+    assert main(argv + ["--max-pruning-layers", "1"]) == 0
+    r = load_recipe(out / "llava-tiny-gqa-fitprune-r0.8-visual_only-k1.json")
+    assert r.provenance["max_pruning_layers"] == 1 and sum(d > 0 for d in r.drop_per_layer) == 1
+    assert r.achieved_reduction >= 0.8

@@ -42,7 +42,8 @@ import torch
 
 from ..adapters.llava.calibration import CalibrationSample, CalibrationSet
 from .fit_runner import Statistics, collect_statistics, meets, schedule_for, schedule_reduction, simulate
-from .flops import prefill_report, reduction_for
+from .fit_stages import check_max_pruning_layers, pruning_layers, stage_schedule
+from .flops import LMShape, prefill_report, reduction_for
 from .recipe import Recipe, RecipeError, check_reduction_ratio
 
 
@@ -75,12 +76,29 @@ class _Search:
         self.layers_run += len(self.cache[k])
         return schedule_for(self.stats, self.cache[k], ratio, self.convention)
 
-    def bisect(self, ratio: float, bar=None) -> tuple[int, list[int], int]:
-        """Least grid index whose schedule meets `ratio`: (k, schedule, rounds)."""
-        lo, hi, best, rounds = -1, len(self.grid) - 1, None, 0  # lo misses (or is below the grid)
+    def full(self, k: int) -> list[int]:
+        """The simulation at grid index k over every layer (no stop), cached."""
+        if len(self.cache.get(k, ())) < self.stats.shape.num_layers:
+            self.cache[k] = simulate(self.model, self.stats, self.grid[k], None, self.convention)
+            self.simulations += 1
+            self.layers_run += len(self.cache[k])
+        return self.cache[k]
+
+    def staged(self, k: int, ratio: float, max_stages: int) -> Optional[list[int]]:
+        """The least-FLOPs schedule of at most `max_stages` pruning layers under the simulation at k
+        (fit_stages.py), or None if even that misses `ratio`."""
+        s = self.stats
+        sched = stage_schedule(s.shape, s.num_text, s.num_visual, self.full(k), max_stages, self.convention)
+        return sched if meets(s, sched, ratio, self.convention) else None
+
+    def bisect(self, ratio: float, bar=None, max_stages: Optional[int] = None, lo: int = -1) -> tuple[int, list[int], int]:
+        """Least grid index whose schedule (of at most `max_stages` pruning layers, if given) meets `ratio`:
+        (k, schedule, rounds). `lo`: a grid index known to miss (-1: none)."""
+        test = self.schedule if max_stages is None else (lambda k, r: self.staged(k, r, max_stages))
+        hi, best, rounds = len(self.grid) - 1, None, 0  # lo misses (or is below the grid)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            sched, rounds = self.schedule(mid, ratio), rounds + 1
+            sched, rounds = test(mid, ratio), rounds + 1
             if bar is not None:
                 bar.set_postfix(alpha=self.grid[mid], meets=sched is not None)
                 bar.update(1)
@@ -89,7 +107,14 @@ class _Search:
             else:
                 lo = mid
         if best is None:  # hi is the top of the grid and was never simulated
-            best, rounds = self.schedule(hi, ratio), rounds + 1
+            best, rounds = test(hi, ratio), rounds + 1
+            if best is None and max_stages is not None:
+                s = self.stats
+                top = schedule_reduction(s, stage_schedule(s.shape, s.num_text, s.num_visual, self.full(hi),
+                                                           max_stages, self.convention), self.convention)
+                raise RecipeError(f"no schedule with at most {max_stages} pruning layers (max_pruning_layers="
+                                  f"{max_stages}) meets reduction_ratio {ratio}: the most one removes is {top:.4f} "
+                                  f"({self.convention}); raise --max-pruning-layers or lower the ratio")
             if best is None:
                 raise RecipeError(f"no alpha meets reduction_ratio {ratio}, though dropping every visual token "
                                   f"at layer 0 would; this is a bug, please report it")
@@ -162,7 +187,7 @@ def _model_identity(model, stats: Statistics, name: Optional[str]) -> dict:
 
 
 def _provenance(stats: Statistics, meta: dict, model, alpha: float, tol: float, rounds: int,
-                trim: Optional[dict], drops: list[int], convention: str) -> dict:
+                trim: Optional[dict], drops: list[int], convention: str, stages: Optional[dict] = None) -> dict:
     from .. import __version__
 
     rep = prefill_report(stats.shape, stats.num_text, stats.num_visual, drops)
@@ -181,13 +206,15 @@ def _provenance(stats: Statistics, meta: dict, model, alpha: float, tol: float, 
         "total_reduction": round(rep.reduction, 6), "visual_only_reduction": round(rep.visual_only_reduction, 6),
         "dtype": str(model.dtype).replace("torch.", ""), "device": model.device.type,
     }
+    if stages is not None:  # only with max_pruning_layers: recipes fitted without it are unchanged
+        p.update(stages)
     return p
 
 
 def fit(model, calibration: Union[CalibrationSet, Sequence[CalibrationSample]],
         reduction_ratio: Union[float, Sequence[float]], *, convention: str = "total", tol: float = 0.01,
         progress: bool = True, batch_size: int = 8, model_name: Optional[str] = None,
-        report: Optional[dict] = None) -> Union[Recipe, list[Recipe]]:
+        report: Optional[dict] = None, max_pruning_layers: Optional[int] = None) -> Union[Recipe, list[Recipe]]:
     """FitPrune recipes for one budget (a float: returns a Recipe) or several (a list: a list).
 
     `calibration`: a `CalibrationSet` (its provenance goes into the recipes) or a list of samples.
@@ -197,6 +224,10 @@ def fit(model, calibration: Union[CalibrationSet, Sequence[CalibrationSample]],
     visual + mean text tokens; see the module doc. With one count the result is unchanged.
     `report`: a dict filled with wall time and peak memory per phase and the search counts (not in
     the recipe, so the recipe JSON is byte-identical across runs).
+    `max_pruning_layers`: K, at most K layers with a non-zero drop (1..number of layers; None: no cap).
+    Where the unconstrained fit already prunes in at most K layers it is returned as is; otherwise the
+    least alpha whose best K-stage schedule meets the budget (fit_stages.py). Recorded in the provenance
+    with the unconstrained fit's alpha and pruning-layer count.
     """
     from tqdm import tqdm
 
@@ -210,6 +241,7 @@ def fit(model, calibration: Union[CalibrationSet, Sequence[CalibrationSample]],
     meta = calibration.meta if isinstance(calibration, CalibrationSet) else {}
     report = {} if report is None else report
     device = next(model.parameters()).device
+    max_stages = check_max_pruning_layers(max_pruning_layers, LMShape.from_config(model.config).num_layers)
 
     with _Phase(report, "statistics", device, progress):
         stats = collect_statistics(model, samples, batch_size, progress)
@@ -219,7 +251,9 @@ def fit(model, calibration: Union[CalibrationSet, Sequence[CalibrationSample]],
             raise RecipeError(
                 f"reduction_ratio {r} is out of reach under the {convention!r} FLOPs convention: dropping all "
                 f"{stats.num_visual} visual tokens at layer 0 removes {top:.4f} of this model's FLOPs "
-                f"({stats.num_text} text tokens); ask for at most {math.floor(top * 1000) / 1000}")
+                f"({stats.num_text} text tokens); ask for at most {math.floor(top * 1000) / 1000}"
+                + ("" if max_stages is None else f" (max_pruning_layers={max_stages} is not what limits it: one "
+                                                 f"pruning layer, layer 0, reaches that most)"))
     search = _Search(model, stats, convention, tol)
     results = {}
     for r in sorted(set(ratios), reverse=True):  # large budgets first: their simulations serve the smaller
@@ -228,20 +262,27 @@ def fit(model, calibration: Union[CalibrationSet, Sequence[CalibrationSample]],
             bar = tqdm(total=math.ceil(math.log2(len(search.grid) + 1)), desc=f"fit: bisection for {r}",
                        disable=not progress)
             k, drops, rounds = search.bisect(r, bar)
+            trim, stages = search.trim(drops, r), None
+            if max_stages is not None:
+                stages = {"max_pruning_layers": max_stages, "unconstrained_alpha": search.grid[k],
+                          "unconstrained_pruning_layers": pruning_layers(drops)}
+                if pruning_layers(drops) > max_stages:  # the cap binds: k - 1 missed even unconstrained
+                    k, drops, more = search.bisect(r, bar, max_stages=max_stages, lo=k - 1)
+                    rounds, trim = rounds + more, search.trim(drops, r)
             bar.close()
-            trim = search.trim(drops, r)
-        if not meets(stats, drops, r, convention):
-            raise RuntimeError(f"fit produced a schedule missing its budget {r}: this is a bug, please report it")
+        if not meets(stats, drops, r, convention) or pruning_layers(drops) > (max_stages or len(drops)):
+            raise RuntimeError(f"fit produced a schedule missing its budget {r} or its cap of pruning layers: this "
+                               f"is a bug, please report it")
         alpha = search.grid[k]
         results[r] = Recipe(
             drop_per_layer=drops, num_visual_tokens=stats.num_visual, reduction_ratio=r,
             achieved_reduction=round(schedule_reduction(stats, drops, convention), 6), flops_convention=convention,
             method="fitprune", model=_model_identity(model, stats, model_name),
-            provenance=_provenance(stats, meta, model, alpha, tol, rounds, trim, drops, convention))
+            provenance=_provenance(stats, meta, model, alpha, tol, rounds, trim, drops, convention, stages))
         report.setdefault("budgets", {})[str(r)] = {
             "alpha": alpha, "bisection_rounds": rounds, "simulations_run": search.simulations - sims0,
             "forward_equivalents": round((search.layers_run - layers0) / stats.shape.num_layers, 3),
-            "achieved_reduction": results[r].achieved_reduction, "drop_per_layer": drops,
+            "achieved_reduction": results[r].achieved_reduction, "drop_per_layer": drops, **(stages or {}),
             "achieved_reduction_by_count": _reduction_by_count(stats, results[r], convention)}
     counts = stats.visual_counts
     report.update(num_samples=len(samples), simulations_run=search.simulations, batch_size=batch_size,
