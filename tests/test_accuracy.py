@@ -151,3 +151,34 @@ def test_cached_split_is_rebuilt_when_the_generator_changes(tmp_path, monkeypatc
     monkeypatch.setattr(accuracy, "generator_digest", lambda: "other source")
     assert accuracy.cached_split(str(tmp_path), "test", 2, 5, SceneConfig()) == first
     assert os.path.getmtime(questions) > 0  # written again by the (changed) generator
+
+
+def test_max_pruning_layers_runs_fitprune_k(ckpt, tmp_path):
+    """--max-pruning-layers K adds fitprune-kK: fitted with at most K pruning layers, at the same budget;
+    a K above the model's layers is n/a with the reason."""
+    out = str(tmp_path / "acc")
+    assert main(["--checkpoint", ckpt, "--num-scenes", "2", "--limit", "4", "--calibration-samples", "3",
+                 "--ratios", "0.5", "--methods", "fitprune", "--batch-size", "4", "--out-dir", out, "--threads", "1",
+                 "--max-pruning-layers", "4", "1", "--convention", "total"]) == 0
+    with open(os.path.join(out, "accuracy.json")) as f:
+        report = json.load(f)
+    rows = {r["method"]: r for r in report["results"]}
+    assert [r["method"] for r in report["results"]] == ["dense", "fitprune", "fitprune-k1", "fitprune-k4", "lvprune"]
+    assert report["provenance"]["max_pruning_layers"] == [1, 4]
+    assert sum(d > 0 for d in rows["fitprune-k1"]["drop_per_layer"]) == 1
+    assert abs(rows["fitprune-k1"]["achieved_reduction"] - 0.5) < 0.02  # the budget, at the questions' own prompts
+    assert rows["fitprune-k4"]["status"] == "n/a" and "from 1 to 3" in rows["fitprune-k4"]["reason"]
+    text = open(os.path.join(out, "accuracy.md")).read()
+    assert "fitprune-k4 | 0.5 | n/a" in text and "ratio 0.5: fitprune-k1: " in text
+
+
+def test_staged_comparison_is_paired_against_unconstrained_fitprune():
+    from llava_fitprune.synth.accuracy_report import comparison
+
+    right = {"fitprune": [1, 1, 0, 1], "fitprune-k2": [1, 0, 0, 1], "fitprune-k10": [1, 1, 1, 1]}
+    preds = [{"method": m, "ratio": 0.7, "question_id": f"q{i}", "correct": bool(c)}
+             for m, cs in right.items() for i, c in enumerate(cs)]
+    text = comparison([{"method": m, "ratio": 0.7} for m in right], preds)
+    # k2: d = [0, -1, 0, 0], mean -0.25, SE = sqrt((1/4 - 1/16) / 3); k10 (after k2): d = [0, 0, 1, 0]
+    assert "ratio 0.7: fitprune-k2: -0.250 (+-0.250; 0 won, 1 lost), fitprune-k10: +0.250 (+-0.250; 1 won, 0 lost)" \
+        in text

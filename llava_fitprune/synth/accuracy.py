@@ -3,7 +3,8 @@
     llava-fitprune accuracy [--checkpoint eval_data/synth_llava/checkpoint] [--ratios 0.1 ... 0.9]
 
 Dense once, then fitprune, random, uniform and fastv at each FLOPs reduction ratio (lvprune once,
-at its modules' own schedule, with --lvprune-modules). FitPrune's recipes are fitted on this model in
+at its modules' own schedule, with --lvprune-modules; fitprune-kK with --max-pruning-layers K: FitPrune
+fitted with at most K pruning layers, docs/fit.md). FitPrune's recipes are fitted on this model in
 one statistics pass, from a calibration set drawn from the synthetic TRAIN split (never the test
 questions); random uses FitPrune's schedule, fastv / uniform the least aggressive schedule whose
 prefill FLOPs do not exceed FitPrune's (methods.py), matched on total prefill FLOPs (flops.py) at the
@@ -62,6 +63,8 @@ def parse_args(argv):
     p.add_argument("--conv-mode", default="vicuna_v1")
     p.add_argument("--out-dir", default="accuracy_results")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--max-pruning-layers", type=int, nargs="+", default=[], metavar="K",
+                   help="also FitPrune fitted with at most K pruning layers, as method fitprune-kK, at every ratio")
     a = p.parse_args(argv)
     unknown = [m for m in a.methods if m not in BASELINES + ("lvprune",)]
     if unknown:
@@ -77,8 +80,10 @@ def parse_args(argv):
     if a.split and not os.path.isfile(os.path.join(a.split, "questions.jsonl")):
         p.error(f"--split {a.split} has no questions.jsonl: pass a split dir written by write_split (or omit --split)")
     if min(a.num_scenes, a.calibration_samples, a.batch_size, 1 if a.limit is None else a.limit,
-           1 if a.max_new_tokens is None else a.max_new_tokens) < 1:
-        p.error("--num-scenes, --calibration-samples, --batch-size, --limit and --max-new-tokens must be >= 1")
+           1 if a.max_new_tokens is None else a.max_new_tokens, *a.max_pruning_layers) < 1:
+        p.error("--num-scenes, --calibration-samples, --batch-size, --limit, --max-new-tokens and "
+                "--max-pruning-layers must be >= 1")
+    a.max_pruning_layers = sorted(set(a.max_pruning_layers))
     a.ratios = sorted(set(a.ratios) - {0.0})  # ratio 0 is the dense row, run once
     return a
 
@@ -180,8 +185,9 @@ def run_combo(model, tok, inputs, questions, gold, batch_size, max_new_tokens, d
 
 
 def fitted_recipes(model, tok, proc, ratios, seed, n_visual, *, data_root, num_samples, conv_mode="vicuna_v1",
-                   convention="visual_only", batch_size=8) -> tuple[dict, dict]:
+                   convention="visual_only", batch_size=8, max_pruning_layers=None) -> tuple[dict, dict]:
     """{ratio: FitPrune Recipe or the reason it cannot be had}, calibration provenance.
+    `max_pruning_layers`: K, fitted with at most K pruning layers (a K the model cannot take: every ratio n/a).
 
     Calibrated on `num_samples` questions of training scenes of data seed `seed` (generated into
     `data_root`, reused when already there): the task's own distribution, never the test split.
@@ -201,7 +207,11 @@ def fitted_recipes(model, tok, proc, ratios, seed, n_visual, *, data_root, num_s
               f"prefill FLOPs ({convention})" for r in ratios if r > top}
     reachable = [r for r in ratios if r not in out]
     if reachable:
-        out.update(zip(reachable, fit(model, calib, reachable, convention=convention, batch_size=batch_size)))
+        try:
+            out.update(zip(reachable, fit(model, calib, reachable, convention=convention, batch_size=batch_size,
+                                          max_pruning_layers=max_pruning_layers)))
+        except RecipeError as e:
+            out.update({r: str(e) for r in reachable})
     return out, {**calib.meta, "split_dir": train, "reference_text_tokens": n_text, "max_reduction": round(top, 6)}
 
 
@@ -215,23 +225,27 @@ def split_questions(split: str, limit: int | None = None) -> tuple[list[dict], d
     return read_jsonl(path)[:limit], gold
 
 
-def schedules(model, args, recipes, n_text, n_visual):
-    """(method, ratio, recipe or None, selector, modules config) to run, and (method, ratio, reason) n/a."""
+def schedules(model, args, recipes, n_text, n_visual, staged=None):
+    """(method, ratio, recipe or None, selector, modules config) to run, and (method, ratio, reason) n/a.
+    `staged`: {K: {ratio: recipe or reason}} fitted with at most K pruning layers, run as fitprune-kK."""
     from ..core.methods import build_method
 
     runs, skipped = [("dense", 0.0, None, None, None)], []
+    staged = staged or {}
     for r in args.ratios:
-        for m in (m for m in BASELINES if m in args.methods):
-            if isinstance(recipes[r], str):
-                skipped.append((m, r, recipes[r]))
+        todo = [(m, m, recipes) for m in BASELINES if m in args.methods]
+        todo += [(f"fitprune-k{K}", "fitprune", staged[K]) for K in sorted(staged)]
+        for name, m, fitted in todo:
+            if isinstance(fitted[r], str):
+                skipped.append((name, r, fitted[r]))
                 continue
             try:
-                recipe, selector = build_method(m, recipe=recipes[r], model=model, num_text_tokens=n_text,
+                recipe, selector = build_method(m, recipe=fitted[r], model=model, num_text_tokens=n_text,
                                                 num_visual_tokens=n_visual)
             except (ValueError, RecipeError) as e:
-                skipped.append((m, r, str(e)))
+                skipped.append((name, r, str(e)))
                 continue
-            runs.append((m, r, recipe, selector, None))
+            runs.append((name, r, recipe, selector, None))
     if "lvprune" in args.methods:
         from ..lvprune.selector import as_modules
 
@@ -276,7 +290,11 @@ def _run(args) -> int:
                                          data_root=os.path.join(args.out_dir, "data"),
                                          num_samples=args.calibration_samples, conv_mode=args.conv_mode,
                                          convention=args.convention, batch_size=args.batch_size)
-    runs, skipped = schedules(model, args, recipes, n_text, n_visual)
+    staged = {K: fitted_recipes(model, tok, proc, args.ratios, seed, n_visual,
+                                data_root=os.path.join(args.out_dir, "data"), num_samples=args.calibration_samples,
+                                conv_mode=args.conv_mode, convention=args.convention, batch_size=args.batch_size,
+                                max_pruning_layers=K)[0] for K in args.max_pruning_layers}
+    runs, skipped = schedules(model, args, recipes, n_text, n_visual, staged)
     shape = report.model_shape(model)
     results, preds = [], []
     print(f"{len(questions)} questions, {len(runs)} runs, max_new_tokens {max_new}, batch {args.batch_size}")

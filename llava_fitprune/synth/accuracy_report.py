@@ -16,6 +16,14 @@ FORMAT, VERSION = "llava-fitprune-accuracy", 1
 CONVENTION = ("language-model prefill FLOPs, 'total' convention (every prefill token, 2 x MACs of the matmuls; "
               "llava_fitprune.core.flops) - the convention build_method matches budgets under")
 METHOD_ORDER = ("dense", "fitprune", "random", "uniform", "fastv", "lvprune")
+STAGED = "fitprune-k"  # fitprune-kK: FitPrune fitted with at most K pruning layers
+
+
+def method_rank(method: str) -> tuple:
+    """Table order: METHOD_ORDER, with fitprune-kK after fitprune by K."""
+    if method.startswith(STAGED):
+        return METHOD_ORDER.index("fitprune"), int(method[len(STAGED):])
+    return METHOD_ORDER.index(method), 0
 FIELDS = ["method", "ratio", "status", "achieved_reduction", "prefill_tflops", "accuracy", "correct", "n",
           *QUESTION_TYPES, "seconds", "drop_per_layer", "reason"]
 
@@ -59,14 +67,15 @@ def provenance(args, split, seed, seed_source, num_questions, max_new, n_text, n
             "split": os.path.abspath(split), "split_given": args.split is not None, "split_seed": split_seed,
             "data_seed": seed, "data_seed_source": seed_source, "num_questions": num_questions, "limit": args.limit,
             "max_new_tokens": max_new, "batch_size": args.batch_size, "conv_mode": args.conv_mode,
-            "flops_convention": "total", "ratio_convention": args.convention, "reference_text_tokens": n_text, "visual_tokens": n_visual,
+            "flops_convention": "total", "ratio_convention": args.convention,
+            "max_pruning_layers": getattr(args, "max_pruning_layers", []), "reference_text_tokens": n_text, "visual_tokens": n_visual,
             "calibration": calib_meta, "torch": torch.__version__, "transformers": transformers.__version__,
             "package_version": __version__, "threads": torch.get_num_threads()}
 
 
 def _ordered(results, skipped) -> list[dict]:
     na = [{"method": m, "ratio": r, "status": "n/a", "reason": why} for m, r, why in skipped]
-    key = lambda x: (x["ratio"] if x["ratio"] is not None else 2.0, METHOD_ORDER.index(x["method"]))  # noqa: E731
+    key = lambda x: (x["ratio"] if x["ratio"] is not None else 2.0, method_rank(x["method"]))  # noqa: E731
     return sorted(results + na, key=key)
 
 
@@ -110,7 +119,7 @@ def plot(results: list[dict], path: str) -> str:
     from ..plots import finish
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in METHOD_ORDER[1:]:
+    for m in sorted({x["method"] for x in results} - {"dense"}, key=method_rank):
         pts = sorted((x["prefill_tflops"], x["accuracy"]) for x in results if x["method"] == m)
         if pts:
             ax.plot(*zip(*pts), marker="o", label=m)
@@ -123,30 +132,40 @@ def plot(results: list[dict], path: str) -> str:
     return finish(fig, ax, path)
 
 
+def paired_difference(ours: dict, theirs: dict) -> str:
+    """Accuracy of `ours` minus `theirs` ({question_id: correct}), paired on ours' questions: the mean of
+    per-question differences (+1, 0, -1), its standard error, questions ours alone got right / wrong."""
+    other = [theirs.get(q) for q in ours]
+    if not ours or any(o is None for o in other):
+        return "n/a"
+    d = [int(f) - int(o) for f, o in zip(ours.values(), other)]  # per question: +1 won, -1 lost
+    n, mean = len(d), sum(d) / len(d)
+    se = math.sqrt(max(sum(x * x for x in d) / n - mean ** 2, 0.0) / (n - 1)) if n > 1 else math.nan
+    return f"{mean:+.3f} (+-{se:.3f}; {d.count(1)} won, {d.count(-1)} lost)"
+
+
 def comparison(results: list[dict], preds: list[dict], min_ratio: float = 0.6) -> str:
     """FitPrune's accuracy minus random's and uniform's at each ratio >= min_ratio, paired on the same
-    questions: the mean of per-question differences (+1, 0, -1), its standard error, and the questions
-    FitPrune alone got right (won) or alone got wrong (lost)."""
+    questions (`paired_difference`); and, where run, each fitprune-kK minus fitprune at every ratio."""
     correct = {(p["method"], p["ratio"], p["question_id"]): bool(p["correct"]) for p in preds}
+    answers = lambda m, r: {q: c for (mm, rr, q), c in correct.items() if mm == m and rr == r}  # noqa: E731
     ratios = sorted({x["ratio"] for x in results if x["method"] == "fitprune" and x.get("ratio") is not None
                      and x["ratio"] >= min_ratio - 1e-9})
     lines = [f"FitPrune minus baselines at ratios >= {min_ratio} (accuracy; paired on the same questions, "
              f"+-1 SE of the mean difference, so differences within about 2 SE are noise):"]
     for r in ratios:
-        ours = {q: c for (m, rr, q), c in correct.items() if m == "fitprune" and rr == r}
-        parts = []
-        for b in ("random", "uniform"):
-            theirs = [correct.get((b, r, q)) for q in ours]
-            if not ours or any(o is None for o in theirs):
-                parts.append(f"vs {b}: n/a")
-                continue
-            d = [int(f) - int(o) for f, o in zip(ours.values(), theirs)]  # per question: +1 won, -1 lost
-            n, mean = len(d), sum(d) / len(d)
-            se = math.sqrt(max(sum(x * x for x in d) / n - mean ** 2, 0.0) / (n - 1)) if n > 1 else math.nan
-            parts.append(f"vs {b}: {mean:+.3f} (+-{se:.3f}; {d.count(1)} won, {d.count(-1)} lost)")
-        lines.append(f"  ratio {r:g}: " + ", ".join(parts))
+        ours = answers("fitprune", r)
+        lines.append(f"  ratio {r:g}: " + ", ".join(f"vs {b}: {paired_difference(ours, answers(b, r))}"
+                                                     for b in ("random", "uniform")))
     if not ratios:
         lines.append("  (no ratio >= %g was run or reachable)" % min_ratio)
+    staged = sorted({x["method"] for x in results if x["method"].startswith(STAGED)}, key=method_rank)
+    if staged:
+        lines.append("FitPrune with at most K pruning layers minus unconstrained FitPrune, same budget (paired):")
+        for r in sorted({x["ratio"] for x in results if x["method"] in staged}):
+            free = answers("fitprune", r)
+            lines.append(f"  ratio {r:g}: " + ", ".join(f"{m}: {paired_difference(answers(m, r), free)}"
+                                                         for m in staged))
     return "\n".join(lines)
 
 
