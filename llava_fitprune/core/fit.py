@@ -27,6 +27,10 @@ n tokens the recipe is scaled back by `Recipe.drops_for(n)`; the report gives th
 achieves for each distinct calibration count (`report['budgets'][ratio]['achieved_reduction_by_count']`).
 Samples of different lengths are batched right-padded with masks.
 
+Few stages (`max_pruning_layers=K`): the least alpha whose least-FLOPs schedule of at most K pruning
+layers that never runs ahead of the full simulation's cumulative drops meets the budget
+(fit_stages.py); the unconstrained recipe when it already prunes in at most K layers.
+
 Budgets are costed for one reference prompt: N_ref visual tokens and the calibration's mean
 text token count (round half up). Several budgets share one statistics pass and a cache of
 simulations keyed by alpha (a simulation run for a larger budget contains the smaller's).
