@@ -387,13 +387,12 @@ class FitPruneLlavaLlamaForCausalLM(PruningCausalLMMixin, LlavaLlamaForCausalLM)
 
 
 def to_left_padding(embeds: torch.Tensor, attention_mask: torch.Tensor, visual_mask: torch.Tensor):
-    """Move each sample's padding to the left (LLaVA pads on the right), so the last row is real.
+    """Move each sample's padding to the left, keeping the order of its real tokens, so the last row is
+    real: LLaVA pads on the right, or on the left when `config.tokenizer_padding_side` is "left".
 
     embeds: [B, N, D]; attention_mask, visual_mask: [B, N]
     """
-    B, N = attention_mask.shape
-    pad = N - attention_mask.long().sum(-1, keepdim=True)  # [B, 1]
-    index = (torch.arange(N, device=embeds.device)[None, :] - pad) % N  # [B, N]
+    index = attention_mask.to(torch.int8).argsort(dim=-1, stable=True)  # [B, N]: padding first, in order
     embeds = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
     return embeds, attention_mask.gather(1, index), visual_mask.gather(1, index)
 
