@@ -18,7 +18,7 @@ from torch.nn import CrossEntropyLoss
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, LlamaForCausalLM
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .cache import PrunedCache
+from .cache import PrunedCache, check_attention_mask, continuation_mask
 from .layer_step import RopeSpan, RopeTable, attention_mask_4d, pruning_layer_forward
 from ...core.recipe import Recipe
 from ...core.selectors import FitPruneSelector, OracleSelector, PruneState, TokenSelector
@@ -114,6 +114,7 @@ class PruningDecoderMixin:
 
         cache = PrunedCache.from_any(past_key_values) if use_cache else None  # ours
         past_seen = cache.seen_tokens if cache is not None else 0
+        check_attention_mask(attention_mask, past_seen, seq_length)  # ours
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, past_seen + seq_length, dtype=torch.bool, device=device)
         valid = attention_mask[:, -seq_length:].bool()  # ours: [B, N] real tokens of this step
@@ -331,7 +332,8 @@ class PruningCausalLMMixin:
                  image_sizes: Optional[torch.Tensor] = None, **kwargs):
         """LLaVA's `generate` (returns only new tokens), plus: batches are left-padded after the image
         is expanded, and `past_key_values=` continues a cached conversation with text `inputs`
-        (then `attention_mask` must cover the cached tokens too, and the output holds `inputs` + new)."""
+        (`attention_mask`, if given, covers the cached tokens too, starting with `cache.key_masks[0]`;
+        without one, the cache's padding and all-real new tokens; the output holds `inputs` + new)."""
         position_ids = kwargs.pop("position_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
         if "inputs_embeds" in kwargs:
@@ -340,6 +342,7 @@ class PruningCausalLMMixin:
         if kwargs.get("past_key_values") is not None:
             if images is not None:
                 raise ValueError("continuing from past_key_values takes text tokens only; pass images=None")
+            attention_mask = continuation_mask(kwargs["past_key_values"], attention_mask, inputs)
             return generate(inputs, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         visual_mask = None
         if images is not None:
