@@ -1,10 +1,14 @@
 """#16 reliability of the model, recipes and checkpoints: each test fails on the code before the fix."""
 import copy
+import json
+import os
+import shutil
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from llava_fitprune import Recipe
+from llava_fitprune import OracleSelector, Recipe, RecipeError
 from .conftest import batch_ids, image_tensor, load_ours, load_stock, prompt_ids
 
 QUESTIONS = ["How many?", "Is the red square left of the blue star? Answer yes or no."]
@@ -79,3 +83,128 @@ def test_second_turn_of_a_padded_batch_without_mask(tiny_dir, one_thread):
         if new_1[0, 0] != new[i, 0]:
             continue  # turn 1 answered differently (not the point here; test_equivalence covers it)
         assert _turn2(model, cache_1, new_1)[0].tolist() == batched[i].tolist(), f"sample {i}"
+
+
+def _dropped(model, tok, seed=9):
+    model(prompt_ids(tok, QUESTIONS[1])[None], images=image_tensor(seed, 336))
+    return [None if d is None else d.tolist() for d in model.last_trace.dropped_positions]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method, kw", [("random", {"recipe": RECIPE4, "method_options": {"seed": 3}}),
+                                        ("fastv", {"method_options": {"k": 2, "r": 0.5}})])
+def test_saved_method_and_options_are_restored(tiny_dir, tmp_path, method, kw, one_thread):
+    tok, model, _, _ = load_ours(tiny_dir, method=method, **kw)
+    expected = _dropped(model, tok)
+    model.save_pretrained(tmp_path / "llava-saved")
+    tok.save_pretrained(tmp_path / "llava-saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "llava-saved", torch_dtype=torch.float32).eval()
+    reloaded.get_vision_tower().load_model()
+    assert reloaded.model.selector.name == method and _dropped(reloaded, tok) == expected
+    _, by_loader, _, _ = load_ours(str(tmp_path / "llava-saved"))  # the builder keeps the checkpoint's pruning
+    assert by_loader.model.selector.name == method and _dropped(by_loader, tok) == expected
+    if method == "random":
+        assert reloaded.model.selector.seed == by_loader.model.selector.seed == 3
+
+
+@torch.no_grad()
+def test_saving_an_unrestorable_selector_is_refused(tiny_dir, tmp_path):
+    tok, model, _, _ = load_ours(tiny_dir, recipe=RECIPE4)
+    model.set_pruning(RECIPE4, OracleSelector([None] * 4))
+    with pytest.raises(ValueError, match="cannot save a model pruning with the 'oracle' selector"):
+        model.save_pretrained(tmp_path / "llava-saved")
+    assert not (tmp_path / "llava-saved").exists()
+    model.set_pruning(None, OracleSelector([None] * 4))  # dense: nothing to restore
+    model.save_pretrained(tmp_path / "llava-saved")
+
+
+def test_set_pruning_takes_what_the_loader_takes(tiny_dir, tmp_path):
+    _, model, _, _ = load_ours(tiny_dir)
+    RECIPE4.save(tmp_path / "r.json")
+    for given in (RECIPE4.to_dict(), tmp_path / "r.json", str(tmp_path / "r.json")):
+        model.set_pruning(given)
+        assert model.recipe == RECIPE4
+    with pytest.raises(RecipeError, match="recipe has 32 layers but the model has 4"):
+        model.set_pruning(reduction_ratio=0.6)
+    model.set_pruning(RECIPE4, method="random", method_options={"seed": 3})
+    assert model.model.selector.name == "random" and model.model.selector.seed == 3
+    assert model.config.fitprune_method_options == {"seed": 3}
+    with pytest.raises(ValueError, match="either a selector or a method"):
+        model.set_pruning(RECIPE4, OracleSelector([]), method="random")
+    model.set_pruning(reduction_ratio=0.0)
+    assert model.recipe is None
+
+
+@pytest.mark.parametrize("kw, error, message", [
+    ({"method": "bogus"}, ValueError, "unknown pruning method 'bogus'"),
+    ({"method": "fastv", "method_options": {"kk": 2}}, TypeError, r"takes options \['k', 'r', 'target_reduction'\]"),
+    ({"method": "random"}, ValueError, "random uses FitPrune's schedule"),
+    ({"method": "lvprune"}, ValueError, "lvprune needs method_options"),
+    ({"method_options": {"k": 2}}, ValueError, "method_options given without a method"),
+    ({"reduction_ratio": 0.6}, RecipeError, "recipe has 32 layers but the model has 4"),
+    ({"recipe": "/nonexistent/r.json"}, RecipeError, "does not exist"),
+])
+def test_loader_checks_pruning_arguments_before_reading_weights(tiny_dir, monkeypatch, kw, error, message):
+    from llava_fitprune.adapters.llava.modeling import FitPruneLlavaLlamaForCausalLM
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the pruning arguments were checked")
+
+    monkeypatch.setattr(FitPruneLlavaLlamaForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(error, match=message):
+        load_ours(tiny_dir, **kw)
+
+
+@torch.no_grad()
+def test_checkpoint_with_its_tower_inside_can_move(tiny_dir, tmp_path):
+    from llava_fitprune.adapters.llava.tiny import VISION_SUBDIR
+
+    tok, model, _, _ = load_ours(tiny_dir, recipe=RECIPE4)
+    ids, images = prompt_ids(tok, QUESTIONS[0])[None], image_tensor(7, 336)
+    expected = model(ids, images=images).logits
+    first = tmp_path / "llava-first"
+    shutil.copytree(os.path.join(tiny_dir, VISION_SUBDIR), first / VISION_SUBDIR)
+    model.save_pretrained(first)
+    tok.save_pretrained(first)
+    assert json.loads((first / "config.json").read_text())["mm_vision_tower"] == VISION_SUBDIR
+    moved = tmp_path / "llava-moved"
+    shutil.move(first, moved)
+    _, by_loader, _, _ = load_ours(str(moved))
+    torch.testing.assert_close(by_loader(ids, images=images).logits, expected, atol=1e-5, rtol=0)
+    by_auto = AutoModelForCausalLM.from_pretrained(moved, torch_dtype=torch.float32).eval()
+    by_auto.get_vision_tower().load_model()
+    torch.testing.assert_close(by_auto(ids, images=images).logits, expected, atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path / "no-tower")  # the tower is not inside: the path in use is kept
+    assert json.loads((tmp_path / "no-tower" / "config.json").read_text())["mm_vision_tower"] == \
+        os.path.join(os.path.abspath(tiny_dir), VISION_SUBDIR)
+
+
+def test_user_files_are_loaded_weights_only(tiny_dir, tmp_path, monkeypatch):
+    """torch.load of user files passes weights_only=True itself (the default differs across torch versions)."""
+    from llava_fitprune.lvprune.engine import LocalEngine
+
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    engine = LocalEngine(layer, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), 1, None)
+    engine.save_checkpoint(str(tmp_path), {"state": {"step": 3}})
+    assert engine.load_checkpoint(str(tmp_path)) == {"state": {"step": 3}}
+    # a projector-only checkpoint on top of a base model (LLaVA's model_base route)
+    projector_dir = tmp_path / "llava-tiny-projector"
+    projector_dir.mkdir()
+    config = json.loads(open(os.path.join(tiny_dir, "config.json")).read())
+    config["mm_vision_tower"] = os.path.join(os.path.abspath(tiny_dir), config["mm_vision_tower"])
+    (projector_dir / "config.json").write_text(json.dumps(config))
+    _, model, _, _ = load_ours(tiny_dir)
+    torch.save({k: v for k, v in model.state_dict().items() if "mm_projector" in k}, projector_dir / "mm_projector.bin")
+    from llava_fitprune import load_pretrained_model
+
+    load_pretrained_model(str(projector_dir), tiny_dir, "llava-tiny-projector", device="cpu")
+    assert calls == [True, True]

@@ -6,6 +6,8 @@ once, the scores read from the rows that need them, rows gathered by index befor
 """
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, List, Optional, Tuple, Union
@@ -15,12 +17,14 @@ import torch.nn as nn
 from llava.constants import IGNORE_INDEX
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM, LlavaLlamaModel
 from torch.nn import CrossEntropyLoss
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, LlamaForCausalLM, PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .cache import PrunedCache, check_attention_mask, continuation_mask
+from .checkpoint import (refuse_unrestorable, resolve_vision_tower, selector_from_config, selector_options,
+                         tower_path_for_save)
 from .layer_step import RopeSpan, RopeTable, attention_mask_4d, pruning_layer_forward
-from ...core.recipe import Recipe
+from ...core.recipe import Recipe, resolve_recipe
 from ...core.selectors import FitPruneSelector, OracleSelector, PruneState, TokenSelector
 
 _TEXT_LABEL = -1  # marks text labels while LLaVA expands images (its image positions get IGNORE_INDEX)
@@ -226,18 +230,65 @@ class PruningCausalLMMixin:
 
     def _init_pruning(self, config) -> None:
         recipe = getattr(config, "fitprune_recipe", None)
-        if recipe is not None:
-            self.set_pruning(Recipe.from_dict(recipe, source="config.fitprune_recipe"))
+        if recipe is not None:  # a saved pruning model: its schedule and its selector with its options
+            selector = selector_from_config(getattr(config, "fitprune_method", "fitprune"),
+                                            getattr(config, "fitprune_method_options", None))
+            self.set_pruning(Recipe.from_dict(recipe, source="config.fitprune_recipe"), selector)
 
     # -- pruning control --------------------------------------------------------------------------
-    def set_pruning(self, recipe: Optional[Recipe], selector: Optional[TokenSelector] = None) -> None:
-        """Use `recipe` (None: dense) and `selector` (default FitPrune) from now on; saved with the config."""
-        if recipe is not None:
-            recipe.check_model(len(self.model.layers))
-        self.model.recipe = recipe
-        self.model.selector = selector or FitPruneSelector()
-        self.config.fitprune_recipe = recipe.to_dict() if recipe is not None else None
-        self.config.fitprune_method = self.model.selector.name
+    def set_pruning(self, recipe: "Recipe | dict | str | os.PathLike | None" = None,
+                    selector: Optional[TokenSelector] = None, *, reduction_ratio: Optional[float] = None,
+                    method: Optional[str] = None, method_options: Optional[dict] = None,
+                    num_text_tokens: int = 65) -> None:
+        """Prune from now on as `load_pretrained_model` would; recorded in the config, so saved with it.
+
+        recipe: a Recipe, its dict or a JSON path; or `reduction_ratio` for the built-in recipe; neither
+        is dense. Then either `selector` (a TokenSelector object) or `method` + `method_options`
+        (methods.build_method: fitprune, random, fastv, uniform, lvprune; default fitprune).
+        """
+        if selector is not None and (method is not None or method_options):
+            raise ValueError("give either a selector or a method (with method_options), not both")
+        if selector is not None or (method in (None, "fitprune") and not method_options):
+            schedule = resolve_recipe(recipe, reduction_ratio, num_layers=len(self.model.layers))
+            selector = selector or FitPruneSelector()
+        else:
+            from ...core.methods import build_method
+
+            schedule, selector = build_method(
+                method, recipe=recipe, reduction_ratio=reduction_ratio, model=self, num_text_tokens=num_text_tokens,
+                num_visual_tokens=getattr(self.get_vision_tower(), "num_patches", None), **(method_options or {}))
+        self.model.recipe = schedule  # immutable (a frozen Recipe): what was checked is what runs
+        self.model.selector = selector
+        self.config.fitprune_recipe = schedule.to_dict() if schedule is not None else None
+        self.config.fitprune_method = selector.name
+        self.config.fitprune_method_options = selector_options(selector)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """transformers' `from_pretrained`, plus: a vision tower given relative to the checkpoint
+        (`mm_vision_tower`) is opened there, whatever the working directory."""
+        if config is None:
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path)
+        elif isinstance(config, PretrainedConfig):
+            config = copy.deepcopy(config)
+        given = resolve_vision_tower(config, pretrained_model_name_or_path)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        model.vision_tower_given = given or getattr(model, "vision_tower_given", None)
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, plus: refused when the selector cannot be restored (see
+        checkpoint.py); the vision tower path stays relative when it resolves inside `save_directory`."""
+        if self.model.recipe is not None:
+            refuse_unrestorable(self.model.selector)
+        in_use = getattr(self.config, "mm_vision_tower", None)
+        self.config.mm_vision_tower = tower_path_for_save(self.config, getattr(self, "vision_tower_given", None),
+                                                          save_directory)
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config.mm_vision_tower = in_use
 
     @property
     def recipe(self) -> Optional[Recipe]:
