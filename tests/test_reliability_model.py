@@ -208,3 +208,16 @@ def test_user_files_are_loaded_weights_only(tiny_dir, tmp_path, monkeypatch):
 
     load_pretrained_model(str(projector_dir), tiny_dir, "llava-tiny-projector", device="cpu")
     assert calls == [True, True]
+
+
+def test_dry_run_refuses_negative_text_tokens(tmp_path, capsys):
+    from llava_fitprune.core.flops import prefill_report, resolve_shape
+    from llava_fitprune.core.recipe import builtin_recipe
+    from llava_fitprune.fit_cli import main
+
+    builtin_recipe(0.6).save(tmp_path / "r.json")
+    assert main(["--dry-run", "--recipe", str(tmp_path / "r.json"), "--num-text-tokens", "-50"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "--num-text-tokens is a token count >= 0, got -50" in err
+    with pytest.raises(ValueError, match="token counts are >= 0, got -50 text"):
+        prefill_report(resolve_shape("llava-v1.5-7b"), -50, 576, None)
