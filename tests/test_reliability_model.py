@@ -3,11 +3,14 @@ import copy
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import llava_fitprune
 from llava_fitprune import OracleSelector, Recipe, RecipeError
 from .conftest import batch_ids, image_tensor, load_ours, load_stock, prompt_ids
 
@@ -221,3 +224,26 @@ def test_dry_run_refuses_negative_text_tokens(tmp_path, capsys):
     assert out == "" and err.count("\n") == 1 and "--num-text-tokens is a token count >= 0, got -50" in err
     with pytest.raises(ValueError, match="token counts are >= 0, got -50 text"):
         prefill_report(resolve_shape("llava-v1.5-7b"), -50, 576, None)
+
+
+def test_import_registers_the_model_types_without_importing_torch(tiny_dir, tmp_path):
+    """`import llava_fitprune` (before or after transformers) lets the Auto classes load our checkpoints."""
+    ckpt = tmp_path / "llava-ours"
+    shutil.copytree(tiny_dir, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "model_type": "llava_fitprune",
+                                                  "fitprune_recipe": RECIPE4.to_dict()}))
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(llava_fitprune.__file__)))
+    env = {**os.environ, "PYTHONPATH": package_root}
+    first = ("import sys, llava_fitprune\n"
+             "assert not {'torch', 'transformers', 'llava'} & set(sys.modules), 'heavy imports'\n"
+             "from transformers import AutoModelForCausalLM\n"
+             f"m = AutoModelForCausalLM.from_pretrained({str(ckpt)!r})\n"
+             "print(type(m).__name__, list(m.recipe.drop_per_layer))\n")
+    out = subprocess.run([sys.executable, "-c", first], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "FitPruneLlavaLlamaForCausalLM [100, 250, 60, 0]"
+    after = (f"from transformers import AutoConfig\nimport llava_fitprune\n"
+             f"print(type(AutoConfig.from_pretrained({str(ckpt)!r})).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", after], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "FitPruneLlavaConfig", out.stderr[-2000:]
