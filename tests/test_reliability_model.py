@@ -247,3 +247,13 @@ def test_import_registers_the_model_types_without_importing_torch(tiny_dir, tmp_
              f"print(type(AutoConfig.from_pretrained({str(ckpt)!r})).__name__)\n")
     out = subprocess.run([sys.executable, "-c", after], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "FitPruneLlavaConfig", out.stderr[-2000:]
+
+
+@torch.no_grad()
+def test_output_attentions_is_none_exactly_at_pruning_layers_as_documented(tiny_dir):
+    from llava_fitprune.adapters.llava.modeling import FitPruneLlavaLlamaForCausalLM
+
+    assert "`attentions[l]` is None at every layer that\n        drops tokens" in FitPruneLlavaLlamaForCausalLM.forward.__doc__
+    tok, model, _, _ = load_ours(tiny_dir, "eager", recipe=RECIPE4)
+    out = model(prompt_ids(tok, QUESTIONS[0])[None], images=image_tensor(8, 336), output_attentions=True)
+    assert [a is None for a in out.attentions] == [d > 0 for d in RECIPE4.drop_per_layer]

@@ -347,6 +347,10 @@ class PruningCausalLMMixin:
         selector: Optional[TokenSelector] = None,  # ours
         key_bias_hook: Optional[Callable] = None,  # ours: see FitPruneLlavaLlamaModel.forward
     ) -> Union[Tuple, CausalLMOutputWithPast]:
+        """LLaVA's forward. With `output_attentions=True`, `attentions[l]` is None at every layer that
+        drops tokens in this call: such a layer computes only the rows its scores read, block by
+        block, and never holds the full [B, H, N, N] map (layer_step.py); other layers return stock's.
+        """
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict
         if inputs_embeds is None:
             (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels,
