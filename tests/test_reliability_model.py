@@ -146,6 +146,7 @@ def test_set_pruning_takes_what_the_loader_takes(tiny_dir, tmp_path):
     ({"method_options": {"k": 2}}, ValueError, "method_options given without a method"),
     ({"reduction_ratio": 0.6}, RecipeError, "recipe has 32 layers but the model has 4"),
     ({"recipe": "/nonexistent/r.json"}, RecipeError, "does not exist"),
+    ({"torch_dtype": "garbage"}, ValueError, r"torch_dtype 'garbage' is not one of \['bf16', 'bfloat16'"),
 ])
 def test_loader_checks_pruning_arguments_before_reading_weights(tiny_dir, monkeypatch, kw, error, message):
     from llava_fitprune.adapters.llava.modeling import FitPruneLlavaLlamaForCausalLM

@@ -28,8 +28,11 @@ def _device_and_dtype(device: str, torch_dtype):
     if torch_dtype is None:
         torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
     if isinstance(torch_dtype, str):
-        torch_dtype = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-                       "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}[torch_dtype]
+        names = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+        if torch_dtype not in names:
+            raise ValueError(f"torch_dtype {torch_dtype!r} is not one of {sorted(names)}")
+        torch_dtype = names[torch_dtype]
     return device, torch_dtype
 
 

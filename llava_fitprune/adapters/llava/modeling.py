@@ -27,6 +27,7 @@ from .layer_step import RopeSpan, RopeTable, attention_mask_4d, pruning_layer_fo
 from ...core.recipe import Recipe, resolve_recipe
 from ...core.selectors import FitPruneSelector, OracleSelector, PruneState, TokenSelector
 
+_HUB_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 _TEXT_LABEL = -1  # marks text labels while LLaVA expands images (its image positions get IGNORE_INDEX)
 
 
@@ -268,8 +269,9 @@ class PruningCausalLMMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
         """transformers' `from_pretrained`, plus: a vision tower given relative to the checkpoint
         (`mm_vision_tower`) is opened there, whatever the working directory."""
-        if config is None:
-            config = cls.config_class.from_pretrained(pretrained_model_name_or_path)
+        if config is None:  # loaded here (with the hub arguments) so the tower path can be resolved first
+            hub = {k: kwargs[k] for k in _HUB_ARGUMENTS if k in kwargs}
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub)
         elif isinstance(config, PretrainedConfig):
             config = copy.deepcopy(config)
         given = resolve_vision_tower(config, pretrained_model_name_or_path)
