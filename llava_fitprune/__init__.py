@@ -1,9 +1,14 @@
 """llava-fitprune: visual-token pruning inside the language model of LLaVA (FitPrune and friends).
 
-Names load lazily, so `python -m llava_fitprune.eval.merge` and other small tools stay quick; the
-model classes register with AutoConfig/AutoModelForCausalLM when `llava_fitprune.adapters.llava.modeling` loads.
+Names load lazily, so `python -m llava_fitprune.eval.merge` and other small tools stay quick. The
+model types are known to AutoConfig/AutoModelForCausalLM from `import llava_fitprune` on, without importing
+torch or LLaVA until a checkpoint of ours is loaded (auto_registration.py).
 """
 from importlib import import_module
+
+from . import auto_registration
+
+auto_registration.install()
 
 __version__ = "0.1.0"
 

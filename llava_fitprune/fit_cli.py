@@ -70,6 +70,8 @@ def dry_run(args) -> int:
         recipe.provenance.get("reference_text_tokens")
     if n_text is None:
         raise RecipeError("the recipe records no reference text length: pass --num-text-tokens N")
+    if int(n_text) < 0:
+        raise RecipeError(f"--num-text-tokens is a token count >= 0, got {n_text}")
     rep = prefill_report(shape, int(n_text), recipe.num_visual_tokens, recipe.drop_per_layer)
     alive = recipe.visual_tokens_entering()
     print(f"recipe {args.recipe}: method {recipe.method}, model {recipe.model.get('name')}, "

@@ -87,7 +87,7 @@ def test_target_reduction_and_other_methods_flops():
 # -- FastV's semantics ------------------------------------------------------------------------
 def test_fastv_defaults_on_a_hand_made_attention_map():
     recipe, selector = build_method("fastv", shape="llava-v1.5-7b", num_visual_tokens=576)
-    assert recipe.drop_per_layer == [0, 288] + [0] * 30  # K=2: absent from layer 2 on, R=50%
+    assert list(recipe.drop_per_layer) == [0, 288] + [0] * 30  # K=2: absent from layer 2 on, R=50%
     # 2 samples, 12 positions: text 0-1, visual 2-9, text 10-11; sample 1 is right-padded at 11.
     B, H, N, r0 = 2, 2, 12, 2
     visual = torch.zeros(B, N, dtype=torch.bool)
@@ -181,7 +181,7 @@ def test_lvprune_indexing_reproduces_masked_training_forward(tiny_model, tmp_pat
     indexed = model(ids, attention_mask=mask, images=images).logits
     trace = model.last_trace
     detach(model)
-    assert recipe.method == "lvprune" and recipe.drop_per_layer == [288, 144, 86, 0]  # keep .5, .25, .1 of 576
+    assert recipe.method == "lvprune" and list(recipe.drop_per_layer) == [288, 144, 86, 0]  # keep .5, .25, .1 of 576
     assert trace.visual_entering[-1] == [58, 58]
     for b in range(2):
         rows = trace.final_positions[b][trace.final_valid[b]]

@@ -173,6 +173,8 @@ def prefill_report(
     shape: LMShape, num_text_tokens: int, num_visual_tokens: int, drop_per_layer: Sequence[int] | None, batch: int = 1,
     text_before_image: int = 0, tail_block_rows=0,
 ) -> PrefillReport:
+    if num_text_tokens < 0 or num_visual_tokens < 0:
+        raise ValueError(f"token counts are >= 0, got {num_text_tokens} text and {num_visual_tokens} visual tokens")
     drops = list(drop_per_layer) if drop_per_layer is not None else [0] * shape.num_layers
     if len(drops) != shape.num_layers:
         raise ValueError(f"recipe has {len(drops)} layers, the model {shape.num_layers}")

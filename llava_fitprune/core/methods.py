@@ -122,19 +122,27 @@ def uniform_drops(num_layers: int, rate_total: int, num_visual_tokens: int) -> l
     return [b - a for a, b in zip(gone, gone[1:])]
 
 
-def _check_options(method: str, options: dict, allowed: tuple) -> None:
-    unknown = set(options) - set(allowed)
+METHOD_OPTIONS = {"fitprune": (), "random": ("seed",), "fastv": ("k", "r", "target_reduction"),
+                  "uniform": ("per_layer", "target_reduction"), "lvprune": ("modules",)}
+
+
+def check_method(method: str, options: Optional[dict] = None) -> None:
+    """The method name and its option names, checked before anything heavy runs."""
+    if method not in METHOD_OPTIONS:
+        raise ValueError(f"unknown pruning method {method!r}; available: {list(METHODS)}")
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"method_options must be a dict of option names, got {type(options).__name__}")
+    allowed = METHOD_OPTIONS[method]
+    unknown = set(options or {}) - set(allowed)
     if unknown:
         raise TypeError(f"method {method!r} takes options {sorted(allowed)}, not {sorted(unknown)}")
 
 
-def _fitprune(ctx: MethodContext, **options):
-    _check_options("fitprune", options, ())
+def _fitprune(ctx: MethodContext):
     return ctx.reference, FitPruneSelector()
 
 
-def _random(ctx: MethodContext, seed: int = 0, **options):
-    _check_options("random", options, ("seed",))
+def _random(ctx: MethodContext, seed: int = 0):
     ref = ctx.reference
     if ref is None:
         raise ValueError("random uses FitPrune's schedule: give a recipe or a reduction_ratio")
@@ -143,9 +151,7 @@ def _random(ctx: MethodContext, seed: int = 0, **options):
     return recipe, RandomSelector(seed)
 
 
-def _fastv(ctx: MethodContext, k: int = FASTV_K, r: Optional[float] = None, target_reduction: Optional[float] = None,
-           **options):
-    _check_options("fastv", options, ("k", "r", "target_reduction"))
+def _fastv(ctx: MethodContext, k: int = FASTV_K, r: Optional[float] = None, target_reduction: Optional[float] = None):
     n_v, L = ctx.n_visual(), ctx.num_layers
     budget = ctx.budget(target_reduction)
     if budget is None:
@@ -167,9 +173,7 @@ def _fastv(ctx: MethodContext, k: int = FASTV_K, r: Optional[float] = None, targ
     return ctx.finish(recipe, prov), FastVSelector()
 
 
-def _uniform(ctx: MethodContext, per_layer: Optional[float] = None, target_reduction: Optional[float] = None,
-             **options):
-    _check_options("uniform", options, ("per_layer", "target_reduction"))
+def _uniform(ctx: MethodContext, per_layer: Optional[float] = None, target_reduction: Optional[float] = None):
     n_v, L = ctx.n_visual(), ctx.num_layers
     budget = ctx.budget(target_reduction)
     if budget is None:
@@ -186,8 +190,7 @@ def _uniform(ctx: MethodContext, per_layer: Optional[float] = None, target_reduc
     return ctx.finish(recipe, prov), UniformSelector()
 
 
-def _lvprune(ctx: MethodContext, modules=None, **options):
-    _check_options("lvprune", options, ("modules",))
+def _lvprune(ctx: MethodContext, modules=None):
     from ..lvprune.selector import LVPruneSelector, as_modules
 
     if modules is None:
@@ -213,8 +216,7 @@ def build_method(method: str = "fitprune", *, recipe=None, reduction_ratio: Opti
     shape: an LMShape / named shape / config (default: `model.config`). Options per method:
     fastv k, r, target_reduction; uniform per_layer, target_reduction; random seed; lvprune modules.
     """
-    if method not in _BUILDERS:
-        raise ValueError(f"unknown pruning method {method!r}; available: {list(METHODS)}")
+    check_method(method, options)
     if shape is not None:
         shape = resolve_shape(shape)
     elif model is not None:

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,9 +31,28 @@ class RecipeError(ValueError):
     """A recipe that cannot be used: the message names the problem and the fix."""
 
 
-@dataclass
+def whole_number(value: Any, what: str) -> int:
+    """`value` as an int when it is a whole number (an int, or a float with no fraction); else RecipeError.
+
+    Booleans, strings, fractions, NaN and infinities are refused rather than truncated or parsed."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
+        raise RecipeError(f"{what} must be a whole number, got {value!r} ({type(value).__name__})")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise RecipeError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _finite(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise RecipeError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
 class Recipe:
-    drop_per_layer: list[int]
+    """Immutable: `dataclasses.replace(recipe, ...)` makes a changed copy, validated again."""
+
+    drop_per_layer: tuple[int, ...]  # a list given here is stored as a tuple
     num_visual_tokens: int
     reduction_ratio: float | None = None  # the budget asked for: fraction of FLOPs removed
     achieved_reduction: float | None = None  # what the schedule achieves under `flops_convention`
@@ -42,20 +62,33 @@ class Recipe:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.drop_per_layer = [int(d) for d in self.drop_per_layer]
-        if any(d < 0 for d in self.drop_per_layer):
-            raise RecipeError(f"recipe has negative drops {self.drop_per_layer}: drops are token counts >= 0")
-        if self.num_visual_tokens <= 0:
-            raise RecipeError(f"num_visual_tokens must be positive, got {self.num_visual_tokens}")
-        if self.total_dropped > self.num_visual_tokens:
+        drops = self.drop_per_layer
+        if isinstance(drops, (str, bytes)) or not isinstance(drops, (list, tuple)):
+            raise RecipeError(f"drop_per_layer must be a list of whole numbers, got {drops!r}")
+        drops = tuple(whole_number(d, f"drop_per_layer[{i}]") for i, d in enumerate(drops))
+        object.__setattr__(self, "drop_per_layer", drops)  # frozen: set once, here
+        if any(d < 0 for d in drops):
+            raise RecipeError(f"recipe has negative drops {list(drops)}: drops are token counts >= 0")
+        n_visual = whole_number(self.num_visual_tokens, "num_visual_tokens")
+        object.__setattr__(self, "num_visual_tokens", n_visual)
+        if n_visual <= 0:
+            raise RecipeError(f"num_visual_tokens must be positive, got {n_visual}")
+        if self.total_dropped > n_visual:
             raise RecipeError(
                 f"recipe drops {self.total_dropped} visual tokens in all but was fitted for only "
-                f"{self.num_visual_tokens}: lower the drops or fix num_visual_tokens"
+                f"{n_visual}: lower the drops or fix num_visual_tokens"
             )
         if self.reduction_ratio is not None:
             check_reduction_ratio(self.reduction_ratio)
+        if self.achieved_reduction is not None:
+            _finite(self.achieved_reduction, "achieved_reduction")
         if self.flops_convention not in ("total", "visual_only"):
             raise RecipeError(f"flops_convention must be 'total' or 'visual_only', got {self.flops_convention!r}")
+        if not isinstance(self.method, str):
+            raise RecipeError(f"method must be a string, got {self.method!r}")
+        for name in ("model", "provenance"):
+            if not isinstance(getattr(self, name), dict):
+                raise RecipeError(f"{name} must be a JSON object, got {getattr(self, name)!r}")
 
     @property
     def num_layers(self) -> int:
@@ -98,6 +131,7 @@ class Recipe:
     # -- serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["drop_per_layer"] = list(self.drop_per_layer)
         return {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, **d}
 
     @classmethod
@@ -137,6 +171,8 @@ class Recipe:
 
 
 def check_reduction_ratio(ratio: float) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise RecipeError(f"reduction_ratio must be a number in [0, 1), e.g. 0.6; got {ratio!r}")
     r = float(ratio)
     if not (0.0 <= r < 1.0) or math.isnan(r):
         raise RecipeError(
@@ -146,14 +182,22 @@ def check_reduction_ratio(ratio: float) -> float:
     return r
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _read_json(path: str | os.PathLike) -> Any:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise RecipeError(f"recipe file {path} does not exist")
+    if os.path.isdir(path):
+        raise RecipeError(f"recipe path {path} is a directory: give the recipe's .json file")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f, parse_constant=_refuse_constant)  # NaN / Infinity are not JSON
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path} is not valid JSON (not UTF-8 text: {e}); give the recipe's .json file") from None
+    except ValueError as e:  # JSONDecodeError, NaN / Infinity
         raise RecipeError(f"{path} is not valid JSON ({e}); re-create it with `llava-fitprune fit`") from None
 
 
@@ -196,15 +240,23 @@ def builtin_recipe(reduction_ratio: float, name: str = "llava-v1.5-7b") -> Recip
 
 
 def resolve_recipe(
-    recipe: "Recipe | str | os.PathLike | None" = None,
+    recipe: "Recipe | dict | str | os.PathLike | None" = None,
     reduction_ratio: float | None = None,
     num_layers: int | None = None,
 ) -> Recipe | None:
-    """`recipe` (object or path) wins; else the built-in recipe for `reduction_ratio`; else None."""
+    """`recipe` (a Recipe, its dict, or a JSON path) wins; else the built-in recipe for `reduction_ratio`;
+    else None."""
     if recipe is not None and reduction_ratio is not None:
         raise RecipeError("give either a recipe or a reduction_ratio, not both")
     if recipe is not None:
-        r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        if isinstance(recipe, Recipe):
+            r = recipe
+        elif isinstance(recipe, dict):
+            r = Recipe.from_dict(recipe, source="recipe dict")
+        elif isinstance(recipe, (str, os.PathLike)):
+            r = load_recipe(recipe)
+        else:
+            raise RecipeError(f"recipe must be a Recipe, its dict or a JSON path, got {type(recipe).__name__}")
     elif reduction_ratio is not None:
         if check_reduction_ratio(reduction_ratio) == 0.0:
             return None  # no FLOPs removed: the dense model

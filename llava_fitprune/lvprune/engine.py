@@ -82,7 +82,7 @@ class LocalEngine:
                    os.path.join(ckpt_dir, LOCAL_STATE))
 
     def load_checkpoint(self, ckpt_dir: str) -> dict:
-        state = torch.load(os.path.join(ckpt_dir, LOCAL_STATE), map_location="cpu")
+        state = torch.load(os.path.join(ckpt_dir, LOCAL_STATE), map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro_steps = state["micro_steps"]

@@ -15,8 +15,9 @@ from transformers import AutoConfig, AutoTokenizer
 
 from .modeling import FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM
 from .modeling_mistral import FitPruneLlavaMistralConfig, FitPruneLlavaMistralForCausalLM
+from .checkpoint import resolve_vision_tower, selector_from_config
+from ...core.methods import check_method
 from ...core.recipe import Recipe, RecipeError, resolve_recipe
-from ...core.selectors import make_selector
 
 
 def _device_and_dtype(device: str, torch_dtype):
@@ -27,8 +28,11 @@ def _device_and_dtype(device: str, torch_dtype):
     if torch_dtype is None:
         torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
     if isinstance(torch_dtype, str):
-        torch_dtype = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-                       "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}[torch_dtype]
+        names = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+        if torch_dtype not in names:
+            raise ValueError(f"torch_dtype {torch_dtype!r} is not one of {sorted(names)}")
+        torch_dtype = names[torch_dtype]
     return device, torch_dtype
 
 
@@ -44,10 +48,29 @@ def _load_config(model_path: str, config_class, attn_implementation: Optional[st
     config = config_class(**base.to_dict())
     if attn_implementation is not None:  # from_pretrained ignores the kwarg when a config object is passed
         config._attn_implementation = attn_implementation
-    tower = getattr(config, "mm_vision_tower", None)
-    if tower and not os.path.isabs(tower) and os.path.exists(os.path.join(model_path, tower)):
-        config.mm_vision_tower = os.path.abspath(os.path.join(model_path, tower))
     return config
+
+
+def _check_pruning_arguments(recipe, reduction_ratio, method: Optional[str], method_options, config,
+                             keep_saved: bool, source: str) -> None:
+    """Everything about the pruning arguments (and a saved model's pruning) checked before a weight is read."""
+    if method is not None:
+        check_method(method, method_options)
+    elif method_options:
+        raise ValueError("method_options given without a method: pass method='fastv' (or another) too")
+    reference = resolve_recipe(recipe, reduction_ratio, num_layers=config.num_hidden_layers)
+    saved = getattr(config, "fitprune_recipe", None)
+    if saved is not None:
+        saved = resolve_recipe(Recipe.from_dict(saved, source=source), num_layers=config.num_hidden_layers)
+        if keep_saved:  # the saved selector must be rebuildable from its options
+            selector_from_config(getattr(config, "fitprune_method", "fitprune"),
+                                 getattr(config, "fitprune_method_options", None))
+    if method == "lvprune" and not (method_options or {}).get("modules"):
+        raise ValueError("lvprune needs method_options={'modules': folder of trained LVPruning modules}")
+    if method == "lvprune" and reference is not None:
+        raise ValueError("LVPruning's schedule is set by its trained modules: drop recipe / reduction_ratio")
+    if method == "random" and reference is None and saved is None:
+        raise ValueError("random uses FitPrune's schedule: give a recipe or a reduction_ratio")
 
 
 def load_pretrained_model(
@@ -60,9 +83,9 @@ def load_pretrained_model(
     device: str = "cuda",
     use_flash_attn: bool = False,
     *,
-    recipe: "Recipe | str | None" = None,
+    recipe: "Recipe | dict | str | None" = None,
     reduction_ratio: Optional[float] = None,
-    method: str = "fitprune",
+    method: Optional[str] = None,
     torch_dtype=None,
     attn_implementation: Optional[str] = None,
     method_options: Optional[dict] = None,
@@ -72,11 +95,13 @@ def load_pretrained_model(
     """Same arguments and 4-tuple as `llava.model.builder.load_pretrained_model`, plus pruning.
 
     Returns (tokenizer, model, image_processor, context_len); `model` is a
-    `FitPruneLlavaLlamaForCausalLM` using `recipe` (a Recipe or JSON path) or the built-in recipe
-    for `reduction_ratio`; neither means dense (the stock model's outputs). `method`: fitprune,
+    `FitPruneLlavaLlamaForCausalLM` using `recipe` (a Recipe, its dict or a JSON path) or the built-in recipe
+    for `reduction_ratio`; neither means dense (the stock model's outputs), or, for a checkpoint saved
+    by `save_pretrained`, its own pruning (schedule, method and options). `method`: fitprune (default),
     random (FitPrune's schedule, random tokens), fastv / uniform (at equal FLOPs to the recipe for a
     prompt of `num_text_tokens` text tokens, or `method_options` such as {"k": 2, "r": 0.5}),
-    lvprune (`method_options={"modules": folder}`); see methods.py.
+    lvprune (`method_options={"modules": folder}`); see methods.py. The method, its options and the
+    recipe are checked before any weight is read.
     """
     if "llava" not in model_name.lower():
         raise ValueError(f"model name {model_name!r} does not look like a LLaVA checkpoint (no 'llava' in it)")
@@ -100,16 +125,23 @@ def load_pretrained_model(
         kwargs["attn_implementation"] = attn_implementation
 
     config_class, model_class, fast_tokenizer = _classes(model_name)
+    config = _load_config(model_path, config_class, attn_implementation)
+    keep_saved = recipe is None and reduction_ratio is None and not method_options and method in (None, "fitprune")
+    _check_pruning_arguments(recipe, reduction_ratio, method, method_options, config, keep_saved,
+                             source=os.path.join(model_path, "config.json"))
+    saved = getattr(config, "fitprune_recipe", None)
+    if not keep_saved:  # the pruning asked for replaces the checkpoint's (built after loading)
+        config.fitprune_recipe = None
+    tower_given = resolve_vision_tower(config, model_path)  # relative to model_path, also with a model_base
     if model_base is not None:  # a projector-only checkpoint on top of a base language model
         tokenizer = AutoTokenizer.from_pretrained(model_base, use_fast=fast_tokenizer)
-        config = _load_config(model_path, config_class, attn_implementation)
         model = model_class.from_pretrained(model_base, low_cpu_mem_usage=True, config=config, **kwargs)
-        projector = torch.load(os.path.join(model_path, "mm_projector.bin"), map_location="cpu")
+        projector = torch.load(os.path.join(model_path, "mm_projector.bin"), map_location="cpu", weights_only=True)
         model.load_state_dict({k: v.to(torch_dtype) for k, v in projector.items()}, strict=False)
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=fast_tokenizer)
-        config = _load_config(model_path, config_class, attn_implementation)
         model = model_class.from_pretrained(model_path, low_cpu_mem_usage=True, config=config, **kwargs)
+    model.vision_tower_given = tower_given
 
     if getattr(model.config, "mm_use_im_patch_token", True):
         from llava.constants import DEFAULT_IMAGE_PATCH_TOKEN
@@ -128,19 +160,10 @@ def load_pretrained_model(
     vision_tower.to(device=model.device, dtype=torch_dtype)
     image_processor = vision_tower.image_processor
 
-    saved = getattr(model.config, "fitprune_recipe", None)
-    chosen = resolve_recipe(recipe, reduction_ratio, num_layers=len(model.get_model().layers))
-    if chosen is None and saved is not None and recipe is None and reduction_ratio is None:
-        chosen = Recipe.from_dict(saved, source=f"{model_path}/config.json")
-    if method in ("fitprune", "random") and not method_options:
-        model.set_pruning(chosen, make_selector(method))
-    else:  # baselines at equal FLOPs to the chosen recipe, LVPruning with its modules (methods.py)
-        from ...core.methods import build_method
-
-        n_visual = getattr(vision_tower, "num_patches", None)
-        schedule, selector = build_method(method, recipe=chosen, model=model, num_text_tokens=num_text_tokens,
-                                          num_visual_tokens=n_visual, **(method_options or {}))
-        model.set_pruning(schedule, selector)
+    if not keep_saved:  # no recipe / ratio given: the checkpoint's schedule is the reference (lvprune: none)
+        reference = recipe if recipe is not None or reduction_ratio is not None or method == "lvprune" else saved
+        model.set_pruning(reference, reduction_ratio=reduction_ratio, method=method or "fitprune",
+                          method_options=method_options, num_text_tokens=num_text_tokens)
     model.eval()
 
     context_len = getattr(model.config, "max_sequence_length", 2048)

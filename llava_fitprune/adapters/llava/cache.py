@@ -53,3 +53,31 @@ class PrunedCache(DynamicCache):
 
     def get_usable_length(self, new_seq_length: int, layer_idx: Optional[int] = 0) -> int:
         return self.get_seq_length(layer_idx)
+
+
+def check_attention_mask(attention_mask: Optional[torch.Tensor], past_len: int, new_len: int) -> None:
+    """transformers' rule: a 2-D mask covers the cached tokens and the new ones. [B, past_len + new_len]."""
+    if attention_mask is not None and attention_mask.shape[-1] != past_len + new_len:
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[-1]} columns but the cache holds {past_len} tokens and "
+            f"{new_len} are new: give a mask of {past_len + new_len} columns (the cached tokens' mask, "
+            f"cache.key_masks[0], then the new tokens'), or no mask")
+
+
+def continuation_mask(past, attention_mask: Optional[torch.Tensor], new_ids: torch.Tensor) -> torch.Tensor:
+    """The mask for `generate(new_ids, past_key_values=past)`: [B, seen + N_new].
+
+    Without a mask, the cached tokens' padding comes from the cache (layer 0 keeps every token it saw)
+    and every new token is real; a given mask must have that length and agree with the cache's padding.
+    """
+    cache = PrunedCache.from_any(past)
+    B, new_len = new_ids.shape
+    past_mask = cache.key_masks[0] if cache.key_masks else new_ids.new_ones(B, 0, dtype=torch.bool)  # [B, seen]
+    if attention_mask is None:
+        return torch.cat([past_mask, past_mask.new_ones(B, new_len)], dim=-1).long()
+    check_attention_mask(attention_mask, past_mask.shape[1], new_len)
+    if not torch.equal(attention_mask[:, :past_mask.shape[1]].bool(), past_mask.to(attention_mask.device)):
+        raise ValueError(
+            "attention_mask's first columns differ from the padding of the cached tokens: start the mask "
+            "with cache.key_masks[0] (or pass no mask when every new token is real)")
+    return attention_mask

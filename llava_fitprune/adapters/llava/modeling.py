@@ -6,6 +6,8 @@ once, the scores read from the rows that need them, rows gathered by index befor
 """
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, List, Optional, Tuple, Union
@@ -15,14 +17,17 @@ import torch.nn as nn
 from llava.constants import IGNORE_INDEX
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM, LlavaLlamaModel
 from torch.nn import CrossEntropyLoss
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, LlamaForCausalLM, PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .cache import PrunedCache
+from .cache import PrunedCache, check_attention_mask, continuation_mask
+from .checkpoint import (refuse_unrestorable, resolve_vision_tower, selector_from_config, selector_options,
+                         tower_path_for_save)
 from .layer_step import RopeSpan, RopeTable, attention_mask_4d, pruning_layer_forward
-from ...core.recipe import Recipe
+from ...core.recipe import Recipe, resolve_recipe
 from ...core.selectors import FitPruneSelector, OracleSelector, PruneState, TokenSelector
 
+_HUB_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 _TEXT_LABEL = -1  # marks text labels while LLaVA expands images (its image positions get IGNORE_INDEX)
 
 
@@ -114,6 +119,7 @@ class PruningDecoderMixin:
 
         cache = PrunedCache.from_any(past_key_values) if use_cache else None  # ours
         past_seen = cache.seen_tokens if cache is not None else 0
+        check_attention_mask(attention_mask, past_seen, seq_length)  # ours
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, past_seen + seq_length, dtype=torch.bool, device=device)
         valid = attention_mask[:, -seq_length:].bool()  # ours: [B, N] real tokens of this step
@@ -225,18 +231,66 @@ class PruningCausalLMMixin:
 
     def _init_pruning(self, config) -> None:
         recipe = getattr(config, "fitprune_recipe", None)
-        if recipe is not None:
-            self.set_pruning(Recipe.from_dict(recipe, source="config.fitprune_recipe"))
+        if recipe is not None:  # a saved pruning model: its schedule and its selector with its options
+            selector = selector_from_config(getattr(config, "fitprune_method", "fitprune"),
+                                            getattr(config, "fitprune_method_options", None))
+            self.set_pruning(Recipe.from_dict(recipe, source="config.fitprune_recipe"), selector)
 
     # -- pruning control --------------------------------------------------------------------------
-    def set_pruning(self, recipe: Optional[Recipe], selector: Optional[TokenSelector] = None) -> None:
-        """Use `recipe` (None: dense) and `selector` (default FitPrune) from now on; saved with the config."""
-        if recipe is not None:
-            recipe.check_model(len(self.model.layers))
-        self.model.recipe = recipe
-        self.model.selector = selector or FitPruneSelector()
-        self.config.fitprune_recipe = recipe.to_dict() if recipe is not None else None
-        self.config.fitprune_method = self.model.selector.name
+    def set_pruning(self, recipe: "Recipe | dict | str | os.PathLike | None" = None,
+                    selector: Optional[TokenSelector] = None, *, reduction_ratio: Optional[float] = None,
+                    method: Optional[str] = None, method_options: Optional[dict] = None,
+                    num_text_tokens: int = 65) -> None:
+        """Prune from now on as `load_pretrained_model` would; recorded in the config, so saved with it.
+
+        recipe: a Recipe, its dict or a JSON path; or `reduction_ratio` for the built-in recipe; neither
+        is dense. Then either `selector` (a TokenSelector object) or `method` + `method_options`
+        (methods.build_method: fitprune, random, fastv, uniform, lvprune; default fitprune).
+        """
+        if selector is not None and (method is not None or method_options):
+            raise ValueError("give either a selector or a method (with method_options), not both")
+        if selector is not None or (method in (None, "fitprune") and not method_options):
+            schedule = resolve_recipe(recipe, reduction_ratio, num_layers=len(self.model.layers))
+            selector = selector or FitPruneSelector()
+        else:
+            from ...core.methods import build_method
+
+            schedule, selector = build_method(
+                method, recipe=recipe, reduction_ratio=reduction_ratio, model=self, num_text_tokens=num_text_tokens,
+                num_visual_tokens=getattr(self.get_vision_tower(), "num_patches", None), **(method_options or {}))
+        self.model.recipe = schedule  # immutable (a frozen Recipe): what was checked is what runs
+        self.model.selector = selector
+        self.config.fitprune_recipe = schedule.to_dict() if schedule is not None else None
+        self.config.fitprune_method = selector.name
+        self.config.fitprune_method_options = selector_options(selector)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """transformers' `from_pretrained`, plus: a vision tower given relative to the checkpoint
+        (`mm_vision_tower`) is opened there, whatever the working directory."""
+        if config is None:  # loaded here (with the hub arguments) so the tower path can be resolved first
+            hub = {k: kwargs[k] for k in _HUB_ARGUMENTS if k in kwargs}
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub)
+        elif isinstance(config, PretrainedConfig):
+            config = copy.deepcopy(config)
+        given = resolve_vision_tower(config, pretrained_model_name_or_path)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        model.vision_tower_given = given or getattr(model, "vision_tower_given", None)
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, plus: refused when the selector cannot be restored (see
+        checkpoint.py); the vision tower path stays relative when it resolves inside `save_directory`."""
+        if self.model.recipe is not None:
+            refuse_unrestorable(self.model.selector)
+        in_use = getattr(self.config, "mm_vision_tower", None)
+        self.config.mm_vision_tower = tower_path_for_save(self.config, getattr(self, "vision_tower_given", None),
+                                                          save_directory)
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config.mm_vision_tower = in_use
 
     @property
     def recipe(self) -> Optional[Recipe]:
@@ -295,6 +349,10 @@ class PruningCausalLMMixin:
         selector: Optional[TokenSelector] = None,  # ours
         key_bias_hook: Optional[Callable] = None,  # ours: see FitPruneLlavaLlamaModel.forward
     ) -> Union[Tuple, CausalLMOutputWithPast]:
+        """LLaVA's forward. With `output_attentions=True`, `attentions[l]` is None at every layer that
+        drops tokens in this call: such a layer computes only the rows its scores read, block by
+        block, and never holds the full [B, H, N, N] map (layer_step.py); other layers return stock's.
+        """
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict
         if inputs_embeds is None:
             (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels,
@@ -331,7 +389,8 @@ class PruningCausalLMMixin:
                  image_sizes: Optional[torch.Tensor] = None, **kwargs):
         """LLaVA's `generate` (returns only new tokens), plus: batches are left-padded after the image
         is expanded, and `past_key_values=` continues a cached conversation with text `inputs`
-        (then `attention_mask` must cover the cached tokens too, and the output holds `inputs` + new)."""
+        (`attention_mask`, if given, covers the cached tokens too, starting with `cache.key_masks[0]`;
+        without one, the cache's padding and all-real new tokens; the output holds `inputs` + new)."""
         position_ids = kwargs.pop("position_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
         if "inputs_embeds" in kwargs:
@@ -340,6 +399,7 @@ class PruningCausalLMMixin:
         if kwargs.get("past_key_values") is not None:
             if images is not None:
                 raise ValueError("continuing from past_key_values takes text tokens only; pass images=None")
+            attention_mask = continuation_mask(kwargs["past_key_values"], attention_mask, inputs)
             return generate(inputs, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         visual_mask = None
         if images is not None:
@@ -387,13 +447,12 @@ class FitPruneLlavaLlamaForCausalLM(PruningCausalLMMixin, LlavaLlamaForCausalLM)
 
 
 def to_left_padding(embeds: torch.Tensor, attention_mask: torch.Tensor, visual_mask: torch.Tensor):
-    """Move each sample's padding to the left (LLaVA pads on the right), so the last row is real.
+    """Move each sample's padding to the left, keeping the order of its real tokens, so the last row is
+    real: LLaVA pads on the right, or on the left when `config.tokenizer_padding_side` is "left".
 
     embeds: [B, N, D]; attention_mask, visual_mask: [B, N]
     """
-    B, N = attention_mask.shape
-    pad = N - attention_mask.long().sum(-1, keepdim=True)  # [B, 1]
-    index = (torch.arange(N, device=embeds.device)[None, :] - pad) % N  # [B, N]
+    index = attention_mask.to(torch.int8).argsort(dim=-1, stable=True)  # [B, N]: padding first, in order
     embeds = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
     return embeds, attention_mask.gather(1, index), visual_mask.gather(1, index)
 
