@@ -261,3 +261,96 @@ def test_loader_dtypes_match_stock_llava(model):
     assert ours.dtype == stock.dtype == torch.float16
     assert ours.get_vision_tower().dtype == stock.get_vision_tower().dtype == torch.float32
     assert ours.get_model().mm_projector[0].weight.dtype == stock.get_model().mm_projector[0].weight.dtype
+
+
+# --- item 14: the report has one row per distinct run, and a failed local score says so -------------
+
+def merged_run(root: Path, rel: str, benchmark: str, score: float | None = None, **meta) -> Path:
+    answers = root / rel
+    answers.parent.mkdir(parents=True, exist_ok=True)
+    answers.write_text(json.dumps({"question_id": 1, "text": "a"}) + "\n")
+    meta = {"format": "llava-fitprune.eval-meta", "kind": "merged", "complete": True, "benchmark": benchmark,
+            "model_name": "llava-tiny", "method": "fitprune", "reduction_ratio": None, "recipe": None,
+            "conv_mode": "vicuna_v1", "batch_size": 1, "module": "model_vqa_loader", "max_new_tokens": 128,
+            "num_answers": 1, "prefill": None, "merged_at": f"2026-01-01T00:00:{len(list(root.rglob('*.meta.json'))):02d}",
+            **meta}
+    Path(f"{answers}.meta.json").write_text(json.dumps(meta))
+    if score is not None:
+        Path(f"{answers}.score.json").write_text(json.dumps({"format": "llava-fitprune.eval-score", "score": score,
+                                                             "metric": "accuracy", "benchmark": benchmark}))
+    return answers
+
+
+def report_rows(md: str) -> dict[str, dict]:
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    heads = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(heads, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    return {(r["Run"], r["Settings"]): r for r in rows}
+
+
+def test_report_has_one_row_per_distinct_run(tmp_path):
+    from llava_fitprune.eval import report
+
+    root = tmp_path / "eval"
+    merged_run(root, "textvqa/answers/tiny-dense.jsonl", "textvqa", 50.0)
+    merged_run(root, "scienceqa/answers/tiny-dense.jsonl", "sqa", 60.0, module="model_vqa_science",
+               max_new_tokens=1024)  # the module's own default: the same run as TextVQA's 128
+    merged_run(root, "textvqa/answers/tiny-dense-bs8.jsonl", "textvqa", 49.0, batch_size=8)
+    merged_run(root, "textvqa/answers/tiny-dense-short.jsonl", "textvqa", 48.0, max_new_tokens=16)
+    merged_run(root, "textvqa/answers/tiny-dense-plain.jsonl", "textvqa", 47.0, conv_mode="plain")
+    fastv = {"drop_per_layer": [0, 300], "num_visual_tokens": 576, "reduction_ratio": None, "method": "fastv",
+             "provenance": {"fastv_k": 2, "fastv_r": 0.52}}
+    merged_run(root, "textvqa/answers/tiny-fastv-r0.6.jsonl", "textvqa", 40.0, method="fastv", reduction_ratio=0.6,
+               recipe=fastv, recipe_fingerprint="abc123")
+    merged_run(root, "textvqa/answers/tiny-fastv-k2-r0.5.jsonl", "textvqa", 41.0, method="fastv",
+               recipe=dict(fastv, provenance={"fastv_k": 2, "fastv_r": 0.5}), recipe_fingerprint="def456")
+    merged_run(root, "pope/answers/tiny-broken.jsonl", "pope")  # its local scorer failed: no score file
+    merged_run(root, "mmbench/answers/mmbench_dev_20230712/tiny-broken.jsonl", "mmbench", module="model_vqa_mmbench",
+               max_new_tokens=1024)  # scored by MMBench's server
+    assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    rows = report_rows((tmp_path / "out" / "report.md").read_text())
+    base = "vicuna_v1, batch 1"
+    assert set(rows) == {("tiny-dense", base), ("tiny-dense-bs8", "vicuna_v1, batch 8"),
+                         ("tiny-dense-short", f"{base}, max_new_tokens 16"), ("tiny-dense-plain", "plain, batch 1"),
+                         ("tiny-fastv-r0.6", base), ("tiny-fastv-k2-r0.5", base), ("tiny-broken", base)}
+    dense = rows[("tiny-dense", base)]
+    assert (dense["TextVQA"], dense["SQA-IMG"], dense["Method"], dense["Budget"]) == ("50.0", "60.0", "dense", "0")
+    assert rows[("tiny-dense-bs8", "vicuna_v1, batch 8")]["TextVQA"] == "49.0"
+    assert rows[("tiny-fastv-r0.6", base)]["Budget"] == "0.6"
+    assert rows[("tiny-fastv-k2-r0.5", base)]["Budget"] == "K=2 R=0.5"
+    broken = rows[("tiny-broken", base)]
+    assert broken["POPE"] == report.LOCAL_SCORE_FAILED and broken["MMB"] == report.NO_LOCAL_SCORE
+
+
+# --- item 17: eval writers never leave a partial file under the final name -------------------------
+
+def test_eval_writers_replace_their_outputs_atomically(data, tmp_path, monkeypatch):
+    from llava_fitprune.eval import merge, report
+    from llava_fitprune.eval.convert import convert_seed_for_submission
+    from llava_fitprune.eval.convert.xlsx import write_xlsx
+
+    synthetic.build(str(tmp_path / "eval"), n=2, only=["seed"])
+    seed_answers = tmp_path / "seed.jsonl"
+    seed_answers.write_text("".join(json.dumps({"question_id": q, "text": "A"}) + "\n" for q in ("100", "101")))
+    runs = tmp_path / "runs"
+    merged_run(runs, "textvqa/answers/x.jsonl", "textvqa", 50.0)
+    chunk = tmp_path / "chunk.jsonl"
+    chunk.write_text(json.dumps({"question_id": 1, "text": "a"}) + "\n")
+
+    def crash(src, dst):  # the process dies between writing and renaming
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", crash)
+    writes = {
+        tmp_path / "up.xlsx": lambda: write_xlsx(str(tmp_path / "up.xlsx"), ["a"], [["b"]]),
+        tmp_path / "seed_up.jsonl": lambda: convert_seed_for_submission.convert(
+            str(tmp_path / "eval/seed_bench/SEED-Bench.json"), str(seed_answers), str(tmp_path / "seed_up.jsonl"),
+            str(tmp_path / "seed.score.json")),
+        tmp_path / "merged.jsonl": lambda: merge.concatenate([str(chunk)], str(tmp_path / "merged.jsonl")),
+        tmp_path / "report" / "report.md": lambda: report.main([str(runs), "--out", str(tmp_path / "report")]),
+    }
+    for path, write in writes.items():
+        with pytest.raises(KeyboardInterrupt):
+            write()
+        assert not path.exists(), f"{path.name} exists although its write never finished"
+        assert not Path(f"{path}.tmp").exists()

@@ -64,10 +64,10 @@ class Run:
             return "0"
         if self.meta.get("reduction_ratio") is not None:
             return f"{self.meta['reduction_ratio']:g}"
+        if recipe.get("reduction_ratio") is not None:  # a FitPrune recipe made for a ratio
+            return f"{recipe['reduction_ratio']:g}"
         if self.meta.get("recipe_file"):
             return os.path.basename(self.meta["recipe_file"])
-        if recipe.get("reduction_ratio") is not None:
-            return f"{recipe['reduction_ratio']:g}"
         provenance = recipe.get("provenance") or {}
         if "fastv_k" in provenance:
             return f"K={provenance['fastv_k']} R={provenance['fastv_r']:g}"
