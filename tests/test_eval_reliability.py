@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -354,3 +355,22 @@ def test_eval_writers_replace_their_outputs_atomically(data, tmp_path, monkeypat
             write()
         assert not path.exists(), f"{path.name} exists although its write never finished"
         assert not Path(f"{path}.tmp").exists()
+
+
+def test_unreadable_image_is_one_line_naming_file_and_fix(model, data, tmp_path, capsys):
+    from llava_fitprune.eval import model_vqa_loader, runner
+
+    images = tmp_path / "images"
+    shutil.copytree(data / "gqa/data/images", images)
+    (images / "n1.jpg").write_bytes(b"not an image")
+    questions = data / "gqa/llava_gqa_testdev_balanced.jsonl"
+    for workers in ("0", "1"):  # in process, and re-raised from a DataLoader worker (the GPU default)
+        answers = tmp_path / f"a{workers}.jsonl"
+        argv = loader_args(model, data, answers, questions, "--image-folder", str(images), "--num-workers", workers)
+        assert runner.cli(lambda: model_vqa_loader.main(argv)) == runner.BAD_INPUT_STATUS
+        stderr = capsys.readouterr().err
+        errors = re.findall(r"error: [^\r\n]*", stderr)  # the rest is tqdm's progress bar
+        assert len(errors) == 1 and "Traceback" not in stderr, stderr
+        err = errors[0]
+        assert f"image file {images / 'n1.jpg'} (question 20001) cannot be read" in err
+        assert "replace the file (a readable image) or remove question 20001 from the question file" in err

@@ -34,7 +34,8 @@ def check_chunks(chunks: list[str]) -> list[dict]:
         if not meta.get("complete"):
             raise EvalInputError(
                 f"chunk {path} is incomplete ({meta.get('num_answers')} of {meta.get('num_questions')} answers): "
-                f"its run was interrupted or failed; rerun the same command to resume it, then merge")
+                f"its run was interrupted or failed; rerun the same command to resume it (after fixing the input, "
+                f"if its error named bad input), then merge")
         metas.append(meta)
     first = metas[0]
     order = [m.get("chunk_idx") for m in metas]

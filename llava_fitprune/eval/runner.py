@@ -28,13 +28,24 @@ def cli(main: Callable[[], int]) -> int:
     try:
         return main()
     except (EvalInputError, RecipeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {worker_message(e)}", file=sys.stderr)
         return BAD_INPUT_STATUS
     except SystemExit as e:  # e.g. resolve_device's "--device cuda ... use --device cpu"
         if not isinstance(e.code, str):
             raise
         print(f"error: {e.code}", file=sys.stderr)
         return BAD_INPUT_STATUS
+
+
+def worker_message(error: Exception) -> str:
+    """The error's own line: a DataLoader worker re-raises it with the worker's whole traceback as its
+    message ("Caught EvalInputError in DataLoader worker process 0. Original Traceback ..."), whose
+    last line is `<module>.EvalInputError: <message>`."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(f"{type(error).__name__}: ", 1)[-1]
 
 
 def get_chunk(questions: list, num_chunks: int, chunk_idx: int, source: str) -> list:
