@@ -163,6 +163,19 @@ def test_empty_question_file_is_an_error_not_a_score(model, data, tmp_path):
     assert not (tmp_path / "tv.score.json").exists() and not (tmp_path / "g.score.json").exists()
 
 
+def test_method_without_its_budget_fails_before_the_model_loads(data, tmp_path):
+    from llava_fitprune.eval import model_vqa_loader
+
+    questions = data / "gqa/llava_gqa_testdev_balanced.jsonl"
+    common = ["--model-path", str(tmp_path / "no-such-llava"), "--question-file", str(questions),
+              "--answers-file", str(tmp_path / "a.jsonl"), "--device", "cpu"]
+    with pytest.raises(EvalInputError, match="--method uniform needs a budget: give --reduction-ratio or --recipe"):
+        model_vqa_loader.main(common + ["--method", "uniform"])
+    with pytest.raises(EvalInputError, match="--method 'fastvv': use fitprune, random, fastv or uniform"):
+        model_vqa_loader.main(common + ["--method", "fastvv", "--reduction-ratio", "0.5"])
+    assert not (tmp_path / "a.jsonl").exists()
+
+
 # item 11: a question without its image is an error naming the file and row
 
 def test_missing_images_are_errors_naming_file_and_row(data, tmp_path):

@@ -37,7 +37,8 @@ def build_parser(description: str, question_file: str = "tables/question.jsonl",
     which.add_argument("--reduction-ratio", type=float, default=None,
                        help="fraction of prefill FLOPs to remove with the built-in recipe (0 = dense)")
     which.add_argument("--recipe", type=str, default=None, help="a recipe JSON file (llava-fitprune fit)")
-    prune.add_argument("--method", type=str, default="fitprune", help="token selector: fitprune, random")
+    prune.add_argument("--method", type=str, default="fitprune",
+                       help="fitprune (default), random, fastv, uniform: see scripts/v1_5/eval/_common.sh")
 
     run = p.add_argument_group("running")
     run.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")

@@ -18,8 +18,6 @@ from .prefill import planned_visual_entering, sample_prefill
 from .samples import EvalDataset, Item, check_images, collate, make_batches, pad_batch
 
 GPU_LOADER_WORKERS = 4  # LLaVA's model_vqa_loader default
-
-
 BAD_INPUT_STATUS = 2  # _common.sh tells bad input (fix it) from a crash (rerun to resume) by this
 
 
@@ -83,6 +81,18 @@ class PrefillTracer:
         self._handle.remove()
 
 
+def check_method(args) -> None:
+    """The method and its budget, before the question file is read or the model loaded (methods.py)."""
+    from ..core.methods import METHODS
+
+    budget = args.recipe is not None or args.reduction_ratio is not None
+    if args.method not in METHODS or args.method == "lvprune":
+        raise EvalInputError(f"--method {args.method!r}: use fitprune, random, fastv or uniform (lvprune needs its "
+                             f"trained modules: use load_pretrained_model(method_options=...) from Python)")
+    if args.method in ("random", "uniform") and not budget:
+        raise EvalInputError(f"--method {args.method} needs a budget: give --reduction-ratio or --recipe")
+
+
 def prefill_metadata(sample, row: int, trace, recipe, num_layers: int, num_patches: int, batch_size: int) -> dict:
     """Text and visual tokens of one sample, and the visual tokens entering each layer: from the
     pruning model's trace when it tells (per row, or a batch of one), else from the recipe."""
@@ -135,6 +145,7 @@ def run(args, module: str, make_items: Callable[[object], list[Item]], auto_mmta
     from .loading import timed_load, used_recipe
 
     check_args(args)
+    check_method(args)
     items = make_items(args)
     check_images(items, args.image_folder)
     answers_file = os.path.expanduser(args.answers_file)
