@@ -283,10 +283,11 @@ def merged_run(root: Path, rel: str, benchmark: str, score: float | None = None,
     answers = root / rel
     answers.parent.mkdir(parents=True, exist_ok=True)
     answers.write_text(json.dumps({"question_id": 1, "text": "a"}) + "\n")
+    order = len(list(root.rglob("*.meta.json")))  # later runs merge later
     meta = {"format": "llava-fitprune.eval-meta", "kind": "merged", "complete": True, "benchmark": benchmark,
             "model_name": "llava-tiny", "method": "fitprune", "reduction_ratio": None, "recipe": None,
             "conv_mode": "vicuna_v1", "batch_size": 1, "module": "model_vqa_loader", "max_new_tokens": 128,
-            "num_answers": 1, "prefill": None, "merged_at": f"2026-01-01T00:00:{len(list(root.rglob('*.meta.json'))):02d}",
+            "num_answers": 1, "prefill": None, "merged_at": f"2026-01-01T00:00:{order:02d}",
             **meta}
     Path(f"{answers}.meta.json").write_text(json.dumps(meta))
     if score is not None:

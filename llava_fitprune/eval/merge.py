@@ -79,7 +79,8 @@ def merge(chunks: list[str], out: str, benchmark: str | None = None, run_name: s
         wall_time_s=max(m.get("wall_time_s") or 0.0 for m in metas),  # chunks run side by side
         device_time_s=sum(m.get("wall_time_s") or 0.0 for m in metas),
         model_load_s=max(m.get("model_load_s") or 0.0 for m in metas),
-        prefill=summarize(rows, shape), images_converted_to_rgb=converted_images(rows), merged_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        prefill=summarize(rows, shape), images_converted_to_rgb=converted_images(rows),
+        merged_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         merge_s=time.time() - t0,
     )
     write_json(meta_path(out), meta)

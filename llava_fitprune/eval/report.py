@@ -160,13 +160,15 @@ def markdown(table: dict, notes: list[str]) -> str:
         vals = [cell_text(cells.get(b)) for b in names + extra]
         t = f"{tflops:.3g}" if tflops is not None else ""
         r = f"{reduction:.1%}" if reduction is not None else ""
-        lines.append(f"| {run_name} | {model} | {method} | {budget} | {settings} | {t} | {r} | " + " | ".join(vals) + " |")
+        lines.append(f"| {run_name} | {model} | {method} | {budget} | {settings} | {t} | {r} | "
+                     + " | ".join(vals) + " |")
     lines += ["", "Scores: GQA, TextVQA accuracy; SQA-IMG accuracy on questions with an image; POPE F1 (mean of "
               "its three splits); MME perception score; SEED-IMG accuracy on image questions. "
               f"`{NO_LOCAL_SCORE}`: answers are ready to submit (VQAv2, VizWiz, MMBench servers) or to grade with "
               "GPT-4 (LLaVA-W, MM-Vet). "
               f"`{LOCAL_SCORE_FAILED}`: the local scorer failed or did not run (see the script's output; rerun its "
-              "score step). Budget: the --reduction-ratio, the recipe file, or the method's own options. Settings: "
+              "score step). Budget: the --reduction-ratio, the recipe's ratio or file, or the method's own "
+              "options. Settings: "
               "conversation template, batch size, and max_new_tokens where not the module's default.",
               "TFLOPs: language-model prefill per sample (llava_fitprune.core.flops), the mean over this row's "
               "benchmarks; Reduction: FLOPs removed relative to the dense prefill of the same inputs."]
