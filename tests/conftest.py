@@ -39,7 +39,8 @@ def load_ours(path, attn="sdpa", device="cpu", **kw):
 
 
 def load_stock(path, attn="sdpa", device="cpu", dtype=torch.float32):
-    """LLaVA's own class, on CPU in fp32 by default (LLaVA's builder forces fp16 + CUDA)."""
+    """LLaVA's own class, on CPU in fp32 by default (LLaVA's builder forces fp16 + CUDA). As LLaVA's
+    builder (device_map "auto"), the CLIP tower stays float32 whatever `dtype` the language model gets."""
     from llava.model import LlavaLlamaForCausalLM
 
     cwd = os.getcwd()
@@ -49,7 +50,9 @@ def load_stock(path, attn="sdpa", device="cpu", dtype=torch.float32):
         model.get_vision_tower().load_model()
     finally:
         os.chdir(cwd)
-    return model.to(device=device, dtype=dtype).eval()
+    model.to(device=device, dtype=dtype)
+    model.get_vision_tower().to(dtype=torch.float32)
+    return model.eval()
 
 
 def prompt_ids(tokenizer, question, system=SYSTEM):

@@ -25,6 +25,7 @@ def setup(tmp_path_factory):
 def test_v1_6_pope_runs_pruned_with_the_mistral_template(setup):
     model, root = setup
     env = {"PATH": "/usr/bin:/bin", "MODEL_PATH": model, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO),  # this checkout's package, whatever the interpreter has installed
            "RECIPE": str(root / "next.json"), "BATCH_SIZE": "2", "EXTRA_ARGS": "--max_new_tokens 3"}
     out = subprocess.run(["bash", str(REPO / "scripts/v1_6/eval/pope.sh")], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)

@@ -23,7 +23,7 @@ META_VERSION = 1
 # Settings that change the answers: a resumed run must match the run it continues.
 RESUME_KEYS = ("model_path", "model_base", "module", "method", "reduction_ratio", "recipe", "conv_mode",
                "temperature", "top_p", "num_beams", "max_new_tokens", "num_chunks", "chunk_idx",
-               "question_file_name", "single_pred_prompt", "all_rounds", "lang")
+               "question_file_name", "question_file_sha256", "single_pred_prompt", "all_rounds", "lang")
 
 
 def answer_key(record: dict) -> str:
@@ -57,6 +57,12 @@ def read_answers(path: str, repair: bool = False) -> list[dict]:
             with open(path, "ab") as f:
                 f.write(b"\n")
     return rows
+
+
+def converted_images(rows: list[dict]) -> dict:
+    """The sidecar's note of images converted to RGB because stock LLaVA would crash on their mode."""
+    ids = [r.get("question_id") for r in rows if (r.get("metadata") or {}).get("image_converted_to_rgb")]
+    return {"count": len(ids), "question_ids": ids}
 
 
 def read_meta(answers_file: str) -> Optional[dict]:
@@ -143,7 +149,7 @@ class AnswerFile:
         if len(rows) != len(self.keys):
             raise RuntimeError(f"{self.path} has {len(rows)} answers for {len(self.keys)} questions")
         self.meta.update(num_answers=len(rows), wall_time_s=self._wall(), updated_at=_now(), finished_at=_now(),
-                         prefill=summarize(rows, self.shape))
+                         prefill=summarize(rows, self.shape), images_converted_to_rgb=converted_images(rows))
         self.meta["complete"] = True  # last: only now is the file whole
         write_json(meta_path(self.path), self.meta)
         return self.meta
@@ -156,8 +162,11 @@ def check_same_run(path: str, old: dict, config: dict, keys) -> None:
     """Refuse to continue (or to call complete) a file written with other settings."""
     diffs = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in keys if _norm(old.get(k)) != _norm(config.get(k))]
     if diffs:
+        changed = ("question_file_sha256" in keys and old.get("question_file_sha256")
+                   != config.get("question_file_sha256"))
+        what = f"the question file {config.get('question_file')} changed since" if changed else "other settings"
         raise EvalInputError(
-            f"{path} was written with other settings ({'; '.join(diffs)}); continuing would mix runs. "
+            f"{path} was written with {what} ({'; '.join(diffs)}); continuing would mix runs. "
             f"Delete {path} and its .meta.json, or write to another --answers-file")
 
 

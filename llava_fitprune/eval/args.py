@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .io import EvalInputError
+
 # LLaVA's defaults differ per module (model_vqa_loader: 128 new tokens and llava_v1; model_vqa_science:
 # 1024 and llava_v0); each module passes its own.
 LOADER_MAX_NEW_TOKENS = 128
@@ -35,7 +37,8 @@ def build_parser(description: str, question_file: str = "tables/question.jsonl",
     which.add_argument("--reduction-ratio", type=float, default=None,
                        help="fraction of prefill FLOPs to remove with the built-in recipe (0 = dense)")
     which.add_argument("--recipe", type=str, default=None, help="a recipe JSON file (llava-fitprune fit)")
-    prune.add_argument("--method", type=str, default="fitprune", help="token selector: fitprune, random")
+    prune.add_argument("--method", type=str, default="fitprune",
+                       help="fitprune (default), random, fastv, uniform: see scripts/v1_5/eval/_common.sh")
 
     run = p.add_argument_group("running")
     run.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
@@ -52,8 +55,8 @@ def build_parser(description: str, question_file: str = "tables/question.jsonl",
 
 def check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise EvalInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_chunks < 1 or not (0 <= args.chunk_idx < args.num_chunks):
-        raise SystemExit(f"--chunk-idx {args.chunk_idx} must be in [0, --num-chunks {args.num_chunks})")
+        raise EvalInputError(f"--chunk-idx {args.chunk_idx} must be in [0, --num-chunks {args.num_chunks})")
     if args.max_new_tokens < 1:
-        raise SystemExit(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+        raise EvalInputError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")

@@ -4,9 +4,11 @@ Kept free of torch/llava imports: converters, the merge step and the report impo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 
 class EvalInputError(ValueError):
@@ -52,15 +54,53 @@ def require_fields(row: dict, fields: Iterable[str], source: str, index: int) ->
         raise EvalInputError(f"{source} entry {index} lacks field(s) {missing} (has {sorted(row)})")
 
 
+def require_image_name(value, source: str, index: int, question_id, text_only_hint: str = "") -> None:
+    """An image field must name a file: null or "" would crash deep in the loader (or run text-only)."""
+    if not isinstance(value, str) or not value.strip():
+        raise EvalInputError(f"{source} entry {index} (question {question_id}) has image {value!r}, not a file "
+                             f"name: give the image's file name (relative to --image-folder){text_only_hint}")
+
+
+def require_answers(rows: list, path: str) -> list:
+    """Zero answers is never a score (an empty question file, a run that wrote nothing)."""
+    if not rows:
+        raise EvalInputError(f"{path} holds no answers, so there is nothing to score: check that the question "
+                             f"file has questions and that the generation step finished")
+    return rows
+
+
+@contextmanager
+def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator:
+    """`open(path, mode)` that writes a temporary file and renames it over `path` only when the block
+    ends without an error, so a reader never sees half a file; on an error the temporary is removed."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    if "b" not in mode:
+        kwargs.setdefault("encoding", "utf-8")
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_json(path: str, data: Any, indent: int | None = 2) -> None:
     """Write via a temporary file and rename, so a reader never sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         json.dump(data, f, indent=indent, ensure_ascii=False)
         f.write("\n")
-    os.replace(tmp, path)
+
+
+def file_sha256(path: str) -> str:
+    """The content hash that ties answers to the exact question file they answer."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def meta_path(answers_file: str) -> str:

@@ -14,12 +14,12 @@ import sys
 import time
 
 from ..core.flops import LMShape
-from .answers import META_FORMAT, META_VERSION, RESUME_KEYS, read_answers, read_meta
-from .io import EvalInputError, meta_path, write_json
+from .answers import META_FORMAT, META_VERSION, RESUME_KEYS, converted_images, read_answers, read_meta
+from .io import EvalInputError, atomic_open, meta_path, require_answers, write_json
 from .prefill import summarize
 
 PER_CHUNK_KEYS = ("chunk_idx", "num_questions", "num_answers", "wall_time_s", "sessions", "started_at",
-                  "updated_at", "finished_at", "prefill", "model_load_s", "device")
+                  "updated_at", "finished_at", "prefill", "model_load_s", "device", "images_converted_to_rgb")
 
 
 def check_chunks(chunks: list[str]) -> list[dict]:
@@ -34,7 +34,8 @@ def check_chunks(chunks: list[str]) -> list[dict]:
         if not meta.get("complete"):
             raise EvalInputError(
                 f"chunk {path} is incomplete ({meta.get('num_answers')} of {meta.get('num_questions')} answers): "
-                f"its run was interrupted or failed; rerun the same command to resume it, then merge")
+                f"its run was interrupted or failed; rerun the same command to resume it (after fixing the input, "
+                f"if its error named bad input), then merge")
         metas.append(meta)
     first = metas[0]
     order = [m.get("chunk_idx") for m in metas]
@@ -51,22 +52,20 @@ def check_chunks(chunks: list[str]) -> list[dict]:
 
 def concatenate(chunks: list[str], out: str) -> None:
     """The chunks' lines as they are (LLaVA's scripts `cat` them), via a temporary file."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(out, "wb") as f:
         for path in chunks:
             with open(path, "rb") as c:
                 data = c.read()
             f.write(data if not data or data.endswith(b"\n") else data + b"\n")
-    os.replace(tmp, out)
 
 
-def merge(chunks: list[str], out: str, benchmark: str | None = None) -> dict:
+def merge(chunks: list[str], out: str, benchmark: str | None = None, run_name: str | None = None) -> dict:
     if not chunks:
         raise EvalInputError("no chunk files given to merge")
     t0 = time.time()
     metas = check_chunks(chunks)
     rows = [r for path in chunks for r in read_answers(path)]  # every line parses
+    require_answers(rows, f"the chunks of {out}")
     if os.path.exists(meta_path(out)):
         os.remove(meta_path(out))  # the old merge is gone from here on
     concatenate(chunks, out)
@@ -74,13 +73,14 @@ def merge(chunks: list[str], out: str, benchmark: str | None = None) -> dict:
     shape = LMShape(**first["lm_shape"])
     meta = {k: v for k, v in first.items() if k not in PER_CHUNK_KEYS}
     meta.update(
-        format=META_FORMAT, version=META_VERSION, kind="merged", complete=False, benchmark=benchmark,
+        format=META_FORMAT, version=META_VERSION, kind="merged", complete=False, benchmark=benchmark, run_name=run_name,
         chunks=[os.path.relpath(c, os.path.dirname(os.path.abspath(out))) for c in chunks],
         num_questions=sum(m["num_questions"] for m in metas), num_answers=len(rows),
         wall_time_s=max(m.get("wall_time_s") or 0.0 for m in metas),  # chunks run side by side
         device_time_s=sum(m.get("wall_time_s") or 0.0 for m in metas),
         model_load_s=max(m.get("model_load_s") or 0.0 for m in metas),
-        prefill=summarize(rows, shape), merged_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        prefill=summarize(rows, shape), images_converted_to_rgb=converted_images(rows),
+        merged_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         merge_s=time.time() - t0,
     )
     write_json(meta_path(out), meta)
@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("chunks", nargs="+", help="chunk answer files, in chunk order")
     p.add_argument("--out", required=True, help="the merged answers file")
     p.add_argument("--benchmark", default=None, help="benchmark name recorded for the report")
+    p.add_argument("--run-name", default=None, help="the run's name (the scripts' CKPT), one report row per run")
     args = p.parse_args(argv)
     try:
-        meta = merge(args.chunks, args.out, args.benchmark)
+        meta = merge(args.chunks, args.out, args.benchmark, args.run_name)
     except EvalInputError as e:
         print(f"merge: {e}", file=sys.stderr)
         return 1

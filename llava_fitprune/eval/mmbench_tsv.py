@@ -13,8 +13,14 @@ NA_STRINGS = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-na
               "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
 
 
+def is_na(value) -> bool:
+    """pandas' empty cell (NaN after read_table): what LLaVA's upload sheet leaves blank."""
+    return value is None or value in NA_STRINGS
+
+
 def is_none(value) -> bool:
-    return value is None or value in NA_STRINGS or str(value).lower() in ("nan", "none")
+    """LLaVA's model_vqa_mmbench.is_none on the pandas value: also the text "none" in any case."""
+    return is_na(value) or str(value).lower() in ("nan", "none")
 
 
 def read_tsv(path: str) -> tuple[list[str], list[dict]]:

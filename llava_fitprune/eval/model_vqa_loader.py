@@ -9,7 +9,7 @@ import os
 import sys
 
 from .args import LOADER_MAX_NEW_TOKENS, build_parser
-from .io import read_jsonl, require_fields
+from .io import read_jsonl, require_fields, require_image_name
 from .runner import cli, get_chunk, run
 from .samples import Item
 
@@ -22,7 +22,8 @@ def make_items(args) -> list[Item]:
     questions = read_jsonl(path, "question file")
     for i, q in enumerate(questions):
         require_fields(q, QUESTION_FIELDS, f"question file {path}", i + 1)
-    questions = get_chunk(questions, args.num_chunks, args.chunk_idx)
+        require_image_name(q["image"], f"question file {path}", i + 1, q["question_id"])
+    questions = get_chunk(questions, args.num_chunks, args.chunk_idx, path)
     return [Item(record={"question_id": q["question_id"], "prompt": q["text"]}, text=q["text"],
                  image_path=os.path.join(args.image_folder, q["image"])) for q in questions]
 

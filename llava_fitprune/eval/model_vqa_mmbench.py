@@ -9,6 +9,7 @@ import os
 import sys
 
 from .args import LONG_MAX_NEW_TOKENS, build_parser
+from .io import EvalInputError
 from .mmbench_tsv import ALL_OPTIONS, get_options, is_none, parse_index, read_tsv
 from .runner import cli, get_chunk, run
 from .samples import Item
@@ -32,15 +33,26 @@ def make_row_items(row: dict, args) -> list[Item]:
         record = {"question_id": parse_index(row["index"]), "round_id": round_idx, "prompt": cur_prompt}
         items.append(Item(record=record,
                           text=qs, image_b64=row["image"],
-                          extra={"options": list(options), "option_char": list(option_chars)}))
+                          extra={"options": list(options), "option_char": list(option_chars)},
+                          convert_rgb=False))  # LLaVA's load_image_from_base64 keeps the image's mode
         options = options[1:] + options[:1]  # rotate, as LLaVA does
         option_chars = option_chars[1:] + option_chars[:1]
     return items
 
 
+def require_image_cells(rows: list[dict], path: str) -> None:
+    """Every MMBench question has an image; a row without one would be answered text-only, silently."""
+    for line, row in enumerate(rows, 2):  # line 1 is the header
+        if is_none(row.get("image")):
+            raise EvalInputError(f"{path} line {line} (index {row.get('index')}) has no image cell: every MMBench "
+                                 f"question has an image; restore the row's base64 image or remove the row")
+
+
 def make_items(args) -> list[Item]:
-    _, rows = read_tsv(os.path.expanduser(args.question_file))
-    rows = get_chunk(rows, args.num_chunks, args.chunk_idx)
+    path = os.path.expanduser(args.question_file)
+    _, rows = read_tsv(path)
+    require_image_cells(rows, path)
+    rows = get_chunk(rows, args.num_chunks, args.chunk_idx, path)
     return [item for row in rows for item in make_row_items(row, args)]
 
 

@@ -9,7 +9,7 @@ import os
 import sys
 
 from .args import LONG_MAX_NEW_TOKENS, build_parser
-from .io import EvalInputError, read_json, require_fields
+from .io import EvalInputError, read_json, require_fields, require_image_name
 from .runner import cli, get_chunk, run
 from .samples import Item
 
@@ -26,7 +26,8 @@ def make_item(line: dict, args) -> Item:
     if args.single_pred_prompt:
         qs = qs + "\n" + SINGLE_PRED_PROMPT
         cur_prompt = cur_prompt + "\n" + SINGLE_PRED_PROMPT
-    return Item(record={"question_id": line["id"], "prompt": cur_prompt}, text=qs, image_path=image_path)
+    return Item(record={"question_id": line["id"], "prompt": cur_prompt}, text=qs, image_path=image_path,
+                convert_rgb=False)  # LLaVA's model_vqa_science opens the image as it is
 
 
 def make_items(args) -> list[Item]:
@@ -39,7 +40,10 @@ def make_items(args) -> list[Item]:
         require_fields(q, ("id", "conversations"), f"question file {path}", i + 1)
         if not q["conversations"] or "value" not in q["conversations"][0]:
             raise EvalInputError(f"question file {path} entry {i + 1} (id {q['id']}) has no first conversation turn")
-    return [make_item(q, args) for q in get_chunk(questions, args.num_chunks, args.chunk_idx)]
+        if "image" in q:  # LLaVA: a question with the key has an image, one without runs text-only
+            require_image_name(q["image"], f"question file {path}", i + 1, q["id"],
+                               ', or remove the "image" key to ask it text-only')
+    return [make_item(q, args) for q in get_chunk(questions, args.num_chunks, args.chunk_idx, path)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ def plot(runs, path: str) -> bool:
             ys = [r.score["score"] for r in points]
             ax.plot(xs, ys, marker="o", label=f"{model} {method}")
             for r, x, y in zip(points, xs, ys):
-                label = "dense" if r.method == "dense" else r.ratio
+                label = "dense" if r.method == "dense" else r.budget
                 ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
         metric = next(r.score.get("metric") for r in scored if r.benchmark == bench)
         ax.set_title(heads.get(bench, bench))

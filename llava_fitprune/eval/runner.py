@@ -10,30 +10,50 @@ import torch
 from tqdm import tqdm
 
 from ..core.flops import LMShape
+from ..core.recipe import RecipeError
 from .answers import RESUME_KEYS, AnswerFile, answer_key, check_same_run, read_meta, require_sidecar
 from .args import check_args
-from .io import EvalInputError
+from .io import EvalInputError, file_sha256
 from .prefill import planned_visual_entering, sample_prefill
 from .samples import EvalDataset, Item, check_images, collate, make_batches, pad_batch
 
 GPU_LOADER_WORKERS = 4  # LLaVA's model_vqa_loader default
+BAD_INPUT_STATUS = 2  # _common.sh tells bad input (fix it) from a crash (rerun to resume) by this
 
 
 def cli(main: Callable[[], int]) -> int:
     """Run a module's main() from the command line: bad input is one line on stderr, exit status 2."""
     try:
         return main()
-    except EvalInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (EvalInputError, RecipeError) as e:
+        print(f"error: {worker_message(e)}", file=sys.stderr)
+        return BAD_INPUT_STATUS
+    except SystemExit as e:  # e.g. resolve_device's "--device cuda ... use --device cpu"
+        if not isinstance(e.code, str):
+            raise
+        print(f"error: {e.code}", file=sys.stderr)
+        return BAD_INPUT_STATUS
 
 
-def get_chunk(questions: list, num_chunks: int, chunk_idx: int) -> list:
-    """LLaVA's `get_chunk`, except that a chunk past the end (fewer questions than chunks) is empty."""
+def worker_message(error: Exception) -> str:
+    """The error's own line: a DataLoader worker re-raises it with the worker's whole traceback as its
+    message ("Caught EvalInputError in DataLoader worker process 0. Original Traceback ..."), whose
+    last line is `<module>.EvalInputError: <message>`."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(f"{type(error).__name__}: ", 1)[-1]
+
+
+def get_chunk(questions: list, num_chunks: int, chunk_idx: int, source: str) -> list:
+    """LLaVA's `get_chunk`, except that a chunk past the end (fewer questions than chunks) is empty.
+    A question file (`source`) without questions is an error: zero answers would score as 0.0."""
     from llava.eval.model_vqa_loader import split_list
 
     if not questions:
-        return []
+        raise EvalInputError(f"question file {source} holds no questions: point --question-file at the "
+                             f"benchmark's question file")
     chunks = split_list(questions, num_chunks)
     return chunks[chunk_idx] if chunk_idx < len(chunks) else []
 
@@ -59,6 +79,18 @@ class PrefillTracer:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def check_method(args) -> None:
+    """The method and its budget, before the question file is read or the model loaded (methods.py)."""
+    from ..core.methods import METHODS
+
+    budget = args.recipe is not None or args.reduction_ratio is not None
+    if args.method not in METHODS or args.method == "lvprune":
+        raise EvalInputError(f"--method {args.method!r}: use fitprune, random, fastv or uniform (lvprune needs its "
+                             f"trained modules: use load_pretrained_model(method_options=...) from Python)")
+    if args.method in ("random", "uniform") and not budget:
+        raise EvalInputError(f"--method {args.method} needs a budget: give --reduction-ratio or --recipe")
 
 
 def prefill_metadata(sample, row: int, trace, recipe, num_layers: int, num_patches: int, batch_size: int) -> dict:
@@ -87,7 +119,9 @@ def run_config(args, module: str, model_name: str) -> dict:
             "conv_mode": args.conv_mode, "temperature": args.temperature, "top_p": args.top_p,
             "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "num_chunks": args.num_chunks,
             "chunk_idx": args.chunk_idx, "question_file": args.question_file,
-            "question_file_name": os.path.basename(args.question_file), "image_folder": args.image_folder,
+            "question_file_name": os.path.basename(args.question_file),
+            "question_file_sha256": file_sha256(os.path.expanduser(args.question_file)),
+            "image_folder": args.image_folder,
             "single_pred_prompt": args.single_pred_prompt, "all_rounds": args.all_rounds, "lang": args.lang,
             "batch_size": args.batch_size, "device": args.device}
 
@@ -111,6 +145,7 @@ def run(args, module: str, make_items: Callable[[object], list[Item]], auto_mmta
     from .loading import timed_load, used_recipe
 
     check_args(args)
+    check_method(args)
     items = make_items(args)
     check_images(items, args.image_folder)
     answers_file = os.path.expanduser(args.answers_file)
@@ -119,13 +154,13 @@ def run(args, module: str, make_items: Callable[[object], list[Item]], auto_mmta
         args.conv_mode = args.conv_mode + "_mmtag"
         print(f"It seems that this is a plain model, but it is not using a mmtag prompt, "
               f"auto switching to {args.conv_mode}.")
-    if already_complete(answers_file, len(items), run_config(args, module, model_name)):
+    config = run_config(args, module, model_name)
+    if already_complete(answers_file, len(items), config):
         print(f"{answers_file} is complete ({len(items)} answers); nothing to do")
         return 0
 
     (tokenizer, model, image_processor, _), load_s = timed_load(args, model_name)
     recipe = used_recipe(model, args)
-    config = run_config(args, module, model_name)
     config.update(recipe=recipe.to_dict() if recipe is not None else None,
                   recipe_fingerprint=recipe.fingerprint() if recipe is not None else None,
                   pruning=recipe is not None, attn_implementation=getattr(model.config, "_attn_implementation", None),
@@ -191,8 +226,11 @@ def generate_all(args, pending: list[Item], out: AnswerFile, tokenizer, model, i
         for row, (sample, text) in enumerate(zip(batch, texts)):
             item = pending[sample.index]
             prefill = prefill_metadata(sample, row * args.num_beams, trace, recipe, num_layers, num_patches, len(batch))
+            metadata = {"prefill": prefill}
+            if sample.converted_to_rgb:
+                metadata["image_converted_to_rgb"] = True
             record = {**item.record, "text": text.strip(), **item.extra, "answer_id": shortuuid.uuid(),
-                      "model_id": model_name, "metadata": {"prefill": prefill}}
+                      "model_id": model_name, "metadata": metadata}
             out.write(record)
         out.checkpoint()
         progress.update(len(batch))

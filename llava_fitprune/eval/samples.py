@@ -25,25 +25,52 @@ class Item:
     image_path: Optional[str] = None
     image_b64: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    # LLaVA's model_vqa_loader / model_vqa convert every image to RGB; model_vqa_science and
+    # model_vqa_mmbench pass the file's own mode (a palette PNG pads differently): each module says.
+    convert_rgb: bool = True
 
     @property
     def has_image(self) -> bool:
         return self.image_path is not None or self.image_b64 is not None
 
+    def _decoded(self, image: Image.Image) -> Image.Image:
+        if self.convert_rgb:
+            return image.convert("RGB")
+        image.load()  # decode now, so a broken file fails here, naming the question
+        return image
+
     def load_image(self) -> Image.Image:
+        qid = self.record.get("question_id")
         if self.image_b64 is not None:
             try:
-                return Image.open(io.BytesIO(base64.b64decode(self.image_b64))).convert("RGB")
+                return self._decoded(Image.open(io.BytesIO(base64.b64decode(self.image_b64))))
             except Exception as e:  # noqa: BLE001 - any decoding failure is bad input
-                raise EvalInputError(f"question {self.record.get('question_id')}: its base64 image does not "
-                                     f"decode ({type(e).__name__}: {e})") from None
-        qid = self.record.get("question_id")
+                raise EvalInputError(f"question {qid}: its base64 image does not decode ({type(e).__name__}: {e}); "
+                                     f"replace the row's image cell with a base64 PNG or JPEG, or remove the "
+                                     f"row") from None
         try:
-            return Image.open(self.image_path).convert("RGB")
+            return self._decoded(Image.open(self.image_path))
         except FileNotFoundError:
-            raise EvalInputError(f"image file {self.image_path} (question {qid}) does not exist") from None
+            raise EvalInputError(f"image file {self.image_path} (question {qid}) does not exist: check "
+                                 f"--image-folder") from None
         except OSError as e:  # PIL's UnidentifiedImageError, truncated files
-            raise EvalInputError(f"image file {self.image_path} (question {qid}) cannot be read: {e}") from None
+            raise EvalInputError(f"image file {self.image_path} (question {qid}) cannot be read: {e}; replace "
+                                 f"the file (a readable image) or remove question {qid} from the question "
+                                 f"file") from None
+
+
+def process_like_stock(image: Image.Image, image_processor, model_config) -> tuple[torch.Tensor, bool]:
+    """LLaVA's `process_images` on the image as the stock module passes it, and whether it had to be
+    converted to RGB first: only where stock crashes (a grayscale, 1-bit or 16-bit image padded to
+    square, whose mode takes no RGB fill colour)."""
+    from llava.mm_utils import process_images
+
+    try:
+        return process_images([image], image_processor, model_config)[0], False
+    except (TypeError, ValueError):
+        if image.mode == "RGB":
+            raise
+        return process_images([image.convert("RGB")], image_processor, model_config)[0], True
 
 
 def check_images(items: list[Item], image_folder: str, shown: int = 5) -> None:
@@ -61,6 +88,7 @@ class Sample:
     input_ids: torch.Tensor  # [T] with IMAGE_TOKEN_INDEX where the image goes
     image: Optional[torch.Tensor]  # [3, H, W]
     image_size: Optional[tuple]
+    converted_to_rgb: bool = False  # stock would have crashed on the file's own mode
 
 
 class EvalDataset(Dataset):
@@ -88,16 +116,17 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         from llava.constants import IMAGE_TOKEN_INDEX
-        from llava.mm_utils import process_images, tokenizer_image_token
+        from llava.mm_utils import tokenizer_image_token
 
         item = self.items[index]
         input_ids = tokenizer_image_token(self.prompt(item), self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
         image = size = None
+        converted = False
         if item.has_image:
             pil = item.load_image()
-            image = process_images([pil], self.image_processor, self.model_config)[0]
+            image, converted = process_like_stock(pil, self.image_processor, self.model_config)
             size = pil.size
-        return Sample(index, input_ids, image, size)
+        return Sample(index, input_ids, image, size, converted)
 
 
 def make_batches(items: list[Item], batch_size: int) -> list[list[int]]:

@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from .io import EvalInputError, read_json, read_jsonl, score_path, write_score
+from .io import EvalInputError, read_json, read_jsonl, require_answers, score_path, write_score
 from .score_pope import score_pope
 from .score_gqa import score_gqa
 from .score_sqa import score_sqa
@@ -32,7 +32,7 @@ def score_textvqa(annotation_file: str, result_file: str, score_file: str | None
 
     annotations = read_json(annotation_file, "TextVQA annotation file")["data"]
     annotations = {(a["image_id"], a["question"].lower()): a for a in annotations}
-    results = read_jsonl(result_file, "answers file")
+    results = require_answers(read_jsonl(result_file, "answers file"), result_file)
     print(os.path.splitext(os.path.basename(result_file))[0])
     pred_list = []
     for i, r in enumerate(results, 1):
@@ -46,7 +46,7 @@ def score_textvqa(annotation_file: str, result_file: str, score_file: str | None
             raise EvalInputError(f"{result_file} answer {i}: no annotation for image {key[0]!r} and question "
                                  f"{key[1]!r} in {annotation_file}")
         pred_list.append({"pred_answer": r["text"], "gt_answers": annotations[key]["answers"]})
-    accuracy = TextVQAAccuracyEvaluator().eval_pred_list(pred_list) if pred_list else 0.0
+    accuracy = TextVQAAccuracyEvaluator().eval_pred_list(pred_list)
     print("Samples: {}\nAccuracy: {:.2f}%\n".format(len(pred_list), PERCENT * accuracy))
     return write_score(score_file or score_path(result_file), "textvqa", "accuracy", PERCENT * accuracy,
                        result_file, num_samples=len(pred_list))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .io import EvalInputError, read_json, score_path, write_score
+from .io import EvalInputError, read_json, require_answers, score_path, write_score
 
 PERCENT = 100.0
 
@@ -22,6 +22,9 @@ def score_gqa(questions_file: str, predictions_file: str, score_file: str | None
     if not isinstance(questions, dict) or not isinstance(predictions, list):
         raise EvalInputError(f"expected {questions_file} to map question ids to questions and {predictions_file} "
                              f"to be a list of {{questionId, prediction}}")
+    require_answers(predictions, predictions_file)
+    if not questions:
+        raise EvalInputError(f"GQA questions file {questions_file} holds no questions: nothing to score against")
     preds = {str(p["questionId"]): p["prediction"] for p in predictions}
     unknown = [q for q in preds if q not in questions]
     if unknown:
@@ -35,7 +38,7 @@ def score_gqa(questions_file: str, predictions_file: str, score_file: str | None
         kind = (q.get("types") or {}).get("structural", "all")
         by_type[kind][0] += hit
         by_type[kind][1] += 1
-    accuracy = PERCENT * correct / len(questions) if questions else 0.0
+    accuracy = PERCENT * correct / len(questions)
     per_type = {k: PERCENT * c / n for k, (c, n) in sorted(by_type.items())}
     for kind, acc in per_type.items():
         print(f"{kind}: {acc:.2f}%")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from .io import EvalInputError, read_jsonl, score_path, write_score
+from .io import EvalInputError, read_jsonl, require_answers, score_path, write_score
 
 PERCENT = 100.0
 PREFIX = "coco_pope_"
@@ -53,7 +53,7 @@ def score_pope(annotation_dir: str, question_file: str, result_file: str, score_
     for i, q in enumerate(questions):
         order.setdefault(q["question_id"], i)
     category = {q["question_id"]: q["category"] for q in questions}
-    answers = read_jsonl(result_file, "answers file")
+    answers = require_answers(read_jsonl(result_file, "answers file"), result_file)
     unknown = [a["question_id"] for a in answers if a["question_id"] not in category]
     if unknown:
         raise EvalInputError(f"{result_file}: question ids {unknown[:5]} are not in {question_file}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from .io import read_json, require_file, score_path, write_score
+from .io import read_json, read_jsonl, require_answers, require_file, score_path, write_score
 from .llava_files import run_llava_eval_script
 
 PERCENT = 100.0
@@ -16,7 +16,7 @@ PERCENT = 100.0
 def run_llava_eval(base_dir: str, result_file: str, output_file: str, output_result: str, split: str) -> None:
     require_file(os.path.join(base_dir, "pid_splits.json"), "ScienceQA split file")
     require_file(os.path.join(base_dir, "problems.json"), "ScienceQA problems file")
-    require_file(result_file, "answers file")
+    require_answers(read_jsonl(result_file, "answers file"), result_file)
     for path in (output_file, output_result):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     run_llava_eval_script("eval_science_qa", ["--base-dir", base_dir, "--result-file", result_file,

@@ -2,8 +2,9 @@
 
 Adapted from llava-torch==1.2.2.post1 llava/model/builder.py (`load_pretrained_model`, LLaVA
 branch). Changed: our model class; `recipe=`/`reduction_ratio=`/`method=`; any dtype and device
-(LLaVA's forces float16 and CUDA); `mm_vision_tower` given relative to the checkpoint resolves
-against it. Non-LLaVA language models and MPT are out of scope and raise.
+(LLaVA's forces float16 and CUDA; with its default device_map "auto" the CLIP tower stays float32,
+here too); `mm_vision_tower` given relative to the checkpoint resolves against it. Non-LLaVA
+language models and MPT are out of scope and raise.
 """
 from __future__ import annotations
 
@@ -157,7 +158,10 @@ def load_pretrained_model(
     vision_tower = model.get_vision_tower()
     if not vision_tower.is_loaded:
         vision_tower.load_model(device_map=kwargs["device_map"] if device.startswith("cuda") else None)
-    vision_tower.to(device=model.device, dtype=torch_dtype)
+    if device_map == "auto":  # as LLaVA: the tower keeps CLIPVisionModel's float32 (it casts images itself)
+        vision_tower.to(device=model.device)
+    else:  # LLaVA casts it to the language model's dtype only for an explicit device_map
+        vision_tower.to(device=model.device, dtype=torch_dtype)
     image_processor = vision_tower.image_processor
 
     if not keep_saved:  # no recipe / ratio given: the checkpoint's schedule is the reference (lvprune: none)

@@ -14,7 +14,7 @@ import os
 import sys
 
 from ..io import EvalInputError, read_jsonl
-from ..mmbench_tsv import is_none, parse_index, read_tsv
+from ..mmbench_tsv import is_na, parse_index, read_tsv
 from .xlsx import write_xlsx
 
 DROPPED = ("hint", "category", "source", "image", "comment", "l2-category")
@@ -22,7 +22,7 @@ PREDICTION_COLUMN = 6  # where LLaVA inserts it: after index, question, A, B, C,
 
 
 def _cell(column: str, value: str):
-    if is_none(value):
+    if is_na(value):  # pandas' NaN; an option "none" is text that LLaVA's sheet keeps
         return None
     return parse_index(value) if column == "index" else value
 

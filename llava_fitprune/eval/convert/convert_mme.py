@@ -16,7 +16,7 @@ import os
 import sys
 from collections import defaultdict
 
-from ..io import EvalInputError, read_jsonl
+from ..io import EvalInputError, atomic_open, read_jsonl, require_answers
 
 BENCH_DIR = "MME_Benchmark_release_version"
 SHORT_PROMPT = "Answer the question using a single word or phrase."
@@ -62,7 +62,8 @@ def mme_prompt(prompt: str, category: str, file: str, gt: dict) -> str:
 
 def convert(data_dir: str, experiment: str) -> dict:
     gt = get_gt(os.path.join(data_dir, BENCH_DIR))
-    answers = read_jsonl(os.path.join(data_dir, "answers", f"{experiment}.jsonl"), "answers file")
+    answers_file = os.path.join(data_dir, "answers", f"{experiment}.jsonl")
+    answers = require_answers(read_jsonl(answers_file, "answers file"), answers_file)
     results = defaultdict(list)
     for a in answers:
         category = a["question_id"].split("/")[0]
@@ -75,7 +76,7 @@ def convert(data_dir: str, experiment: str) -> dict:
     out_dir = os.path.join(data_dir, "eval_tool", "answers", experiment)
     os.makedirs(out_dir, exist_ok=True)
     for category, rows in results.items():
-        with open(os.path.join(out_dir, f"{category}.txt"), "w", encoding="utf-8") as f:
+        with atomic_open(os.path.join(out_dir, f"{category}.txt")) as f:
             f.writelines("\t".join(row) + "\n" for row in rows)
     return {"results_dir": out_dir, "categories": sorted(results), "answers": len(answers)}
 

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from ..io import EvalInputError, read_json, read_jsonl, score_path, write_score
+from ..io import EvalInputError, atomic_open, read_json, read_jsonl, require_answers, score_path, write_score
 
 PERCENT = 100.0
 
@@ -45,7 +45,8 @@ def convert(annotation_file: str, result_file: str, upload_file: str, score_file
     data = read_json(annotation_file, "SEED-Bench annotation file")
     type_names = {i: name for name, i in data["question_type"].items()}
     questions = data["questions"]
-    results = {_qid(r["question_id"]): r for r in read_jsonl(result_file, "answers file")}
+    rows = require_answers(read_jsonl(result_file, "answers file"), result_file)
+    results = {_qid(r["question_id"]): r for r in rows}
     overall = accuracy(questions, results, type_names, None)
     for name, acc in overall["per_type"].items():
         print(f"{name}: {acc:.2f}%")
@@ -59,7 +60,7 @@ def convert(annotation_file: str, result_file: str, upload_file: str, score_file
     if missing:
         print(f"warning: {len(missing)} questions have no answer (counted wrong, uploaded empty), e.g. {missing[:5]}")
     os.makedirs(os.path.dirname(os.path.abspath(upload_file)), exist_ok=True)
-    with open(upload_file, "w", encoding="utf-8") as f:
+    with atomic_open(upload_file) as f:
         for q in questions:
             row = results.get(_qid(q["question_id"]))
             f.write(json.dumps({"question_id": q["question_id"], "prediction": row["text"] if row else ""}) + "\n")

@@ -6,6 +6,8 @@ import re
 import zipfile
 from xml.sax.saxutils import escape
 
+from ..io import atomic_open
+
 NS = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
 REL = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
 PKG_REL = "http://schemas.openxmlformats.org/package/2006/relationships"
@@ -52,7 +54,7 @@ def write_xlsx(path: str, header: list[str], rows: list[list]) -> None:
         lines.append(f'<row r="{r}">{cells}</row>')
     sheet = (f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n<worksheet xmlns="{NS}"><sheetData>'
              + "".join(lines) + "</sheetData></worksheet>")
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+    with atomic_open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("[Content_Types].xml", CONTENT_TYPES)
         z.writestr("_rels/.rels", ROOT_RELS)
         z.writestr("xl/workbook.xml", WORKBOOK)

@@ -5,15 +5,24 @@
 #   MODEL_PATH       checkpoint path or hub id             (default liuhaotian/llava-v1.5-7b)
 #   MODEL_BASE       base model for projector-only checkpoints (default: none)
 #   REDUCTION_RATIO  fraction of prefill FLOPs removed by the built-in recipe, e.g. 0.6
-#   RECIPE           a recipe JSON file instead (llava-fitprune fit); neither: the dense model
-#   METHOD           token selector: fitprune (default), random
+#   RECIPE           a recipe JSON file instead (llava-fitprune fit)
+#   METHOD           which tokens go, and when (llava_fitprune/core/methods.py):
+#                      fitprune  FitPrune's recipe for REDUCTION_RATIO / RECIPE; neither: the dense model
+#                      random    FitPrune's schedule, random tokens; needs REDUCTION_RATIO or RECIPE
+#                      fastv     FastV at equal FLOPs to that FitPrune recipe; neither: FastV's own
+#                                defaults, K=2 and R=0.5 (half the visual tokens dropped after layer 2)
+#                      uniform   the same count dropped at every layer, at equal FLOPs to that recipe;
+#                                needs REDUCTION_RATIO or RECIPE
+#                      lvprune   not from these scripts (it needs trained modules: use the Python API)
+#                    (default fitprune)
 #   CONV_MODE        conversation template                 (default vicuna_v1)
 #   GPUS             comma list of GPU ids, one chunk per GPU, e.g. 0,1,2,3; empty: run on the CPU
 #   CHUNKS           with GPUS empty: number of CPU chunk processes (default 1)
 #   BATCH_SIZE       questions per generate() call         (default 1)
-#   PYTHON           interpreter                           (default python)
-#   CKPT             run name used in answer paths         (default <model dir>-<method>-r<ratio>,
-#                                                           <model dir>-<method>-<recipe name>, <model dir>-dense)
+#   PYTHON           interpreter (default: the repository's .venv/bin/python when it exists, else python)
+#   CKPT             run name used in answer paths, named by what ran (default <model dir>-dense,
+#                    <model dir>-<method>-r<ratio>, <model dir>-<method>-<recipe name>,
+#                    <model dir>-fastv-k2-r0.5)
 #   EXTRA_ARGS       more generation flags, e.g. "--max_new_tokens 16 --attn-implementation sdpa"
 #
 # An interrupted run resumes when the same command is rerun: finished answers are kept.
@@ -23,12 +32,23 @@ MODEL_PATH=${MODEL_PATH:-liuhaotian/llava-v1.5-7b}
 METHOD=${METHOD:-fitprune}
 CONV_MODE=${CONV_MODE:-vicuna_v1}
 BATCH_SIZE=${BATCH_SIZE:-1}
-PYTHON=${PYTHON:-python}
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
+if [ -z "${PYTHON:-}" ]; then
+    # scripts/setup.sh installs into the repository's .venv; a bare `python` may lack torch
+    if [ -x "$REPO_ROOT/.venv/bin/python" ]; then PYTHON=$REPO_ROOT/.venv/bin/python; else PYTHON=python; fi
+fi
 
 if [ -n "${RECIPE:-}" ] && [ -n "${REDUCTION_RATIO:-}" ]; then
     echo "set RECIPE or REDUCTION_RATIO, not both" >&2
     exit 2
 fi
+case "$METHOD" in
+    fitprune|random|fastv|uniform) ;;
+    lvprune) echo "METHOD=lvprune needs its trained modules, which these scripts cannot pass: use the Python API" >&2
+             exit 2 ;;
+    *) echo "METHOD=$METHOD is not a method: use fitprune, random, fastv or uniform (see _common.sh)" >&2
+       exit 2 ;;
+esac
 PRUNE_ARGS=(--method "$METHOD")
 if [ -n "${RECIPE:-}" ]; then
     PRUNE_ARGS+=(--recipe "$RECIPE")
@@ -36,8 +56,13 @@ if [ -n "${RECIPE:-}" ]; then
 elif [ -n "${REDUCTION_RATIO:-}" ]; then
     PRUNE_ARGS+=(--reduction-ratio "$REDUCTION_RATIO")
     TAG="$METHOD-r$REDUCTION_RATIO"
-else
+elif [ "$METHOD" = fitprune ]; then
     TAG="dense"
+elif [ "$METHOD" = fastv ]; then
+    TAG="fastv-k2-r0.5"  # FastV's defaults: FASTV_K, FASTV_R in llava_fitprune/core/methods.py
+else
+    echo "METHOD=$METHOD needs a budget: set REDUCTION_RATIO (e.g. 0.6) or RECIPE" >&2
+    exit 2
 fi
 CKPT=${CKPT:-$(basename "${MODEL_PATH%/}")-$TAG}
 MODEL_ARGS=(--model-path "$MODEL_PATH")
@@ -84,12 +109,24 @@ run_chunks() {
             "${PRUNE_ARGS[@]}" $EXTRA_ARGS &
         pids+=($!)
     done
+    local bad_input=0 status
     for idx in "${!pids[@]}"; do
-        wait "${pids[$idx]}" || { echo "chunk ${files[$idx]} failed" >&2; failed=1; }
+        status=0
+        wait "${pids[$idx]}" || status=$?
+        if [ "$status" -eq 2 ]; then  # the eval modules exit 2 on bad input (their error says what to fix)
+            echo "chunk ${files[$idx]} stopped on bad input: fix what its error names, then rerun" >&2
+            bad_input=1
+        elif [ "$status" -ne 0 ]; then
+            echo "chunk ${files[$idx]} failed (exit status $status)" >&2
+            failed=1
+        fi
     done
+    if [ "$bad_input" -ne 0 ]; then
+        exit 2
+    fi
     if [ "$failed" -ne 0 ]; then
         echo "rerun this script to resume: finished answers are kept" >&2
         exit 1
     fi
-    $PYTHON -m llava_fitprune.eval.merge --benchmark "$benchmark" --out "$merged" "${files[@]}"
+    $PYTHON -m llava_fitprune.eval.merge --benchmark "$benchmark" --run-name "$CKPT" --out "$merged" "${files[@]}"
 }
