@@ -56,11 +56,9 @@ def write_json(path: str, data: Any, indent: int | None = 2) -> None:
     """Write via a temporary file and rename, so a reader never sees half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=indent, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    from ..atomic import write_json as write_atomically  # here, not at the top: a one-place change
+
+    write_atomically(path, data, indent=indent, ensure_ascii=False)  # temporary file, fsync, rename
 
 
 def meta_path(answers_file: str) -> str:
