@@ -9,9 +9,11 @@ the same one-line form. `check_common` checks whichever of the shared options a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
+import sys
 import tempfile
 from typing import Iterable, NoReturn
 
@@ -156,6 +158,17 @@ def check_conv_mode(parser, name: str, mode: str | None) -> None:
 def check_threads(parser, name: str, threads: int | None) -> None:
     if threads is not None and threads < 1:
         fail(parser, name, threads, "must be >= 1 (torch CPU threads); leave it out for torch's default")
+
+
+@contextlib.contextmanager
+def loading(prog: str, name: str, value):
+    """A model that cannot be loaded (OSError: files missing, a hub id without network) is one line, exit 2."""
+    try:
+        yield
+    except OSError as e:
+        print(f"{prog}: error: {flag(name)} {value}: cannot load it ({' '.join(str(e).split())}): pass a local "
+              f"checkpoint folder, or check the id and the network", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def check_common(parser, args) -> None:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .cli_args import Parser, at_least, check_common, output_dir
+from .cli_args import Parser, at_least, check_common, loading, output_dir
 from .core.flops import LMShape, prefill_report
 from .plots import plot_schedules
 from .core.recipe import Recipe, RecipeError, builtin_recipe, check_reduction_ratio
@@ -144,9 +144,10 @@ def main(argv=None) -> int:
             build_tiny_llava(model_path, TinyLlavaSpec(num_layers=32))
     name = get_model_name_from_path(model_path)
     name = name if "llava" in name.lower() else f"llava-{name}"
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        model_path, args.model_base, name, device=args.device, torch_dtype=args.dtype,
-        attn_implementation=args.attn_implementation)
+    with loading(p.prog, "model_path", model_path):
+        tokenizer, model, image_processor, _ = load_pretrained_model(
+            model_path, args.model_base, name, device=args.device, torch_dtype=args.dtype,
+            attn_implementation=args.attn_implementation)
     if synth_split:
         from PIL import Image
 

@@ -14,7 +14,7 @@ import os
 import sys
 
 from . import atomic
-from .cli_args import Parser, at_least, check_common, check_range, fail, output_dir
+from .cli_args import Parser, at_least, check_common, check_range, fail, loading, output_dir
 from .core.flops import LMShape, NAMED_SHAPES, prefill_report, resolve_shape
 from .core.recipe import Recipe, RecipeError, check_reduction_ratio, load_recipe
 
@@ -158,9 +158,10 @@ def run_fit(args, ratios) -> int:
     progress = not args.no_progress
     report: dict = {"args": vars(args)}
     t0 = time.perf_counter()
-    tokenizer, model, processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, get_model_name_from_path(args.model_path), device=args.device,
-        torch_dtype=args.dtype)
+    with loading("llava-fitprune fit", "model_path", args.model_path):
+        tokenizer, model, processor, _ = load_pretrained_model(
+            args.model_path, args.model_base, get_model_name_from_path(args.model_path), device=args.device,
+            torch_dtype=args.dtype)
     report["load_model_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     calib = build_calibration(model, tokenizer, processor, args.question_file, args.image_folder,

@@ -23,7 +23,8 @@ NO_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not N
 
 # Placeholders: {model} a checkpoint folder holding only config.json (no weights: nothing may load),
 # {q} / {img} the bundled calibration questions / images, {data} LLaVA instruction data, {file} a plain
-# file, {bad_json} a file that is not JSON, {torn} a checkpoint folder cut short, {out} a fresh folder.
+# file, {bad_json} a file that is not JSON, {torn} a checkpoint folder cut short, {split} a synthetic split
+# of one question, {out} a fresh folder.
 FIT = "fit --model-path {model} --question-file {q} --image-folder {img} --reduction-ratio 0.5 --out {out} --device cpu"
 FLOPS = "flops"
 BENCH = "bench --model llava-v1.5-7b --width 256 --out-dir {out} --device cpu"
@@ -152,12 +153,15 @@ def paths(tmp_path_factory):
     data = [{"id": "0", "image": "0.png", "conversations": [{"from": "human", "value": "<image>\nQ?"},
                                                             {"from": "gpt", "value": "A"}]}]
     (root / "data.json").write_text(json.dumps(data))
+    (root / "split").mkdir()
+    (root / "split" / "questions.jsonl").write_text(json.dumps({"question_id": 0, "image": "0.png", "text": "Q?"}))
+    (root / "split" / "answers.jsonl").write_text(json.dumps({"question_id": 0, "answer": "A"}))
     torn = root / "run" / "checkpoint-4"
     torn.mkdir(parents=True)
     (torn / "lvprune_config.json").write_text("{")
     return {"model": str(model), "q": os.path.join(TINY_CALIB, "questions.jsonl"),
             "img": os.path.join(TINY_CALIB, "images"), "data": str(root / "data.json"), "file": str(root / "file"),
-            "bad_json": str(root / "bad.json"), "torn": str(torn), "root": root}
+            "bad_json": str(root / "bad.json"), "torn": str(torn), "split": str(root / "split")}
 
 
 @pytest.fixture
@@ -196,6 +200,15 @@ def test_bad_input_is_one_line_naming_the_argument(line, expected, paths, nothin
     assert len(lines) == 1, err
     assert expected in lines[0], lines[0]
     assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("line", [FIT, DEMO, TRAIN, ACCURACY + " --split {split}"])
+def test_a_checkpoint_that_cannot_load_is_one_line(line, paths, tmp_path, capsys):
+    """Past the checks, a folder without weights or tokenizer (or a hub id without network) fails at the load."""
+    code, out, err = run_in_process(line.format(**paths, out=str(tmp_path / "out")).split(), capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in out + err, err
+    assert f"{paths['model']}: cannot load it" in lines[0] and ("--model-path" in lines[0] or "--checkpoint" in lines[0])
 
 
 def test_a_real_process_gets_the_same_line(tmp_path):

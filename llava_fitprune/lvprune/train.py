@@ -19,6 +19,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from ..cli_args import loading
 from .checkpoints import CheckpointError, find_checkpoint, remove_partials, trim_log, write_checkpoint
 from .data import batches, epoch_order, make_dataset, micro_batches_per_epoch, to_device
 from .engine import DeepSpeedEngine, LocalEngine, TrainStep, resolve_deepspeed_config
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_args(parser, args)  # every input, before the model loads
     device, dtype, rank, world = _setup(args)
-    tokenizer, model, image_processor = _load_model(args, device, dtype)
+    with loading(parser.prog, "model_path", args.model_path):
+        tokenizer, model, image_processor = _load_model(args, device, dtype)
     try:
         train(args, tokenizer, model, image_processor, device, dtype, rank, world)
     except (CheckpointError, TrainInputError) as e:

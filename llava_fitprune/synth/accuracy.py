@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from .. import atomic
-from ..cli_args import Parser, at_least, check_common, output_dir
+from ..cli_args import Parser, at_least, check_common, loading, output_dir
 from ..core.flops import reference_text_tokens
 from ..core.recipe import RecipeError, check_reduction_ratio
 from .evaluate import _model_inputs, normalize, read_jsonl
@@ -264,9 +264,10 @@ def _run(args) -> int:
     split = args.split or cached_split(os.path.join(args.out_dir, "data"), "test", args.num_scenes, seed, SceneConfig())
     questions, gold = split_questions(split, args.limit)
     name = os.path.basename(os.path.normpath(args.checkpoint))
-    tok, model, proc, _ = load_pretrained_model(args.checkpoint, None, name if "llava" in name.lower() else
-                                                f"llava-{name}", device="cpu", torch_dtype=torch.float32,
-                                                attn_implementation="sdpa")
+    with loading("llava-fitprune accuracy", "checkpoint", args.checkpoint):
+        tok, model, proc, _ = load_pretrained_model(args.checkpoint, None, name if "llava" in name.lower() else
+                                                    f"llava-{name}", device="cpu", torch_dtype=torch.float32,
+                                                    attn_implementation="sdpa")
     max_new = args.max_new_tokens or 1 + max(len(tok(gold[q["question_id"]], add_special_tokens=False).input_ids)
                                              for q in questions)
     inputs = layer0_inputs(model, tok, proc, questions, os.path.join(split, "images"), args.conv_mode)
