@@ -90,3 +90,17 @@ def test_trim_log_keeps_steps_up_to_the_resumed_one(tmp_path):
     assert trim_log(str(log), 2) == 2
     assert [json.loads(l)["step"] for l in log.read_text().splitlines()] == [1, 2]
     assert trim_log(str(log), 0) == 0 and log.read_text() == ""  # a fresh start
+
+
+def test_training_data_is_parsed_once_for_the_checks_and_the_dataset(tmp_path, monkeypatch):
+    """lvprune-train checks --data-path before the model loads; make_dataset's own check then costs nothing
+    (LLaVA's 665K mix is a 1 GB JSON), unless the file changed in between."""
+    from llava_fitprune.lvprune import data
+
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"conversations": []}]))
+    calls, real = [], data._check_data
+    monkeypatch.setattr(data, "_check_data", lambda *a: calls.append(a) or real(*a))
+    assert data.check_data(str(path), None) == 1 and data.check_data(str(path), None) == 1
+    path.write_text(json.dumps([{"conversations": []}] * 2))
+    assert data.check_data(str(path), None) == 2 and len(calls) == 2

@@ -29,13 +29,11 @@ from .train_args import DTYPE_NAMES, build_parser, check_args, modules_config
 
 LOG_NAME = "train_log.jsonl"
 RECIPE_NAME = "lvprune_recipe.json"
+DTYPES = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32)))
 
 
 class TrainInputError(ValueError):
     """Input found wrong only once the model is loaded; the message names the argument."""
-
-
-DTYPES = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32)))
 
 
 def parse_args(argv):
@@ -98,8 +96,8 @@ def _make_engine(args, step_module: TrainStep, total_steps: int, world: int, dty
 def _resume(args, engine, modules: LVPruneModules, rank: int) -> dict:
     """The training position: fresh, or restored (modules, optimiser, schedule, RNG) from a checkpoint."""
     fresh = {"step": 0, "epoch": 0, "micro_in_epoch": 0}
-    quiet = lambda _: None
-    ckpt = find_checkpoint(args.output_dir, args.resume, **({} if rank == 0 else {"warn": quiet})) if args.resume else None
+    warn = {} if rank == 0 else {"warn": lambda _: None}  # torn checkpoints: one warning, from rank 0
+    ckpt = find_checkpoint(args.output_dir, args.resume, **warn) if args.resume else None
     if ckpt is None:
         if args.resume and rank == 0:
             print(f"--resume: no checkpoint in {args.output_dir}, starting fresh")
