@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from . import atomic
 from .bench_measure import run_once, summarize
 from .bench_models import (PromptLayout, RowSpec, available_attn_implementations, build_lm, load_lm_config,
                            make_inputs, row_specs)
 from .bench_report import add_figures_of_merit, markdown_table, plot_latency_vs_flops, write_csv
+from .cli_args import Parser, at_least, check_common, fail, output_dir
 from .core.flops import LMShape, kv_cache_bytes
 from .core.recipe import RecipeError, builtin_recipe, check_reduction_ratio, load_recipe
 from .core.selectors import FitPruneSelector, OracleSelector
@@ -39,7 +41,7 @@ _TERA, _GIGA, _MILLI, _MB = 1e12, 1e9, 1e3, 2 ** 20
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llava-fitprune bench", description=__doc__,
+    p = Parser(prog="llava-fitprune bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llava-v1.5-7b", help="a named config (random weights) or a checkpoint folder")
     p.add_argument("--width", type=int, default=None, help="scale the hidden size to this (random weights)")
@@ -64,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="bench_results")
     p.add_argument("--tag", default="bench", help="file name stem of the outputs in --out-dir")
     return p
+
+
+def check_args(parser, args) -> None:
+    """Ranges, the shared options and the output folder, before any model is built."""
+    at_least(parser, args, 1, "batch_size", "repeats", "new_tokens", "visual_tokens", "width", "heads")
+    at_least(parser, args, 0, "warmup", "prompt_tokens", "text_tokens")
+    if args.attn == [] or args.batch_size == []:
+        fail(parser, "attn" if args.attn == [] else "batch_size", "(none)", "give at least one value, or leave it out")
+    if os.sep in args.tag or args.tag in ("", ".", ".."):
+        fail(parser, "tag", repr(args.tag), "a file name stem, not a path: put the folder in --out-dir")
+    check_common(parser, args)
+    output_dir(parser, args, "out_dir")
 
 
 def _recipes(args, num_layers: int, parser):
@@ -158,6 +172,7 @@ def run_group(lm, attn: str, batch: int, specs, layout, args, shape, dtype, bar)
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -171,7 +186,6 @@ def main(argv=None) -> int:
     recipes = _recipes(args, shape.num_layers, parser)
     attns = args.attn or available_attn_implementations(device.type)
     layout = PromptLayout(args.prompt_tokens, args.visual_tokens, args.text_tokens)
-    os.makedirs(args.out_dir, exist_ok=True)
 
     header = (f"model {args.model}{'' if has_weights else ' (random weights)'}: {shape.num_layers} layers, "
               f"hidden {shape.hidden_size}, MLP {shape.intermediate_size}, heads {shape.num_heads}/"
@@ -195,8 +209,7 @@ def main(argv=None) -> int:
     print(table)
     stem = os.path.join(args.out_dir, args.tag)
     write_csv(rows, stem + ".csv")
-    with open(stem + ".md", "w") as f:
-        f.write(header + "\n\n" + table + "\n")
+    atomic.write_text(stem + ".md", header + "\n\n" + table + "\n")
     plot_latency_vs_flops(rows, stem + ".png", title=header.splitlines()[0])
     print(f"wrote {stem}.csv, {stem}.md, {stem}.png")
     return 0

@@ -63,7 +63,8 @@ def load_lm_config(model: str, width: Optional[int] = None, heads: Optional[int]
     else:
         path = os.path.join(model, "config.json") if os.path.isdir(model) else model
         if not os.path.isfile(path):
-            raise ValueError(f"{model!r} is neither a named config {sorted(NAMED_SHAPES)} nor a checkpoint/config.json")
+            raise ValueError(f"--model {model}: neither a named config nor a checkpoint folder or config.json: "
+                             f"pass one of {sorted(NAMED_SHAPES)} or a path that exists")
         with open(path) as f:
             cfg = json.load(f)
         has_weights = os.path.isdir(model)

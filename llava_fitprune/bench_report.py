@@ -7,6 +7,8 @@ import statistics
 import textwrap
 from collections import defaultdict
 
+from . import atomic
+
 COLUMNS = [
     "attn", "batch", "method", "ratio", "visual_tokens", "avg_tokens_per_layer",
     "prefill_tflops", "flops_reduction", "prefill_ms", "speedup", "efficiency", "time_vs_oracle",
@@ -83,7 +85,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_csv(rows: list[dict], path: str) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -97,6 +99,8 @@ def plot_latency_vs_flops(rows: list[dict], path: str, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .plots import save_figure
 
     keys = sorted({(r["attn"], r["batch"]) for r in rows})
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
@@ -124,5 +128,5 @@ def plot_latency_vs_flops(rows: list[dict], path: str, title: str = "") -> None:
     if title:
         fig.suptitle(textwrap.fill(title, _TITLE_CHARS_PER_PANEL * len(keys)), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, doc) in SUBCOMMANDS.items():
             print(f"  {name:14s} {doc}")
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nunknown subcommand {argv[0]!r}", file=sys.stderr)
+            print(f"llava-fitprune: error: unknown subcommand {argv[0]!r}: choose from {', '.join(SUBCOMMANDS)}",
+                  file=sys.stderr)
             return 2
         return 0
     name = SUBCOMMANDS[argv[0]][0]

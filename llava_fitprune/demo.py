@@ -9,7 +9,6 @@ gold answers, recipes are fitted on the task's training scenes, and each budget'
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -17,6 +16,7 @@ import time
 
 import torch
 
+from .cli_args import Parser, at_least, check_common, loading, output_dir
 from .core.flops import LMShape, prefill_report
 from .plots import plot_schedules
 from .core.recipe import Recipe, RecipeError, builtin_recipe, check_reduction_ratio
@@ -94,7 +94,7 @@ def _prefill_ms(model, ids, images, repeats):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="llava-fitprune demo", description=__doc__)
+    p = Parser(prog="llava-fitprune demo", description=__doc__)
     p.add_argument("--model-path", default=None, help="a LLaVA-1.5 checkpoint (default: a tiny offline one)")
     p.add_argument("--model-base", default=None)
     p.add_argument("--reduction-ratio", type=float, nargs="+", default=[0.5, 0.7, 0.9])
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
                    help="token selection; fastv/uniform run at equal FLOPs to each FitPrune recipe")
     p.add_argument("--conv-mode", default="vicuna_v1")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--attn-implementation", default="sdpa")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3, help="prefill timings: median over this many runs")
@@ -117,11 +118,13 @@ def main(argv=None) -> int:
         ratios = [check_reduction_ratio(r) for r in args.reduction_ratio]
     except RecipeError as e:
         p.error(str(e))
-    if args.num_questions < 1 or args.accuracy_questions < 0:
-        p.error("--num-questions must be >= 1 and --accuracy-questions >= 0")
+    at_least(p, args, 1, "num_questions", "max_new_tokens", "repeats")
+    at_least(p, args, 0, "accuracy_questions")
+    check_common(p, args)  # --model-path, --device, --attn-implementation, --conv-mode
     if args.synth_split and not os.path.isfile(os.path.join(args.synth_split, "questions.jsonl")):
         p.error(f"--synth-split {args.synth_split} has no questions.jsonl: pass a split written by "
                 f"python -m llava_fitprune.synth.scenes")
+    output_dir(p, args, "out")  # before the minutes of work whose plot it keeps
     torch.manual_seed(0)
 
     from llava.mm_utils import get_model_name_from_path, process_images
@@ -141,9 +144,10 @@ def main(argv=None) -> int:
             build_tiny_llava(model_path, TinyLlavaSpec(num_layers=32))
     name = get_model_name_from_path(model_path)
     name = name if "llava" in name.lower() else f"llava-{name}"
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        model_path, args.model_base, name, device=args.device, torch_dtype=args.dtype,
-        attn_implementation=args.attn_implementation)
+    with loading(p.prog, "model_path", model_path):
+        tokenizer, model, image_processor, _ = load_pretrained_model(
+            model_path, args.model_base, name, device=args.device, torch_dtype=args.dtype,
+            attn_implementation=args.attn_implementation)
     if synth_split:
         from PIL import Image
 
@@ -205,7 +209,6 @@ def main(argv=None) -> int:
               f"(the full table: llava-fitprune accuracy, BENCHMARKS.md)")
         print(accuracy_table(model, tokenizer, image_processor, synth_split, configs,
                              configure, args.accuracy_questions, args.conv_mode))
-    os.makedirs(args.out, exist_ok=True)
     png = plot_schedules([r for r in recipes if r is not None], os.path.join(args.out, "tokens_per_layer.png"),
                          title=f"{name}: visual tokens entering each layer")
     print(f"\nplot: {png}")

@@ -10,18 +10,18 @@ per phase, search counts: everything that varies between runs, kept out of the r
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
 from .core.fit_stages import check_max_pruning_layers
+from . import atomic
+from .cli_args import Parser, at_least, check_common, check_range, fail, loading, output_dir
 from .core.flops import LMShape, NAMED_SHAPES, prefill_report, resolve_shape
 from .core.recipe import Recipe, RecipeError, check_reduction_ratio, load_recipe
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="llava-fitprune fit", description=__doc__.splitlines()[0])
+    p = Parser(prog="llava-fitprune fit", description=__doc__.splitlines()[0])
     p.add_argument("--model-path")
     p.add_argument("--model-base", default=None)
     p.add_argument("--model-name", default=None, help="name recorded in the recipes (default: from --model-path)")
@@ -30,7 +30,8 @@ def parse_args(argv):
     p.add_argument("--reduction-ratio", type=float, nargs="+", help="fractions of FLOPs to remove, in [0, 1)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--conv-mode", default="vicuna_v1")
-    p.add_argument("--num-samples", type=int, default=66)
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="calibration questions drawn from --question-file (default: all of them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch in each layer step")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
@@ -45,7 +46,24 @@ def parse_args(argv):
     p.add_argument("--recipe", help="recipe JSON for --dry-run")
     p.add_argument("--num-text-tokens", type=int, default=None,
                    help="--dry-run: text tokens of the prompt (default: the recipe's fitted reference)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args) -> None:
+    """Ranges, the shared options and the output folder: before any file is read or weights load."""
+    at_least(p, args, 1, "num_samples", "batch_size", "max_pruning_layers")
+    check_range(p, args, ["tol"], low=0, high=1, low_open=True, high_open=True, hint=" (a tolerance on alpha)")
+    if args.dry_run:
+        return
+    check_common(p, args)
+    if args.question_file and not os.path.isfile(args.question_file):
+        fail(p, "question_file", args.question_file, "no such file: pass a LLaVA question jsonl")
+    if args.image_folder and not os.path.isdir(args.image_folder):
+        fail(p, "image_folder", args.image_folder, "no such folder: pass the folder the questions' images are in")
+    if args.out:
+        output_dir(p, args, "out")
 
 
 def _shape_of(recipe: Recipe, model_path: str | None) -> LMShape:
@@ -123,6 +141,18 @@ def main(argv=None) -> int:
         return 2
 
 
+def calibration_size(args, num_questions: int) -> int:
+    """--num-samples, or every question of the file when it is not given."""
+    if args.num_samples is None:
+        print(f"note: calibrating on all {num_questions} questions of {args.question_file} (pass --num-samples N "
+              f"for a random subset; the authors used about 66)")
+        return num_questions
+    if args.num_samples > num_questions:
+        raise ValueError(f"--num-samples {args.num_samples}: the question file {args.question_file} has only "
+                         f"{num_questions} questions: pass --num-samples {num_questions} or fewer, or leave it out")
+    return args.num_samples
+
+
 def run_fit(args, ratios) -> int:
     import time
 
@@ -132,26 +162,24 @@ def run_fit(args, ratios) -> int:
     from .adapters.llava.calibration import build_calibration, read_questions
     from .core.fit import fit
 
-    read_questions(args.question_file)  # fail on a bad file before loading the model
-    if not os.path.isdir(args.image_folder):
-        raise FileNotFoundError(f"image folder {args.image_folder} does not exist")
+    num_samples = calibration_size(args, len(read_questions(args.question_file)))  # before loading the model
     progress = not args.no_progress
     report: dict = {"args": vars(args)}
     t0 = time.perf_counter()
-    tokenizer, model, processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, get_model_name_from_path(args.model_path), device=args.device,
-        torch_dtype=args.dtype)
+    with loading("llava-fitprune fit", "model_path", args.model_path):
+        tokenizer, model, processor, _ = load_pretrained_model(
+            args.model_path, args.model_base, get_model_name_from_path(args.model_path), device=args.device,
+            torch_dtype=args.dtype)
     report["load_model_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     calib = build_calibration(model, tokenizer, processor, args.question_file, args.image_folder,
-                              conv_mode=args.conv_mode, num_samples=args.num_samples, seed=args.seed,
+                              conv_mode=args.conv_mode, num_samples=num_samples, seed=args.seed,
                               progress=progress)
     report["calibration_s"] = round(time.perf_counter() - t0, 3)
     name = args.model_name or get_model_name_from_path(args.model_path)
     recipes = fit(model, calib, ratios, convention=args.flops_convention, tol=args.tol, progress=progress,
                   batch_size=args.batch_size, model_name=name, report=report,
                   max_pruning_layers=args.max_pruning_layers)
-    os.makedirs(args.out, exist_ok=True)
     for r in recipes:
         path = os.path.join(args.out, recipe_filename(r))
         r.save(path)
@@ -159,8 +187,7 @@ def run_fit(args, ratios) -> int:
               f"{r.achieved_reduction} for {r.reduction_ratio})")
     plot(recipes, os.path.join(args.out, "visual_tokens_per_layer.png"),
          f"FitPrune schedules, {name}, {args.flops_convention} FLOPs")
-    with open(os.path.join(args.out, "fit_report.json"), "w") as f:
-        json.dump(report, f, indent=2, sort_keys=True, default=str)
+    atomic.write_json(os.path.join(args.out, "fit_report.json"), report, sort_keys=True, default=str, newline=False)
     print(f"wrote {os.path.join(args.out, 'visual_tokens_per_layer.png')} and fit_report.json")
     return 0
 

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 
+from .cli_args import Parser, at_least, fail
 from .core.flops import NAMED_SHAPES, decode_token_flops, prefill_report, resolve_shape
 from .core.recipe import RecipeError, builtin_recipes, check_reduction_ratio, load_recipe, builtin_recipe
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llava-fitprune flops", description=__doc__)
+    p = Parser(prog="llava-fitprune flops", description=__doc__)
     p.add_argument("--config", default="llava-v1.5-7b",
                    help=f"a named shape {sorted(NAMED_SHAPES)} or a config.json / checkpoint folder")
     p.add_argument("--recipe", nargs="*", default=[], help="recipe JSON files")
@@ -20,10 +22,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_shape(parser, config: str):
+    """The language model's sizes from --config; a one-line error for anything that is not a config."""
+    fix = "pass a named shape or a LLaVA config.json / checkpoint folder"
+    try:
+        shape = resolve_shape(config)
+    except json.JSONDecodeError as e:
+        fail(parser, "config", config, f"not valid JSON ({e}): {fix}")
+    except (ValueError, OSError) as e:
+        fail(parser, "config", config, f"{str(e).replace(f'config {config!r} ', '')}: {fix}")
+    missing = [k for k, v in shape.to_dict().items() if not isinstance(v, int) or v < 1]
+    if missing:
+        fail(parser, "config", config, f"lacks the language model's sizes {missing}: {fix}")
+    return shape
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    shape = resolve_shape(args.config)
+    at_least(parser, args, 1, "visual_tokens")
+    at_least(parser, args, 0, "prompt_tokens", "text_tokens")
+    shape = config_shape(parser, args.config)
     recipes = []
     try:
         recipes += [load_recipe(p) for p in args.recipe]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from . import atomic
 from .core.recipe import Recipe
 
 
@@ -31,12 +32,18 @@ def plot_schedules(recipes: Sequence[Recipe], path: str, title: str = "visual to
 
 
 def finish(fig, ax, path: str) -> str:
-    """Grid, legend, tight layout; save as PNG and close. Returns path."""
+    """Grid, legend, tight layout; save as PNG (atomically) and close. Returns path."""
     import matplotlib.pyplot as plt
 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+    """`fig.savefig(path)` through a temporary file: a crash never leaves half a PNG."""
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)

@@ -544,10 +544,11 @@ def test_cli_max_pruning_layers(tiny_gqa_dir, tmp_path, capsys):
             "--image-folder", os.path.join(TINY_CALIB, "images"), "--reduction-ratio", "0.8",
             "--num-samples", "4", "--seed", "1", "--out", str(out), "--device", "cpu",
             "--flops-convention", "visual_only", "--no-progress"]
-    assert main(argv + ["--max-pruning-layers", "0"]) == 2  # before loading the model
-    assert "max_pruning_layers must be a whole number >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # an argument error, before loading the model
+        main(argv + ["--max-pruning-layers", "0"])
+    assert exit_info.value.code == 2 and "--max-pruning-layers 0: must be >= 1" in capsys.readouterr().err
     assert main(argv + ["--max-pruning-layers", "4"]) == 2  # the model has 3 layers
-    assert "from 1 to 3" in capsys.readouterr().err and not os.path.isdir(out)
+    assert "from 1 to 3" in capsys.readouterr().err and not list(out.glob("*.json"))
     assert main(argv + ["--max-pruning-layers", "1"]) == 0
     r = load_recipe(out / "llava-tiny-gqa-fitprune-r0.8-visual_only-k1.json")
     assert r.provenance["max_pruning_layers"] == 1 and sum(d > 0 for d in r.drop_per_layer) == 1

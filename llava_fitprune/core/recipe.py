@@ -161,10 +161,9 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        from ..atomic import write_text  # here, not at the top: a one-place change
+
+        write_text(path, self.to_json())  # temporary file, fsync, rename
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]

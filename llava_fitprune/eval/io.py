@@ -71,27 +71,24 @@ def require_answers(rows: list, path: str) -> list:
 
 @contextmanager
 def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator:
-    """`open(path, mode)` that writes a temporary file and renames it over `path` only when the block
-    ends without an error, so a reader never sees half a file; on an error the temporary is removed."""
-    path = os.fspath(path)
+    """`open(path, mode)` whose file replaces `path` only when the block ends without an error
+    (`llava_fitprune.atomic.atomic_path`: temporary sibling, fsync, rename), so a reader never sees half a file."""
+    from ..atomic import atomic_path
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
-    try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
 
 
 def write_json(path: str, data: Any, indent: int | None = 2) -> None:
     """Write via a temporary file and rename, so a reader never sees half a file."""
-    with atomic_open(path) as f:
-        json.dump(data, f, indent=indent, ensure_ascii=False)
-        f.write("\n")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    from ..atomic import write_json as write_atomically  # here, not at the top: a one-place change
+
+    write_atomically(path, data, indent=indent, ensure_ascii=False)  # temporary file, fsync, rename
 
 
 def file_sha256(path: str) -> str:

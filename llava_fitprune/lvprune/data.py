@@ -18,10 +18,22 @@ from torch.utils.data import DataLoader, Dataset, Subset
 DEFAULT_TEMPLATE = "vicuna_v1"  # LLaVA-1.5's `--version v1`
 
 
+_CHECKED: dict = {}  # (path, size, mtime, image folder given) -> length: the CLI checks before the model loads
+
+
 def check_data(data_path: str, image_folder: Optional[str]) -> int:
-    """Fail early and clearly on a file that is not LLaVA instruction data. Returns its length."""
+    """Fail early and clearly on a file that is not LLaVA instruction data. Returns its length.
+    A file checked before (unchanged since) is not parsed again (LLaVA's 665K mix is about 1 GB)."""
     if not os.path.isfile(data_path):
         raise FileNotFoundError(f"training data {data_path} does not exist")
+    stat = os.stat(data_path)
+    key = (os.path.abspath(data_path), stat.st_size, stat.st_mtime_ns, bool(image_folder))
+    if key not in _CHECKED:
+        _CHECKED[key] = _check_data(data_path, image_folder)
+    return _CHECKED[key]
+
+
+def _check_data(data_path: str, image_folder: Optional[str]) -> int:
     with open(data_path) as f:
         data = json.load(f)
     if not isinstance(data, list) or not data or not all(isinstance(d, dict) and "conversations" in d for d in data):

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from llava.constants import IGNORE_INDEX
 
+from .. import atomic
 from .masking import masked_forward
 from .modules import LVPruneModules
 
@@ -77,9 +78,9 @@ class LocalEngine:
 
     def save_checkpoint(self, ckpt_dir: str, client_state: dict) -> None:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "micro_steps": self.micro_steps, "client_state": client_state, "rng": rng},
-                   os.path.join(ckpt_dir, LOCAL_STATE))
+        with atomic.atomic_path(os.path.join(ckpt_dir, LOCAL_STATE)) as tmp:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "micro_steps": self.micro_steps, "client_state": client_state, "rng": rng}, tmp)
 
     def load_checkpoint(self, ckpt_dir: str) -> dict:
         state = torch.load(os.path.join(ckpt_dir, LOCAL_STATE), map_location="cpu", weights_only=True)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import atomic
 from ..core.recipe import Recipe
 from ..core.scoring import keep_index
 
@@ -172,9 +173,9 @@ class LVPruneModules(nn.Module):
 
         os.makedirs(out_dir, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": LVPRUNE_FORMAT})
-        with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
+        with atomic.atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:  # each file whole or not at all
+            save_file(tensors, tmp, metadata={"format": LVPRUNE_FORMAT})
+        atomic.write_json(os.path.join(out_dir, CONFIG_NAME), self.config.to_dict(), newline=False)
 
     @classmethod
     def load(cls, path: str, device="cpu") -> "LVPruneModules":

@@ -10,72 +10,34 @@ the modules (`lvprune_modules.safetensors` + `lvprune_config.json`), their sched
 """
 from __future__ import annotations
 
-import argparse
-import glob
 import json
 import math
 import os
-import re
+import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-from .data import DEFAULT_TEMPLATE, batches, epoch_order, make_dataset, micro_batches_per_epoch, to_device
+from ..cli_args import loading
+from .checkpoints import CheckpointError, find_checkpoint, remove_partials, trim_log, write_checkpoint
+from .data import batches, epoch_order, make_dataset, micro_batches_per_epoch, to_device
 from .engine import DeepSpeedEngine, LocalEngine, TrainStep, resolve_deepspeed_config
-from .modules import DEFAULT_HEADS, DEFAULT_TEMPERATURE, DEFAULT_WIDTH, LVPruneConfig, LVPruneModules
+from .modules import LVPruneModules
 from .selector import model_num_visual_tokens
+from .train_args import DTYPE_NAMES, build_parser, check_args, modules_config
 
 LOG_NAME = "train_log.jsonl"
 RECIPE_NAME = "lvprune_recipe.json"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32)))
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+class TrainInputError(ValueError):
+    """Input found wrong only once the model is loaded; the message names the argument."""
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="llava-fitprune lvprune-train", description=__doc__.split("\n")[0])
-    p.add_argument("--model-path", required=True)
-    p.add_argument("--model-base", default=None)
-    p.add_argument("--data-path", required=True, help="LLaVA instruction json")
-    p.add_argument("--image-folder", default=None)
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--conv-template", default=DEFAULT_TEMPLATE)
-    p.add_argument("--layers", type=_ints, default=None, help="module layers, e.g. 2,8,16 (default: scaled to depth)")
-    p.add_argument("--keep", type=_floats, default=None, help="keep fraction after each module, e.g. 0.5,0.25,0.1")
-    p.add_argument("--width", type=int, default=DEFAULT_WIDTH)
-    p.add_argument("--heads", type=int, default=DEFAULT_HEADS)
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="Gumbel-softmax temperature")
-    p.add_argument("--ratio-weight", type=float, default=2.0, help="weight of the keep-ratio MSE loss")
-    p.add_argument("--init-keep", type=float, default=None, help="initial keep probability (default: the targets)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=4, help="per device")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--log-steps", type=int, default=10)
-    p.add_argument("--save-steps", type=int, default=500)
-    p.add_argument("--resume", nargs="?", const="latest", default=None, help="a checkpoint folder, or the latest")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--model-max-length", type=int, default=None)
-    p.add_argument("--deepspeed", default=None, help="a DeepSpeed config (ZeRO-2: scripts/zero2.json)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def _setup(args):
@@ -120,16 +82,6 @@ def _schedule(optimizer, total_steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def find_checkpoint(output_dir: str, resume: str) -> str | None:
-    if resume != "latest":
-        if not os.path.isdir(resume):
-            raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
-        return resume
-    found = glob.glob(os.path.join(output_dir, "checkpoint-*"))
-    steps = [(int(m.group(1)), d) for d in found if (m := re.search(r"checkpoint-(\d+)$", d))]
-    return max(steps)[1] if steps else None
-
-
 def _make_engine(args, step_module: TrainStep, total_steps: int, world: int, dtype):
     optimizer = torch.optim.AdamW(step_module.lvprune.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = _schedule(optimizer, total_steps, args.warmup_ratio)
@@ -144,15 +96,16 @@ def _make_engine(args, step_module: TrainStep, total_steps: int, world: int, dty
 def _resume(args, engine, modules: LVPruneModules, rank: int) -> dict:
     """The training position: fresh, or restored (modules, optimiser, schedule, RNG) from a checkpoint."""
     fresh = {"step": 0, "epoch": 0, "micro_in_epoch": 0}
-    ckpt = find_checkpoint(args.output_dir, args.resume) if args.resume else None
+    warn = {} if rank == 0 else {"warn": lambda _: None}  # torn checkpoints: one warning, from rank 0
+    ckpt = find_checkpoint(args.output_dir, args.resume, **warn) if args.resume else None
     if ckpt is None:
         if args.resume and rank == 0:
             print(f"--resume: no checkpoint in {args.output_dir}, starting fresh")
         return fresh
     saved = LVPruneModules.load(ckpt)
     if saved.config.to_dict() != modules.config.to_dict():
-        raise SystemExit(f"{ckpt} holds modules of another configuration ({saved.config}); "
-                         f"resume with the same --layers/--keep/--width/--heads/--temperature")
+        raise CheckpointError(f"--resume {ckpt}: holds modules of another configuration ({saved.config}): resume "
+                              f"with its --layers/--keep/--width/--heads/--temperature, or use another --output-dir")
     modules.load_state_dict(saved.state_dict())
     state = engine.load_checkpoint(ckpt)["state"]
     if rank == 0:
@@ -178,18 +131,28 @@ def _accumulate(sums: dict, last: dict) -> None:
             sums[k] = sums.get(k, 0.0) + v
 
 
-def _save(engine, modules, out_dir: str, state: dict, rank: int) -> None:
-    ckpt = os.path.join(out_dir, f"checkpoint-{state['step']}")
-    if rank == 0:
-        modules.save(ckpt)
-    engine.save_checkpoint(ckpt, {"state": dict(state)})
+def _save(engine, modules, out_dir: str, state: dict, rank: int, world: int) -> None:
+    """checkpoint-STEP/, appearing only once complete (checkpoints.py)."""
+    def write(folder):
+        if rank == 0:
+            modules.save(folder)
+        engine.save_checkpoint(folder, {"state": dict(state)})
+
+    write_checkpoint(out_dir, state["step"], write, rank, world)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)  # every input, before the model loads
     device, dtype, rank, world = _setup(args)
-    tokenizer, model, image_processor = _load_model(args, device, dtype)
-    train(args, tokenizer, model, image_processor, device, dtype, rank, world)
+    with loading(parser.prog, "model_path", args.model_path):
+        tokenizer, model, image_processor = _load_model(args, device, dtype)
+    try:
+        train(args, tokenizer, model, image_processor, device, dtype, rank, world)
+    except (CheckpointError, TrainInputError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -203,21 +166,25 @@ def train(args, tokenizer, model, image_processor, device="cpu", dtype=torch.flo
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # checkpointing runs in training mode only; LLaVA-1.5 has no dropout
-    config = LVPruneConfig(hidden_size=model.config.hidden_size, num_layers=len(model.get_model().layers),
-                           layers=args.layers or [], keep=args.keep or [], width=args.width, heads=args.heads,
-                           temperature=args.temperature, model={"name": args.model_path})
+    config = modules_config(args, model.config.hidden_size, len(model.get_model().layers))
     modules = LVPruneModules(config, init_keep=args.init_keep).to(device)
     dataset, collator = make_dataset(args.data_path, args.image_folder, tokenizer, image_processor, model.config,
                                      args.conv_template)
     per_epoch = micro_batches_per_epoch(len(epoch_order(len(dataset), args.seed, 0, rank, world)), args.batch_size)
     if per_epoch == 0:
-        raise SystemExit(f"{args.data_path}: {len(dataset)} samples are too few for {world} processes")
+        raise TrainInputError(f"--data-path {args.data_path}: {len(dataset)} samples are too few for {world} "
+                              f"processes: use more data or fewer processes")
     total_steps = args.max_steps or args.epochs * math.ceil(per_epoch / args.grad_accum)
     step_module = TrainStep(modules, model, args.ratio_weight)
     engine = _make_engine(args, step_module, total_steps, world, dtype)
     os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:
+        remove_partials(args.output_dir)  # half-written checkpoints of a killed run
     state = _resume(args, engine, modules, rank)
-    log = open(os.path.join(args.output_dir, LOG_NAME), "a") if rank == 0 else None
+    log = None
+    if rank == 0:
+        trim_log(os.path.join(args.output_dir, LOG_NAME), state["step"])  # rows past the resumed step go
+        log = open(os.path.join(args.output_dir, LOG_NAME), "a")
     bar = tqdm(total=total_steps, initial=state["step"], disable=rank != 0 or args.quiet, desc="lvprune-train")
     sums, count, start = {}, 0, time.time()
     while state["step"] < total_steps and (args.max_steps or state["epoch"] < args.epochs):
@@ -237,7 +204,7 @@ def train(args, tokenizer, model, image_processor, device="cpu", dtype=torch.flo
                 _log(log, bar, sums, count, state, engine.get_lr()[0], time.time() - start)
                 sums, count = {}, 0
             if state["step"] % args.save_steps == 0 or state["step"] == total_steps:
-                _save(engine, modules, args.output_dir, state, rank)
+                _save(engine, modules, args.output_dir, state, rank, world)
             if state["step"] >= total_steps:
                 break
         else:

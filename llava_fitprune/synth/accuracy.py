@@ -27,6 +27,8 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
+from .. import atomic
+from ..cli_args import Parser, at_least, check_common, loading, output_dir
 from ..core.flops import reference_text_tokens
 from ..core.recipe import RecipeError, check_reduction_ratio
 from .evaluate import _model_inputs, normalize, read_jsonl
@@ -46,7 +48,7 @@ def _ratio(text: str) -> float:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="llava-fitprune accuracy", description=__doc__.split("\n")[0])
+    p = Parser(prog="llava-fitprune accuracy", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="tiny LLaVA trained on the synthetic task")
     p.add_argument("--split", default=None, help="a test split dir (default: regenerate from the training seed)")
     p.add_argument("--num-scenes", type=int, default=150, help="test scenes when regenerating the split")
@@ -68,21 +70,20 @@ def parse_args(argv):
     a = p.parse_args(argv)
     unknown = [m for m in a.methods if m not in BASELINES + ("lvprune",)]
     if unknown:
-        p.error(f"unknown method(s) {unknown}: choose from {', '.join(BASELINES)} (and lvprune with "
+        p.error(f"--methods: unknown method(s) {unknown}: choose from {', '.join(BASELINES)} (and lvprune with "
                 f"--lvprune-modules)")
     if "lvprune" in a.methods and not a.lvprune_modules:
         p.error("lvprune needs its trained modules: pass --lvprune-modules DIR or drop lvprune from --methods")
     if a.lvprune_modules and "lvprune" not in a.methods:
         a.methods.append("lvprune")
     if not os.path.isfile(os.path.join(a.checkpoint, "config.json")):
-        p.error(f"no checkpoint at {a.checkpoint} (config.json missing): train one with `python -m "
+        p.error(f"--checkpoint {a.checkpoint}: no checkpoint there (config.json missing): train one with `python -m "
                 f"llava_fitprune.synth.train --data DATA/train --out {a.checkpoint}` or pass --checkpoint DIR")
     if a.split and not os.path.isfile(os.path.join(a.split, "questions.jsonl")):
         p.error(f"--split {a.split} has no questions.jsonl: pass a split dir written by write_split (or omit --split)")
-    if min(a.num_scenes, a.calibration_samples, a.batch_size, 1 if a.limit is None else a.limit,
-           1 if a.max_new_tokens is None else a.max_new_tokens, *a.max_pruning_layers) < 1:
-        p.error("--num-scenes, --calibration-samples, --batch-size, --limit, --max-new-tokens and "
-                "--max-pruning-layers must be >= 1")
+    at_least(p, a, 1, "num_scenes", "calibration_samples", "batch_size", "limit", "max_new_tokens", "max_pruning_layers")
+    check_common(p, a)  # --threads, --conv-mode
+    output_dir(p, a, "out_dir")
     a.max_pruning_layers = sorted(set(a.max_pruning_layers))
     a.ratios = sorted(set(a.ratios) - {0.0})  # ratio 0 is the dense row, run once
     return a
@@ -126,8 +127,7 @@ def cached_split(root: str, split: str, num: int, seed: int, cfg: SceneConfig) -
                 json.load(open(stamp)).get("source_sha256") == digest:
             return os.path.join(d, split)
     out = write_split(d, split, num, seed, cfg)
-    with open(stamp, "w") as f:
-        json.dump({"source_sha256": digest}, f)
+    atomic.write_json(stamp, {"source_sha256": digest}, indent=None, newline=False)  # last: marks the split complete
     return out
 
 
@@ -277,9 +277,10 @@ def _run(args) -> int:
     split = args.split or cached_split(os.path.join(args.out_dir, "data"), "test", args.num_scenes, seed, SceneConfig())
     questions, gold = split_questions(split, args.limit)
     name = os.path.basename(os.path.normpath(args.checkpoint))
-    tok, model, proc, _ = load_pretrained_model(args.checkpoint, None, name if "llava" in name.lower() else
-                                                f"llava-{name}", device="cpu", torch_dtype=torch.float32,
-                                                attn_implementation="sdpa")
+    with loading("llava-fitprune accuracy", "checkpoint", args.checkpoint):
+        tok, model, proc, _ = load_pretrained_model(args.checkpoint, None, name if "llava" in name.lower() else
+                                                    f"llava-{name}", device="cpu", torch_dtype=torch.float32,
+                                                    attn_implementation="sdpa")
     max_new = args.max_new_tokens or 1 + max(len(tok(gold[q["question_id"]], add_special_tokens=False).input_ids)
                                              for q in questions)
     inputs = layer0_inputs(model, tok, proc, questions, os.path.join(split, "images"), args.conv_mode)

@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from .. import atomic
 from ..core.flops import LMShape
 from .questions import QUESTION_TYPES
 
@@ -172,18 +173,16 @@ def comparison(results: list[dict], preds: list[dict], min_ratio: float = 0.6) -
 def write_all(out_dir, results, skipped, preds, prov, recipes) -> None:
     os.makedirs(out_dir, exist_ok=True)
     rows = _ordered(results, skipped)
-    with open(os.path.join(out_dir, "accuracy.md"), "w") as f:
-        f.write(markdown(rows, prov) + "\n" + comparison(results, preds) + "\n")
-    with open(os.path.join(out_dir, "accuracy.csv"), "w", newline="") as f:
+    atomic.write_text(os.path.join(out_dir, "accuracy.md"), markdown(rows, prov) + "\n" + comparison(results, preds) + "\n")
+    with atomic.atomic_path(os.path.join(out_dir, "accuracy.csv")) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(map(_cells, rows))
     fitted = {f"{r:g}": x.to_dict() if not isinstance(x, str) else x for r, x in recipes.items()}
-    with open(os.path.join(out_dir, "accuracy.json"), "w") as f:
-        json.dump({"format": FORMAT, "version": VERSION, "provenance": prov, "flops_convention": CONVENTION,
-                   "results": rows, "fitprune_recipes": fitted}, f, indent=1)
-    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in preds)
+    atomic.write_json(os.path.join(out_dir, "accuracy.json"),
+                      {"format": FORMAT, "version": VERSION, "provenance": prov, "flops_convention": CONVENTION,
+                       "results": rows, "fitprune_recipes": fitted}, indent=1, newline=False)
+    atomic.write_text(os.path.join(out_dir, "predictions.jsonl"), "".join(json.dumps(p) + "\n" for p in preds))
     plot(results, os.path.join(out_dir, "accuracy.png"))
     print(markdown(rows, prov))
     print(f"wrote {out_dir}/accuracy.md, accuracy.csv, accuracy.json, accuracy.png, predictions.jsonl")
