@@ -107,3 +107,16 @@ def test_sdpa_equals_eager(tiny_paths, name):
     assert torch.equal(results["eager"][0], results["sdpa"][0])
     assert results["eager"][2] == results["sdpa"][2]
     torch.testing.assert_close(results["eager"][1], results["sdpa"][1], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_beam_search_batched_equals_one_by_one(tiny_paths):
+    """Beam search over a padded batch of two visual counts gives each sample's beams alone. (Beams of one
+    sample share their prefill's key masks, so `PrunedCache.reorder_cache` moving them is not what this checks.)"""
+    model, processor = load_ours(tiny_paths["qwen"], recipe=RECIPE)
+    batch = make_inputs(processor, [0, 1])
+    out = model.generate(**batch, max_new_tokens=NEW, num_beams=3, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    for b in (0, 1):
+        alone = make_inputs(processor, [b])
+        ref = model.generate(**alone, max_new_tokens=NEW, num_beams=3, do_sample=False)[:, alone["input_ids"].shape[1]:]
+        assert out[b].tolist() == ref[0].tolist()
