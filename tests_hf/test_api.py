@@ -114,3 +114,20 @@ def test_other_methods_and_errors(tiny_paths, tmp_path):
     with pytest.raises(ValueError, match="not supported by the transformers backend"):
         LlamaConfig(num_hidden_layers=1).save_pretrained(tmp_path)
         load_ours(str(tmp_path))
+
+
+@torch.no_grad()
+def test_fastv_drops_what_the_stock_attention_ranks_lowest(tiny_paths):
+    """FastV (K=2, R=50%): after layer 1's attention, the visual tokens the last prompt token attends to
+    least (head mean) in the stock model's own eager attention map."""
+    model, processor = load_ours(tiny_paths["qwen"], method="fastv", num_visual_tokens=64)
+    stock = load_stock(tiny_paths["qwen"], "eager")
+    inputs = make_inputs(processor, [1])
+    generate(model, inputs, 1)
+    visual = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    n_drop = model.fitprune_recipe.drops_for(len(visual))[1]
+    from_last = stock(**inputs, output_attentions=True).attentions[1][0].mean(0)[-1]  # [N]
+    expected = visual[torch.argsort(from_last[visual], stable=True)[:n_drop]]
+    dropped = model.fitprune_trace.dropped_positions
+    assert [p is None for p in dropped] == [True, False, True, True]
+    assert sorted(int(p) for p in dropped[1][0] if p >= 0) == sorted(expected.tolist())
