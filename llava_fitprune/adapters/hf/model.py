@@ -75,6 +75,10 @@ class FitPruneVLMMixin:
         options); `set_pruning(None)` goes back to the stock model. `selector=` overrides the method's.
         Returns the schedule in use (None: dense)."""
         state: PruningState = self.fitprune_text_model.fitprune
+        layer_types = getattr(self.config.get_text_config(decoder=True), "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise NotImplementedError(f"pruning supports full-attention layers only; this model's layer types: "
+                                      f"{sorted(set(layer_types))} (e.g. use_sliding_window=False)")
         if recipe is None and reduction_ratio is None and method == "fitprune" and not method_options:
             schedule, chosen = None, FitPruneSelector()
         else:
