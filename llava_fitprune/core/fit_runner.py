@@ -24,23 +24,34 @@ from .scoring import keep_index
 
 
 # -- one decoder layer, batched over samples --------------------------------------------------------
-def _attend(layer, hidden, valid, pos, row_start: int, rope_len: int):
+def _rotate(x, cos, sin):
+    """Rotary embedding with per-row tables. x: [B, H, N, hd]; cos, sin: [B, N, hd]."""
+    half = x.shape[-1] // 2
+    return x * cos[:, None] + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin[:, None]
+
+
+def _attend(layer, hidden, valid, pos, row_start: int, rope_len: int, cos_sin=None):
     """Attention of one LlamaDecoderLayer; probabilities only for query rows row_start.. (visual + text after).
 
-    hidden: [B, N, D]; valid: [B, N] bool; pos: [B, N] long original positions
+    hidden: [B, N, D]; valid: [B, N] bool; pos: [B, N] long original positions; cos_sin: None (the
+    layer's own 1-D rotary table, transformers 4.37) or ([B, N, hd], [B, N, hd]) rows of the tokens
+    present (transformers 5.x models, M-RoPE included)
     returns attn_out [B, N, H * hd] (before o_proj), head_max [B, R, N] float32 with R = N - row_start
     """
     attn = layer.self_attn
     if getattr(attn.config, "pretraining_tp", 1) > 1:
         raise NotImplementedError("pretraining_tp > 1 is not supported by fit")
     B, N, _ = hidden.shape
-    H, KV, hd = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+    H, KV, hd = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
     x = layer.input_layernorm(hidden)
     q = attn.q_proj(x).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
     k = attn.k_proj(x).view(B, N, KV, hd).transpose(1, 2)  # [B, KV, N, hd]
     v = attn.v_proj(x).view(B, N, KV, hd).transpose(1, 2)  # [B, KV, N, hd]
-    cos, sin = attn.rotary_emb(v, seq_len=rope_len)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin, pos)
+    if cos_sin is None:
+        cos, sin = attn.rotary_emb(v, seq_len=rope_len)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, pos)
+    else:
+        q, k = _rotate(q, *cos_sin), _rotate(k, *cos_sin)
     q = q * (1.0 / math.sqrt(hd))  # scaled once here, on the small tensor
     k, v = repeat_kv(k, H // KV), repeat_kv(v, H // KV)  # [B, H, N, hd]
     r0 = min(row_start, N)
@@ -108,12 +119,14 @@ class _Rows:
     pos: list
     visual: list
     text: list
+    rope: list  # per sample: (cos, sin) [N_s, hd] of every original position, or None
 
     @classmethod
     def start(cls, samples: Sequence[CalibrationSample]) -> "_Rows":
         return cls([s.inputs_embeds[0] for s in samples],
                    [torch.arange(s.num_tokens, device=s.inputs_embeds.device) for s in samples],
-                   [s.visual_mask[0].bool() for s in samples], [s.text_mask[0].bool() for s in samples])
+                   [s.visual_mask[0].bool() for s in samples], [s.text_mask[0].bool() for s in samples],
+                   [None if s.rope is None else (s.rope[0][0], s.rope[1][0]) for s in samples])
 
 
 def _run_layer(layer, rows: _Rows, idx: list[int], rope_len: int, keep_cross=None, keep_self=None):
@@ -128,7 +141,10 @@ def _run_layer(layer, rows: _Rows, idx: list[int], rope_len: int, keep_cross=Non
     has_visual = visual.any(-1)
     first = torch.where(has_visual, visual.float().argmax(-1), visual.shape[1])
     r0 = int(first.min())
-    out, hm = _attend(layer, hidden, valid, pos, r0, rope_len)
+    cos_sin = None
+    if rows.rope[idx[0]] is not None:  # kept tokens keep their positions: the rows of their original index
+        cos_sin = tuple(_pad([rows.rope[i][t][rows.pos[i]] for i in idx]) for t in (0, 1))  # [b, N, hd]
+    out, hm = _attend(layer, hidden, valid, pos, r0, rope_len, cos_sin)
     cross, self_ = _scores(hm, r0, visual, text)  # [b, N]
     if keep_cross is None:
         drop = torch.zeros_like(visual)
@@ -168,7 +184,8 @@ class Statistics:
 
 
 def _layers(model):
-    return model.get_model().layers
+    text_model = getattr(model, "fitprune_text_model", None)  # the transformers-native backend (adapters/hf)
+    return text_model.layers if text_model is not None else model.get_model().layers
 
 
 def _chunks(n: int, size: int):
@@ -200,7 +217,7 @@ def collect_statistics(model, samples: Sequence[CalibrationSample], batch_size: 
     n_ref = max(s.num_visual for s in samples)  # the reference count: the largest in the set
     n_text = reference_text_tokens([s.num_tokens - s.num_visual for s in samples])
     return Statistics(list(samples), w_cross, w_self, n_ref, n_text,
-                      LMShape.from_config(model.config), batch_size)
+                      getattr(model, "fitprune_shape", None) or LMShape.from_config(model.config), batch_size)
 
 
 def schedule_reduction(stats: Statistics, drops: Sequence[int], convention: str) -> float:

@@ -16,7 +16,7 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -31,6 +31,9 @@ class CalibrationSample:
     inputs_embeds: torch.Tensor  # [1, N, D] layer-0 inputs (image features inserted)
     visual_mask: torch.Tensor  # [1, N] bool, True at visual tokens
     text_mask: torch.Tensor  # [1, N] bool, True at text tokens after the image
+    # (cos, sin) [1, N, head_dim] of every position, for models whose rotary positions are not 0..N-1
+    # (Qwen2.5-VL's M-RoPE: adapters/hf/calibration.py); None: the decoder's own 1-D table
+    rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,44 @@
+"""transformers-native backend (transformers 5.x): FitPrune and the other methods on llava-hf
+LLaVA-1.5 (`LlavaForConditionalGeneration`), LLaVA-NeXT (`LlavaNextForConditionalGeneration`) and
+Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`). Install: `bash scripts/setup.sh --hf` (.venv-hf).
+
+Public API (stable; the lmms-eval plugin and the flops tools use it):
+
+    from llava_fitprune.adapters.hf import load_pretrained
+    model, processor = load_pretrained(pretrained, *, recipe=None, reduction_ratio=None, method="fitprune",
+                                       device="cpu", dtype=None, attn_implementation=None, **method_options)
+
+- `pretrained`: hub id or local path. `recipe`: a Recipe or a recipe JSON path; `reduction_ratio`: the
+  built-in LLaVA-1.5-7B recipe for that ratio (it applies to any 32-layer model; a recipe with another
+  layer count is refused); `method`: fitprune, fastv, uniform, random (`core.methods.build_method`, whose
+  options pass through `**method_options`: fastv k, r, target_reduction...). None of them: dense.
+  `dtype`: a torch dtype or its name (default float32). `attn_implementation`: "sdpa" / "eager" / any
+  registered one (layers that drop nothing use it; pruning layers compute their attention themselves).
+- `model` is the transformers model instance (pruning is put on this instance only: its class becomes
+  `FitPrune<StockClass>`, a subclass; stock classes are untouched). `model.generate(**processor_outputs,
+  max_new_tokens=...)` returns what transformers returns. `model(**inputs)` likewise.
+- `model.set_pruning(recipe=None, *, reduction_ratio=None, method="fitprune", selector=None, **options)`:
+  change the schedule; `set_pruning(None)` runs the stock forward. Returns the schedule (a Recipe) or None.
+- `model.fitprune_last`: a `PrefillRecord` of the last prefill with visual tokens (None when dense or
+  before one): `method`, `recipe_fingerprint`, per sample `visual_tokens` (entering the LM),
+  `visual_tokens_kept`, `tokens_entering` per layer, `prefill_tflops` and `dense_prefill_tflops` (the
+  language model's prefill, core/flops.py's model); `.to_dict()` for logs. `model.fitprune_trace` has
+  the dropped original positions per layer (`dropped_positions[l]`: [B, N_l], -1 = kept).
+- `enable_pruning(model)` does the same to a model you loaded yourself.
+
+Each sample's visual-token count (anyres, dynamic resolution) gets the recipe scaled to it
+(`Recipe.drops_for`). Kept tokens keep their original positions (Qwen2.5-VL: their 3-D M-RoPE
+positions); dropped tokens stay in the KV cache of the layer that dropped them.
+"""
+from importlib import import_module
+
+_EXPORTS = {"load_pretrained": "loading", "enable_pruning": "loading", "PrefillRecord": "model",
+            "PrunedCache": "cache", "QwenImageTextProcessor": "qwen2_5_vl"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,78 @@
+"""One transformers-5.x decoder layer (Llama, Qwen2 / Qwen2.5-VL text) that drops visual tokens.
+
+The same step as the LLaVA adapter's `pruning_layer_forward` on 5.x modules: attention once, the
+scores read from the rows that need them (the blocked head-max kernels of `adapters/llava/layer_step`),
+the dropped tokens serve as keys and values here and stay in this layer's cache, their rows leave
+before `o_proj` and the MLP. Rotary embeddings arrive as the (cos, sin) rows of the tokens present,
+so kept tokens keep their original (for M-RoPE: 3-D) positions whatever the model's rope type.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..llava.layer_step import HeadMaxAttention, attention_mask_4d, attention_rows, attention_rows_head_max
+from ...core.scoring import keep_index
+from ...core.selectors import FitPruneSelector, LayerAttention, PruneState, TokenSelector
+
+
+def rotary_function(attn: nn.Module):
+    """The model's own `apply_rotary_pos_emb` (from the module that defines its attention class)."""
+    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+
+def pruning_layer_forward(layer: nn.Module, layer_idx: int, hidden_states: torch.Tensor,
+                          cos_sin: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor, padded: bool, cache,
+                          state: PruneState, selector: TokenSelector, new_len: int):
+    """hidden_states: [B, N, D]; cos_sin: ([B, N, hd], [B, N, hd]); key_mask: [B, N] bool (real tokens).
+    Returns ([B, new_len, D], index [B, new_len], kept [B, new_len], dropped original positions [B, N]
+    with -1 where kept)."""
+    attn = layer.self_attn
+    B, N, D = hidden_states.shape
+    hd = attn.head_dim
+    H, KV = attn.config.num_attention_heads, attn.config.num_key_value_heads
+    if abs(attn.scaling - hd ** -0.5) > 1e-12:
+        raise NotImplementedError(f"attention scaling {attn.scaling} is not 1/sqrt(head_dim): not supported by pruning layers")
+
+    residual = hidden_states
+    x = layer.input_layernorm(hidden_states)
+    q = attn.q_proj(x).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
+    k = attn.k_proj(x).view(B, N, KV, hd).transpose(1, 2)  # [B, KV, N, hd]
+    v = attn.v_proj(x).view(B, N, KV, hd).transpose(1, 2)  # [B, KV, N, hd]
+    q, k = rotary_function(attn)(q, k, *cos_sin)
+    if cache is not None:
+        k, v = cache.update(k, v, layer_idx)  # a prefill: the layer's cache was empty
+    k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # [B, H, N, hd]
+
+    mask = attention_mask_4d(key_mask, N, 0, q.dtype, "eager", True) if padded else None  # [B, 1, N, N]
+    attention = None
+    if selector.needs_attention:
+        out = q.new_empty(B, N, H, hd)  # filled through a [B, H, N, hd] view
+        r0 = min(state.row_start, N)
+        out.transpose(1, 2)[:, :, :r0] = F.scaled_dot_product_attention(  # rows before the image
+            q[:, :, :r0], k[:, :, :r0], v[:, :, :r0],
+            attn_mask=None if mask is None else mask[:, :, :r0, :r0], is_causal=mask is None and r0 > 1)
+        if isinstance(selector, FitPruneSelector):  # reads the head-max map only: block by block
+            head_max = attention_rows_head_max(q, k, v, r0, mask, out.transpose(1, 2))
+            attention = HeadMaxAttention(head_max, r0, lambda: attention_rows(q, k, v, r0, mask)[1])
+        else:
+            tail, probs = attention_rows(q, k, v, r0, mask)  # [B, H, R, hd], [B, H, R, N]
+            out.transpose(1, 2)[:, :, r0:] = tail
+            attention = LayerAttention(probs, r0)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None).transpose(1, 2)
+
+    counts = state.drop_counts[layer_idx]
+    counts_t = torch.tensor(counts, device=q.device)  # [B]
+    drop = selector.drop_mask(layer_idx, attention, state, hidden_states, counts_t, max(counts))  # [B, N]
+    dropped_positions = torch.where(drop & state.valid, state.orig_pos, -1)  # [B, N]
+    index, kept = keep_index(drop | ~state.valid, new_len)  # [B, new_len]
+
+    out = out.reshape(B, N, H * hd).gather(1, index[..., None].expand(-1, -1, H * hd))  # [B, new_len, H * hd]
+    residual = residual.gather(1, index[..., None].expand(-1, -1, D))  # [B, new_len, D]
+    hidden_states = residual + attn.o_proj(out)
+    hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
+    return hidden_states, index, kept, dropped_positions

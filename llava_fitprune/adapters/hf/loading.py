@@ -1,0 +1,67 @@
+"""`load_pretrained`: a transformers VLM by hub id or local path, with pruning on that instance."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .llava import LlavaPruningMixin
+from .model import attach
+from .qwen2_5_vl import QwenImageTextProcessor, QwenPruningMixin, QwenTextPruningMixin
+
+# model_type of the config -> (VLM mixin, text-model mixin); the text mixin None: the generic loop
+MODEL_TYPES = {
+    "llava": (LlavaPruningMixin, None),
+    "llava_next": (LlavaPruningMixin, None),
+    "qwen2_5_vl": (QwenPruningMixin, QwenTextPruningMixin),
+}
+
+
+def enable_pruning(model: torch.nn.Module) -> torch.nn.Module:
+    """Give a loaded stock model (one of MODEL_TYPES) `set_pruning` and `fitprune_last`; dense until set."""
+    from .decoder import PruningTextModelMixin
+
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model type {model_type!r} is not supported by the transformers backend; "
+                         f"supported: {sorted(MODEL_TYPES)}")
+    vlm, text = MODEL_TYPES[model_type]
+    return attach(model, vlm, text or PruningTextModelMixin)
+
+
+def load_processor(pretrained: str, model_type: str):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(pretrained)
+    except (AttributeError, ImportError, ValueError, OSError):
+        if model_type != "qwen2_5_vl":
+            raise
+    # Qwen2.5-VL's processor needs torchvision (its video processor): images and text without it
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return QwenImageTextProcessor(Qwen2VLImageProcessorPil.from_pretrained(pretrained),
+                                  AutoTokenizer.from_pretrained(pretrained))
+
+
+def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[float] = None,
+                    method: str = "fitprune", device: str = "cpu", dtype=None,
+                    attn_implementation: Optional[str] = None, **method_options):
+    """(model, processor). See the package docstring (`llava_fitprune.adapters.hf`)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(pretrained)
+    if config.model_type not in MODEL_TYPES:
+        raise ValueError(f"{pretrained}: model type {config.model_type!r} is not supported by the transformers "
+                         f"backend; supported: {sorted(MODEL_TYPES)}")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs = {"dtype": dtype or torch.float32}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(pretrained, **kwargs).to(device).eval()
+    enable_pruning(model)
+    if recipe is not None or reduction_ratio is not None or method != "fitprune" or method_options:
+        model.set_pruning(recipe, reduction_ratio=reduction_ratio, method=method, **method_options)
+    return model, load_processor(pretrained, config.model_type)

@@ -1,0 +1,68 @@
+"""Fixtures of the transformers-native backend's suite (run with .venv-hf: `.venv-hf/bin/python -m pytest -q tests_hf`):
+tiny random llava-hf, LLaVA-NeXT and Qwen2.5-VL checkpoints built offline, and their inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+MODELS = ("llava", "next", "qwen")
+QUESTIONS = ("what is the colour of the shape?", "how many red circle are there? answer with a single word")
+IMAGE_SIZES = ((100, 150), (160, 90))  # (height, width): anyres and dynamic resolution give different counts
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory):
+    from llava_fitprune.adapters.hf.tiny import build_tiny_llava_hf, build_tiny_qwen2_5_vl
+
+    root = tmp_path_factory.mktemp("hf_ckpt")
+    return {"llava": build_tiny_llava_hf(str(root / "llava-hf-tiny")),
+            "next": build_tiny_llava_hf(str(root / "llava-next-tiny"), next_anyres=True),
+            "qwen": build_tiny_qwen2_5_vl(str(root / "qwen2_5_vl-tiny"))}
+
+
+def image(seed: int, size):
+    from PIL import Image
+
+    h, w = size
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+def make_inputs(processor, samples):
+    """samples: indices into QUESTIONS / IMAGE_SIZES -> processor outputs (left-padded batch)."""
+    texts, images = [], []
+    for i in samples:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[i]}]}]
+        texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True))
+        images.append(image(i, IMAGE_SIZES[i]))
+    return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+
+def load_ours(path, attn="sdpa", **kw):
+    from llava_fitprune.adapters.hf import load_pretrained
+
+    return load_pretrained(path, attn_implementation=attn, **kw)
+
+
+def load_stock(path, attn="sdpa"):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
+
+
+def generate(model, inputs, n):
+    """(new tokens [B, n], raw logits [B, n, V])"""
+    out = model.generate(**inputs, max_new_tokens=n, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+
+def kept_after_layers(trace, num_tokens: int, sample: int = 0, offset: int = 0) -> list[list[int]]:
+    """Original positions alive after each layer (from the dropped positions), shifted by -offset."""
+    alive, out = set(range(offset, num_tokens)), []
+    for dropped in trace.dropped_positions:
+        if dropped is not None:
+            alive -= {int(p) for p in dropped[sample] if p >= 0}
+        out.append(sorted(p - offset for p in alive))
+    return out
