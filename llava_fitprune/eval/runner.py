@@ -89,7 +89,7 @@ def run_config(args, module: str, model_name: str) -> dict:
             "chunk_idx": args.chunk_idx, "question_file": args.question_file,
             "question_file_name": os.path.basename(args.question_file), "image_folder": args.image_folder,
             "single_pred_prompt": args.single_pred_prompt, "all_rounds": args.all_rounds, "lang": args.lang,
-            "batch_size": args.batch_size, "device": args.device}
+            "batch_size": args.batch_size, "device": args.device, "compile": getattr(args, "compile", False)}
 
 
 def already_complete(answers_file: str, num_questions: int, config: dict) -> bool:

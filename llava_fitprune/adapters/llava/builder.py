@@ -67,6 +67,7 @@ def load_pretrained_model(
     attn_implementation: Optional[str] = None,
     method_options: Optional[dict] = None,
     num_text_tokens: int = 65,
+    compile: bool = False,
     **kwargs,
 ):
     """Same arguments and 4-tuple as `llava.model.builder.load_pretrained_model`, plus pruning.
@@ -76,7 +77,8 @@ def load_pretrained_model(
     for `reduction_ratio`; neither means dense (the stock model's outputs). `method`: fitprune,
     random (FitPrune's schedule, random tokens), fastv / uniform (at equal FLOPs to the recipe for a
     prompt of `num_text_tokens` text tokens, or `method_options` such as {"k": 2, "r": 0.5}),
-    lvprune (`method_options={"modules": folder}`); see methods.py.
+    lvprune (`method_options={"modules": folder}`); see methods.py. `compile=True` turns on the fast
+    path for this model (fast_path.py: static KV cache, compiled / CUDA-graphed decode).
     """
     if "llava" not in model_name.lower():
         raise ValueError(f"model name {model_name!r} does not look like a LLaVA checkpoint (no 'llava' in it)")
@@ -142,6 +144,10 @@ def load_pretrained_model(
                                           num_visual_tokens=n_visual, **(method_options or {}))
         model.set_pruning(schedule, selector)
     model.eval()
+    if compile:
+        from .fast_path import enable_fast_path
+
+        enable_fast_path(model)
 
     context_len = getattr(model.config, "max_sequence_length", 2048)
     return tokenizer, model, image_processor, context_len
