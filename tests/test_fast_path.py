@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llava_fitprune import OracleSelector
-from llava_fitprune.adapters.llava.fast_path import disable_fast_path, enable_fast_path
+from llava_fitprune.adapters.llava.fast_path import disable_fast_path, enable_fast_path, graph_key
 from llava_fitprune.adapters.llava.static_cache import ReleasedCacheError, StaticPrunedCache
 from .conftest import batch_ids, image_tensor, load_ours, prompt_ids
 from .test_equivalence import QUESTIONS, RECIPE4
@@ -162,16 +162,25 @@ def test_decode_past_the_reserved_room_grows_and_equals_eager(models, decode):
         disable_fast_path(model)
 
 
+def _step_key(fast, cache):
+    """The CUDA graph key (fast_path.graph_key) of `cache`'s next decode step."""
+    cos, sin = fast._rotary(cache.seen_tokens + 2, cache.key_buffers[0].dtype, cache.key_buffers[0].device)
+    ids = torch.zeros(cache.key_buffers[0].shape[0], 1, dtype=torch.long)
+    return graph_key(ids, (cache.key_buffers, cache.value_buffers, cache.mask_buffers, cache.prepare_step(), cos, sin))
+
+
 @torch.no_grad()
 def test_reused_buffers_release_the_earlier_cache(models):
+    """A second conversation of the same shapes reuses the buffers and `fill`: the same graph key, so a
+    CUDA graph captured in the first is replayed; the first conversation's cache can no longer be used."""
     tok, model = models("fitprune")
     ids, images = prompt_ids(tok, QUESTIONS[0])[None], image_tensor(5, 336)
-    enable_fast_path(model)
+    fast = enable_fast_path(model)
     try:
         first = _gen(model, ids, images)[2].past_key_values
-        pointers = [b.data_ptr() for b in first.key_buffers]
+        key = _step_key(fast, first)
         second = _gen(model, ids, images)[2].past_key_values
-        assert [b.data_ptr() for b in second.key_buffers] == pointers  # one buffer set: one CUDA graph
+        assert _step_key(fast, second) == key
         with pytest.raises(ReleasedCacheError, match="continue a conversation before starting another"):
             model.generate(ids[:, -2:], past_key_values=first, max_new_tokens=2)
     finally:

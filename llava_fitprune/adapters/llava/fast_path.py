@@ -131,8 +131,7 @@ class FastPath:
         return logits
 
     def _graph_step(self, input_ids, position_ids, args) -> torch.Tensor:
-        key = (input_ids.shape[0], input_ids.device, tuple(t.data_ptr() for t in (*args[0], *args[1], *args[2])),
-               args[3].data_ptr(), args[4].data_ptr())
+        key = graph_key(input_ids, args)
         g = self._graph
         if g is not None and g.key == key:
             g.input_ids.copy_(input_ids)
@@ -189,6 +188,14 @@ class FastPath:
             return self.original_generate(*args, **kwargs)
         finally:
             self.max_new_tokens = before
+
+
+def graph_key(input_ids: torch.Tensor, step_args: tuple) -> tuple:
+    """What a captured decode step depends on: the batch and the addresses of every tensor it reads
+    or writes besides its inputs (buffers, masks, `fill`, the rotary tables)."""
+    keys, values, masks, fill, cos, sin = step_args
+    return (tuple(input_ids.shape), str(input_ids.device), tuple(t.data_ptr() for t in (*keys, *values, *masks)),
+            fill.data_ptr(), cos.data_ptr(), sin.data_ptr())
 
 
 def enable_fast_path(model, decode: str = "auto", backend: str = "inductor", bucket: int = DEFAULT_BUCKET,

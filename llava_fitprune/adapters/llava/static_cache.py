@@ -49,10 +49,12 @@ class StaticPrunedCache(PrunedCache):
         self.released = False
         self.version = 0  # bumped whenever a buffer is replaced (a captured step is then stale)
         self.fill: Optional[torch.Tensor] = None  # [L] long on the device: `lengths` for a compiled step
+        self._fill_stale = True  # `lengths` changed on the host since `fill` was written
         self._pool: list[tuple] = []
         if reuse is not None:  # take over the buffers of an earlier cache (same shapes: same graph)
             reuse._check_live()
             self._pool = list(zip(reuse.key_buffers, reuse.value_buffers, reuse.mask_buffers))
+            self.fill = reuse.fill  # the same address too: a captured graph reads it
             reuse.released = True
 
     # -- views -------------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ class StaticPrunedCache(PrunedCache):
         self.key_buffers[layer_idx][:, :, n:n + q] = key_states
         self.value_buffers[layer_idx][:, :, n:n + q] = value_states
         self.lengths[layer_idx] = n + q
-        self.fill = None  # host lengths changed: a compiled step reloads them
+        self._fill_stale = True  # host lengths changed: a compiled step reloads them
         return self.key_buffers[layer_idx][:, :, :n + q], self.value_buffers[layer_idx][:, :, :n + q]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -180,8 +182,14 @@ class StaticPrunedCache(PrunedCache):
         self._check_live()
         for layer_idx, n in enumerate(self.lengths):
             self.reserve(layer_idx, n + 1)
-        if self.fill is None:
-            self.fill = torch.tensor(self.lengths, dtype=torch.long).to(self.key_buffers[0].device)
+        if self._fill_stale:
+            lengths = torch.tensor(self.lengths, dtype=torch.long)
+            device = self.key_buffers[0].device
+            if self.fill is None or self.fill.shape != lengths.shape or self.fill.device != device:
+                self.fill = lengths.to(device)
+            else:
+                self.fill.copy_(lengths)
+            self._fill_stale = False
         return self.fill
 
     def advance(self) -> None:
