@@ -24,7 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .modeling import PruningCausalLMMixin
 from .static_cache import DEFAULT_BUCKET, StaticPrunedCache, round_up
-from .static_decode import StaticDecoder, rotary_tables
+from .static_decode import StaticDecoder, decode_layer, rotary_tables
 
 DECODE_MODES = ("auto", "eager", "compile", "graph")
 
@@ -66,9 +66,10 @@ class FastPath:
         if mode == "graph" and device.type != "cuda":
             raise ValueError(f"decode='graph' needs a CUDA model, this one is on {device}: use 'compile' or 'eager'")
         self.mode = mode
-        self.decoder = StaticDecoder(model)
-        self.step = (torch.compile(self.decoder, backend=config.backend, fullgraph=True, dynamic=False)
-                     if mode == "compile" else self.decoder)
+        layer_step = (torch.compile(decode_layer, backend=config.backend, fullgraph=True, dynamic=False)
+                      if mode == "compile" else decode_layer)
+        self.decoder = StaticDecoder(model, layer_step)
+        self.step = self.decoder
         self.original_forward = types.MethodType(type(model).forward, model)
         self.original_generate = types.MethodType(type(model).generate, model)
         self.prefill_forward = self.original_forward  # PREFILL HOOK (see enable_fast_path)

@@ -40,10 +40,15 @@ def decode_layer(layer: nn.Module, hidden: torch.Tensor, position_ids: torch.Ten
 
 
 class StaticDecoder(nn.Module):
-    """The language model's decode step over fixed buffers. Shares the model's modules (no copy)."""
+    """The language model's decode step over fixed buffers. Shares the model's modules (no copy).
 
-    def __init__(self, causal_lm: nn.Module):
+    `layer_step` runs one layer (default `decode_layer`); the fast path's "compile" mode puts a
+    `torch.compile`d `decode_layer` there: one compilation serves every layer (their parameters are
+    inputs of the compiled code), instead of compiling all layers unrolled."""
+
+    def __init__(self, causal_lm: nn.Module, layer_step=decode_layer):
         super().__init__()
+        self.layer_step = layer_step
         core = causal_lm.get_model()
         self.embed_tokens = core.embed_tokens
         self.layers = core.layers
@@ -57,7 +62,7 @@ class StaticDecoder(nn.Module):
         Returns logits [B, 1, V] float32."""
         hidden = self.embed_tokens(input_ids)  # [B, 1, D]
         for layer_idx, layer in enumerate(self.layers):
-            hidden = decode_layer(layer, hidden, position_ids, key_buffers[layer_idx], value_buffers[layer_idx],
+            hidden = self.layer_step(layer, hidden, position_ids, key_buffers[layer_idx], value_buffers[layer_idx],
                                   key_masks[layer_idx], fill[layer_idx:layer_idx + 1], cos, sin)
         fill.add_(1)
         return self.lm_head(self.norm(hidden)).float()
