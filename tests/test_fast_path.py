@@ -6,7 +6,7 @@ fp32 on the CPU: the same dropped tokens, the same greedy tokens and logits with
 import pytest
 import torch
 
-from llava_fitprune import OracleSelector
+from llava_fitprune import OracleSelector, Recipe
 from llava_fitprune.adapters.llava.fast_path import disable_fast_path, enable_fast_path, graph_key
 from llava_fitprune.adapters.llava.static_cache import ReleasedCacheError, StaticPrunedCache
 from .conftest import batch_ids, image_tensor, load_ours, prompt_ids
@@ -206,3 +206,16 @@ def test_fast_path_is_per_instance(models, tiny_dir):
         enable_fast_path(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="needs a CUDA model"):
         enable_fast_path(model, decode="graph")
+
+
+@torch.no_grad()
+def test_fast_path_with_grouped_query_attention(tiny_gqa_dir):
+    """4 query heads over 2 key/value heads: the static step (SDPA's enable_gqa) equals the eager loop."""
+    tok, model, _, _ = load_ours(tiny_gqa_dir)
+    n_layers, n_visual = len(model.get_model().layers), model.get_vision_tower().num_patches
+    model.set_pruning(Recipe([n_visual // 4] * (n_layers - 1) + [0], num_visual_tokens=n_visual))
+    ids, images = prompt_ids(tok, QUESTIONS[2])[None], image_tensor(2, model.get_vision_tower().config.image_size)
+    (seq_e, scores_e, _), (seq_f, scores_f, out_f) = _eager_and_fast(model, lambda: _gen(model, ids, images))
+    assert isinstance(out_f.past_key_values, StaticPrunedCache)
+    assert seq_f.tolist() == seq_e.tolist()
+    torch.testing.assert_close(scores_f, scores_e, **TOL)

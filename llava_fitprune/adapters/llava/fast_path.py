@@ -23,6 +23,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .modeling import PruningCausalLMMixin
+from .modeling_mistral import FitPruneLlavaMistralForCausalLM
 from .static_cache import DEFAULT_BUCKET, StaticPrunedCache, round_up
 from .static_decode import StaticDecoder, decode_layer, rotary_tables
 
@@ -69,7 +70,6 @@ class FastPath:
         layer_step = (torch.compile(decode_layer, backend=config.backend, fullgraph=True, dynamic=False)
                       if mode == "compile" else decode_layer)
         self.decoder = StaticDecoder(model, layer_step)
-        self.step = self.decoder
         self.original_forward = types.MethodType(type(model).forward, model)
         self.original_generate = types.MethodType(type(model).generate, model)
         self.prefill_forward = self.original_forward  # PREFILL HOOK (see enable_fast_path)
@@ -101,7 +101,8 @@ class FastPath:
 
     def _check_window(self, cache: StaticPrunedCache) -> None:
         window = getattr(self.model.config, "sliding_window", None)
-        if "mistral" in type(self.model).__name__.lower() and window is not None and cache.seen_tokens + 1 > window:
+        if isinstance(self.model, FitPruneLlavaMistralForCausalLM) and window is not None \
+                and cache.seen_tokens + 1 > window:
             raise NotImplementedError(f"sequence of {cache.seen_tokens + 1} tokens exceeds Mistral's sliding "
                                       f"window {window}, which the pruning model does not apply")
 
@@ -122,12 +123,12 @@ class FastPath:
         elif self.mode == "compile":
             key = (B, tuple(tuple(b.shape) for b in cache.mask_buffers))
             t0 = time.perf_counter()
-            logits = self.step(input_ids, position_ids, *args)
+            logits = self.decoder(input_ids, position_ids, *args)
             if key not in self._compiled_keys:  # the first call of a shape compiles
                 self._compiled_keys.add(key)
                 self.stats["decode_compile_s"] += time.perf_counter() - t0
         else:
-            logits = self.step(input_ids, position_ids, *args)
+            logits = self.decoder(input_ids, position_ids, *args)
         cache.advance()
         return logits
 
