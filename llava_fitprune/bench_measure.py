@@ -122,6 +122,7 @@ class Run:
     prefill_s: float
     prefill_cpu_s: float  # CPU time of this process (all its threads) during the prefill
     decode_s_per_token: float
+    decode_cpu_s_per_token: float  # CPU time of this process per decode step (robust to a loaded machine)
     e2e_s: float  # prefill and every decode step (the largest new-token count)
     e2e_short_s: float  # prefill and the steps of the smallest new-token count
     peak_mem_bytes: int  # 0 when not tracked
@@ -136,6 +137,7 @@ class Timing:
 
     prefill_s: float
     decode_s_per_token: float
+    decode_cpu_s_per_token: float
     e2e_s: float
     e2e_short_s: float
     peak_mem_bytes: int
@@ -209,22 +211,25 @@ def run_once(runner, embeds: torch.Tensor, visual_mask: Optional[torch.Tensor], 
             sync(device)
             t1, c1 = time.perf_counter(), time.process_time()
             kv_bytes, kv_lengths = cache_stats(cache)  # untimed
-            t_decode = t_short = time.perf_counter()
+            t_decode, c_decode = time.perf_counter(), time.process_time()
+            t_short = t_decode
             for i in range(steps):
                 logits, cache = runner.step(logits.argmax(-1), cache)
                 if i + 2 == short:  # i + 2 tokens so far: the prefill's and i + 1 steps
                     sync(device)
                     t_short = time.perf_counter()
             sync(device)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
     prefill_s = t1 - t0
     per_token = (t2 - t_decode) / steps if steps else float("nan")
-    return Run(prefill_s, c1 - c0, per_token, prefill_s + t2 - t_decode, prefill_s + t_short - t_decode, track.peak,
-               kv_bytes, kv_lengths, load_average())
+    cpu_per_token = (c2 - c_decode) / steps if steps else float("nan")
+    return Run(prefill_s, c1 - c0, per_token, cpu_per_token, prefill_s + t2 - t_decode,
+               prefill_s + t_short - t_decode, track.peak, kv_bytes, kv_lengths, load_average())
 
 
 def summarize(runs: list[Run], peak_mem_bytes: int) -> Timing:
     med = statistics.median
     return Timing(med(r.prefill_s for r in runs), med(r.decode_s_per_token for r in runs),
-                  med(r.e2e_s for r in runs), med(r.e2e_short_s for r in runs), peak_mem_bytes, runs[-1].kv_bytes, runs[-1].kv_lengths,
+                  med(r.decode_cpu_s_per_token for r in runs), med(r.e2e_s for r in runs),
+                  med(r.e2e_short_s for r in runs), peak_mem_bytes, runs[-1].kv_bytes, runs[-1].kv_lengths,
                   [r.prefill_s for r in runs], med(r.load_avg for r in runs), [r.prefill_cpu_s for r in runs])

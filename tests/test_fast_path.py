@@ -109,8 +109,9 @@ def test_fast_second_turn_equals_eager(models, method):
         seq1, _, out1 = _gen(model, ids, images, **kw)
         cache = out1.past_key_values
         new = torch.cat([seq1[:, -1:], turn2], dim=1)  # the last answer token was never fed to the model
-        out2 = model.generate(new, past_key_values=cache, attention_mask=torch.ones(1, cache.seen_tokens + new.shape[1]),
-                              max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, output_scores=True)
+        mask = torch.ones(1, cache.seen_tokens + new.shape[1])  # the cached tokens and the new ones
+        out2 = model.generate(new, past_key_values=cache, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                              return_dict_in_generate=True, output_scores=True)
         return seq1, out2.sequences, torch.stack(out2.scores, 1), cache
     (s1_e, s2_e, scores_e, cache_e), (s1_f, s2_f, scores_f, cache_f) = _eager_and_fast(model, run)
     assert isinstance(cache_f, StaticPrunedCache)
