@@ -3,30 +3,16 @@ import json
 import subprocess
 import sys
 
-import pytest
-
-from llava_fitprune.adapters.llava.tiny import TinyLlavaSpec, build_tiny_llava
-from llava_fitprune.core.recipe import Recipe
-from llava_fitprune.eval import synthetic
 from .conftest import load_ours
-from .test_eval import EVAL, REPO, read_jsonl
+from .test_eval import EVAL, REPO, model, read_jsonl, root  # noqa: F401 (model, root: fixtures)
 
 
 def test_load_pretrained_model_compile_turns_the_fast_path_on(tiny_dir):
-    _, model, _, _ = load_ours(tiny_dir, compile=True)
-    assert model.fast_path.mode == "eager"  # CPU: the static-cache step, not compiled (BENCHMARKS.md)
-    assert "generate" in model.__dict__
+    _, fast_model, _, _ = load_ours(tiny_dir, compile=True)
+    assert fast_model.fast_path.mode == "eager"  # CPU: the static-cache step, not compiled (BENCHMARKS.md)
+    assert "generate" in fast_model.__dict__
     _, plain, _, _ = load_ours(tiny_dir)
     assert not hasattr(plain, "fast_path") and "generate" not in plain.__dict__
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    model = build_tiny_llava(str(tmp_path_factory.mktemp("ckpt") / "llava-tiny"), TinyLlavaSpec(num_layers=2))
-    root = tmp_path_factory.mktemp("repo")
-    synthetic.build(str(root / EVAL))
-    Recipe([288, 144], 576, reduction_ratio=0.5).save(root / "tiny-r0.5.json")
-    return model, root
 
 
 def _pope(model, root, **settings):
@@ -38,8 +24,7 @@ def _pope(model, root, **settings):
     return out
 
 
-def test_compile_1_runs_the_eval_on_the_fast_path_with_the_same_answers(setup):
-    model, root = setup
+def test_compile_1_runs_the_eval_on_the_fast_path_with_the_same_answers(model, root):
     runs = {}
     for compile_flag in ("0", "1"):
         out = _pope(model, root, COMPILE=compile_flag, CKPT=f"tiny-compile{compile_flag}")
