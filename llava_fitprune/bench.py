@@ -2,14 +2,20 @@
 
 For a language model (a checkpoint, or a named config with random weights, optionally scaled in
 width) and a set of recipes, measures per attention implementation and batch size:
+  stock     LLaVA's own LlavaLlamaForCausalLM with the same weights, transformers' eager loop: the
+            baseline a user has today
   dense     the unpruned model
   fitprune  the recipe with FitPrune's scoring
   oracle    the same schedule with the tokens given for free (the FitPrune run's dropped positions,
             replayed by OracleSelector: no scoring), the best a pruning layer can do
   prellm    the dense model on fewer visual tokens, as many as the recipe's average over layers
             (an equal-FLOPs stand-in for pruning before the LLM, VisionZip-style)
-prefill latency, decode latency per token (cached, step by step), end-to-end latency, peak
-memory, KV-cache bytes; FLOPs from flops.py; efficiency = speedup / FLOPs ratio.
+With --compile, dense, fitprune and oracle also run on the fast path ("-fast" rows: static KV
+cache, CUDA-graphed or compiled decode; fast_path.py).
+prefill latency, decode latency per token (cached, step by step), end-to-end latency for the
+smallest and the largest --new-tokens, compile time (graph capture / compilation, in the rows'
+first runs), peak memory over a run, KV-cache bytes; FLOPs from flops.py; efficiency = speedup /
+FLOPs ratio.
 Writes a Markdown table, a CSV and a latency-vs-TFLOPs plot to --out-dir.
 """
 from __future__ import annotations
@@ -25,16 +31,17 @@ import torch
 from tqdm import tqdm
 
 from . import atomic
-from .bench_measure import run_once, summarize
-from .bench_models import (PromptLayout, RowSpec, available_attn_implementations, build_lm, load_lm_config,
-                           make_inputs, row_specs)
+from .adapters.llava.fast_path import DECODE_MODES, FastPath, FastPathConfig
+from .bench_measure import EagerRunner, FastRunner, run_once, summarize
+from .bench_models import (PromptLayout, RowSpec, available_attn_implementations, build_lm, build_stock_lm,
+                           load_lm_config, make_inputs, row_specs)
 from .bench_report import add_figures_of_merit, markdown_table, plot_latency_vs_flops, write_csv
 from .cli_args import Parser, at_least, check_common, fail, output_dir
 from .core.flops import LMShape, kv_cache_bytes
 from .core.recipe import RecipeError, builtin_recipe, check_reduction_ratio, load_recipe
 from .core.selectors import FitPruneSelector, OracleSelector
 
-METHODS = ("dense", "fitprune", "oracle", "prellm")
+METHODS = ("stock", "dense", "fitprune", "oracle", "prellm")
 DEFAULT_RATIOS = (0.5, 0.6, 0.7, 0.8, 0.9)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TERA, _GIGA, _MILLI, _MB = 1e12, 1e9, 1e3, 2 ** 20
@@ -55,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", nargs="*", default=None, help="attention implementations (default: all available)")
     p.add_argument("--batch-size", nargs="*", type=int, default=[1, 8])
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run (decode timing)")
+    p.add_argument("--new-tokens", nargs="+", type=int, default=[8, 128],
+                   help="tokens generated per run: the largest is decoded (decode timing), end-to-end time "
+                        "is taken at the smallest and the largest")
+    p.add_argument("--compile", action="store_true", help="also run dense, fitprune and oracle on the fast path")
+    p.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                   help="the fast path's decode step (auto: a CUDA graph on CUDA, eager elsewhere)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --decode compile")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs of every row first; the last one also measures peak memory")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of every row, taken in turns")
@@ -104,7 +117,7 @@ def machine_summary(device: torch.device) -> str:
             f"torch {torch.__version__}, python {platform.python_version()}")
 
 
-def _row_dict(spec, attn, batch, timing, shape: LMShape, dtype: torch.dtype, new_tokens: int) -> dict:
+def _row_dict(spec, attn, batch, timing, shape: LMShape, dtype: torch.dtype, new_tokens: list[int], row) -> dict:
     layers = spec.kv_lengths
     if timing.kv_lengths and timing.kv_lengths != layers:
         print(f"warning: {spec.method} {spec.ratio}: cache lengths {timing.kv_lengths} differ from the schedule "
@@ -113,10 +126,14 @@ def _row_dict(spec, attn, batch, timing, shape: LMShape, dtype: torch.dtype, new
         attn=attn, batch=batch, method=spec.method, ratio=spec.ratio, visual_tokens=spec.layout.visual_tokens,
         avg_tokens_per_layer=sum(layers) / len(layers), prefill_tflops=spec.prefill_flops / _TERA,
         flops_reduction=spec.flops_reduction, prefill_ms=timing.prefill_s * _MILLI,
-        decode_ms_per_token=timing.decode_s_per_token * _MILLI, decode_gflops_per_token=spec.decode_flops / _GIGA,
-        e2e_ms=timing.e2e_s * _MILLI, peak_mem_mb=timing.peak_mem_bytes / _MB, kv_bytes=timing.kv_bytes,
+        decode_ms_per_token=timing.decode_s_per_token * _MILLI,
+        decode_cpu_ms_per_token=timing.decode_cpu_s_per_token * _MILLI,
+        decode_gflops_per_token=spec.decode_flops / _GIGA,
+        e2e_ms=timing.e2e_s * _MILLI, e2e_short_ms=timing.e2e_short_s * _MILLI, short_new_tokens=min(new_tokens),
+        compile_s=row.compile_s, cold_e2e_ms=row.cold_e2e_s * _MILLI,
+        peak_mem_mb=timing.peak_mem_bytes / _MB, kv_bytes=timing.kv_bytes,
         kv_bytes_predicted=kv_cache_bytes(shape, layers, dtype.itemsize, batch),
-        new_tokens=new_tokens, repeats=timing.repeats, load_avg=timing.load_avg, prefill_runs=timing.prefill_runs,
+        new_tokens=max(new_tokens), repeats=timing.repeats, load_avg=timing.load_avg, prefill_runs=timing.prefill_runs,
         prefill_cpu_ms=timing.prefill_cpu_s * _MILLI, prefill_cpu_runs=timing.prefill_cpu_runs,
     )
 
@@ -126,8 +143,11 @@ class _Row:
     spec: RowSpec
     embeds: torch.Tensor  # [B, N, D]
     visual: torch.Tensor  # [B, N] bool
+    runner: object = None
     runs: list = field(default_factory=list)
     peak: int = 0
+    compile_s: float = 0.0  # the fast path's compilation / graph capture, summed over the row's runs
+    cold_e2e_s: float = float("nan")  # the row's first run (warm-up or not)
 
 
 def _dropped_positions(lm, recipe, embeds, visual) -> list:
@@ -138,27 +158,44 @@ def _dropped_positions(lm, recipe, embeds, visual) -> list:
     return list(lm.get_model().last_trace.dropped_positions)
 
 
-def run_group(lm, attn: str, batch: int, specs, layout, args, shape, dtype, bar) -> list[dict]:
+def _runner(spec: RowSpec, lm, stock, args):
+    if spec.base == "stock":
+        return EagerRunner(stock, pruning=False)
+    if spec.fast:  # each fast row its own state: its cache buffers (and CUDA graph) persist across its runs
+        return FastRunner(FastPath(lm, FastPathConfig(args.decode, args.compile_backend)))
+    return EagerRunner(lm)
+
+
+def _compile_seconds(runner) -> float:
+    stats = runner.fast.stats if isinstance(runner, FastRunner) else {}
+    return stats.get("decode_compile_s", 0.0) + stats.get("graph_capture_s", 0.0)
+
+
+def run_group(lm, stock, attn: str, batch: int, specs, layout, args, shape, dtype, bar) -> list[dict]:
     """All rows of one (attention implementation, batch size), their runs taken in turns: warm-up
     runs of every row, then repeat after repeat of every row (so machine load hits all rows alike)."""
     embeds, visual = make_inputs(lm, layout, batch, args.seed)
-    rows = [_Row(s, *((embeds, visual) if s.method != "prellm" else make_inputs(lm, s.layout, batch, args.seed)))
-            for s in specs]
+    rows = [_Row(s, *((embeds, visual) if s.method != "prellm" else make_inputs(lm, s.layout, batch, args.seed)),
+                 runner=_runner(s, lm, stock, args)) for s in specs]
     positions = {}  # ratio -> FitPrune's dropped positions, from its latest run (it runs before the oracle)
     tracked = max(args.warmup - 1, 0)  # the run whose peak memory is kept: the last warm-up (if any)
     for i in range(args.warmup + args.repeats):
         for row in rows:
             spec = row.spec
             bar.set_postfix_str(f"{attn} B={batch} {spec.method} {spec.ratio:g}" + (" warm-up" if i < args.warmup else ""))
-            lm.set_pruning(spec.recipe if spec.method == "fitprune" else None, FitPruneSelector())
+            lm.set_pruning(spec.recipe if spec.base == "fitprune" else None, FitPruneSelector())
             selector = None
-            if spec.method == "oracle":
+            if spec.base == "oracle":
                 if spec.ratio not in positions:  # no FitPrune row for this ratio
                     positions[spec.ratio] = _dropped_positions(lm, spec.recipe, embeds, visual)
                     lm.set_pruning(None)
                 selector = OracleSelector(positions[spec.ratio])
-            run = run_once(lm, row.embeds, row.visual, selector, args.new_tokens, track_memory=i == tracked)
-            if spec.method == "fitprune":
+            compiled_before = _compile_seconds(row.runner)
+            run = run_once(row.runner, row.embeds, row.visual, selector, args.new_tokens, track_memory=i == tracked)
+            row.compile_s += _compile_seconds(row.runner) - compiled_before
+            if i == 0:
+                row.cold_e2e_s = run.e2e_s
+            if spec.base == "fitprune":
                 positions[spec.ratio] = list(lm.get_model().last_trace.dropped_positions)
             if i == tracked:
                 row.peak = run.peak_mem_bytes
@@ -166,7 +203,7 @@ def run_group(lm, attn: str, batch: int, specs, layout, args, shape, dtype, bar)
                 row.runs.append(run)
                 bar.update(1)
     lm.set_pruning(None)
-    return [_row_dict(r.spec, attn, batch, summarize(r.runs, r.peak), shape, dtype, args.new_tokens) for r in rows]
+    return [_row_dict(r.spec, attn, batch, summarize(r.runs, r.peak), shape, dtype, args.new_tokens, r) for r in rows]
 
 
 def main(argv=None) -> int:
@@ -190,18 +227,21 @@ def main(argv=None) -> int:
     header = (f"model {args.model}{'' if has_weights else ' (random weights)'}: {shape.num_layers} layers, "
               f"hidden {shape.hidden_size}, MLP {shape.intermediate_size}, heads {shape.num_heads}/"
               f"{shape.num_kv_heads}; prompt {layout.prompt_tokens} + {layout.visual_tokens} visual + "
-              f"{layout.text_tokens} text; {dtype} on {device}; {args.new_tokens} new tokens; warm-up "
+              f"{layout.text_tokens} text; {dtype} on {device}; {' and '.join(map(str, sorted(set(args.new_tokens))))} "
+              f"new tokens; {'fast path decode ' + args.decode + '; ' if args.compile else ''}warm-up "
               f"{args.warmup}, median of {args.repeats}\n{machine_summary(device)}")
     print(header)
-    plan = {b: row_specs(shape, layout, recipes, args.methods, b, args.new_tokens) for b in args.batch_size}
+    plan = {b: row_specs(shape, layout, recipes, args.methods, b, max(args.new_tokens), args.compile)
+            for b in args.batch_size}
     total = len(attns) * sum(len(s) for s in plan.values()) * args.repeats
     rows = []
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr) as bar:
         for attn in attns:
             lm = build_lm(args.model, cfg, has_weights, attn, dtype, str(device), args.seed)
+            stock = build_stock_lm(lm, attn) if "stock" in args.methods else None
             for batch, specs in plan.items():
-                rows += run_group(lm, attn, batch, specs, layout, args, shape, dtype, bar)
-            del lm
+                rows += run_group(lm, stock, attn, batch, specs, layout, args, shape, dtype, bar)
+            del lm, stock
             gc.collect()
 
     add_figures_of_merit(rows)

@@ -1,7 +1,8 @@
 """Timing and memory of one benchmark row: prefill, step-by-step cached decoding, peak memory.
 
 A run is a prefill and then `new_tokens - 1` decode steps with the model's own cache
-(`past_key_values`), the first new token coming from the prefill's logits; the prefill time, the
+(`past_key_values`; the fast path: its static cache and step), the first new token coming from the
+prefill's logits; the prefill time, the
 decode time per token and the end-to-end time come from the same run. bench.py takes the rows'
 runs in turns (round robin), so a row and the one it is compared with see the same machine load,
 and reports medians.
@@ -19,7 +20,6 @@ from typing import Optional
 
 import torch
 
-from .adapters.llava.cache import PrunedCache
 
 _SAMPLE_S = 0.002  # RSS sampling period when the kernel's peak counter cannot be reset
 
@@ -122,7 +122,9 @@ class Run:
     prefill_s: float
     prefill_cpu_s: float  # CPU time of this process (all its threads) during the prefill
     decode_s_per_token: float
-    e2e_s: float
+    decode_cpu_s_per_token: float  # CPU time of this process per decode step (robust to a loaded machine)
+    e2e_s: float  # prefill and every decode step (the largest new-token count)
+    e2e_short_s: float  # prefill and the steps of the smallest new-token count
     peak_mem_bytes: int  # 0 when not tracked
     kv_bytes: int
     kv_lengths: list[int]
@@ -135,7 +137,9 @@ class Timing:
 
     prefill_s: float
     decode_s_per_token: float
+    decode_cpu_s_per_token: float
     e2e_s: float
+    e2e_short_s: float
     peak_mem_bytes: int
     kv_bytes: int
     kv_lengths: list[int]
@@ -152,44 +156,80 @@ class Timing:
         return len(self.prefill_runs)
 
 
-def _decode(lm, out, steps: int):
-    """`steps` greedy steps with the cache in `out.past_key_values`. Returns the last logits."""
-    embed = lm.get_model().embed_tokens
-    cache, logits = out.past_key_values, out.logits[:, -1]
-    for _ in range(steps):
-        nxt = logits.argmax(-1)  # [B]
-        step = lm(inputs_embeds=embed(nxt)[:, None], past_key_values=cache, use_cache=True, return_dict=True)
-        cache, logits = step.past_key_values, step.logits[:, -1]
-    return logits
+def cache_stats(cache) -> tuple[int, list[int]]:
+    """(bytes of the cached keys and values, tokens per layer) of a transformers cache or legacy tuple."""
+    layers = list(cache)  # [(k [B, KV, K_l, hd], v), ...]
+    return sum(t.numel() * t.element_size() for kv in layers for t in kv), [k.shape[-2] for k, _ in layers]
 
 
-def run_once(lm, embeds: torch.Tensor, visual_mask: Optional[torch.Tensor], selector, new_tokens: int,
+class EagerRunner:
+    """A model's own forward: the prefill, then one cached step per token (ours or stock LLaVA's)."""
+
+    def __init__(self, lm, pruning: bool = True):
+        self.lm, self.pruning = lm, pruning
+        self.embed = lm.get_model().embed_tokens
+
+    def prefill(self, embeds, visual_mask, selector, max_new_tokens: int):
+        extra = dict(visual_mask=visual_mask, selector=selector) if self.pruning else {}
+        out = self.lm(inputs_embeds=embeds, use_cache=True, return_dict=True, **extra)
+        return out.logits[:, -1], out.past_key_values
+
+    def step(self, ids, cache):
+        """ids: [B] -> (logits [B, V], cache)"""
+        out = self.lm(inputs_embeds=self.embed(ids)[:, None], past_key_values=cache, use_cache=True, return_dict=True)
+        return out.logits[:, -1], out.past_key_values
+
+
+class FastRunner:
+    """The fast path (fast_path.py): prefill into a static cache, fixed-shape decode steps."""
+
+    def __init__(self, fast):
+        self.fast = fast
+
+    def prefill(self, embeds, visual_mask, selector, max_new_tokens: int):
+        out = self.fast.prefill(max_new_tokens, inputs_embeds=embeds, visual_mask=visual_mask, selector=selector)
+        return out.logits[:, -1], out.past_key_values
+
+    def step(self, ids, cache):
+        return self.fast.decode(ids[:, None], None, cache)[:, -1], cache
+
+
+def run_once(runner, embeds: torch.Tensor, visual_mask: Optional[torch.Tensor], selector, new_tokens: list[int],
              track_memory: bool = False) -> Run:
-    """One prefill and `new_tokens - 1` cached decode steps (the first new token is the prefill's).
+    """One prefill and `max(new_tokens) - 1` greedy cached decode steps (the first new token is the
+    prefill's); the end-to-end time is also taken after `min(new_tokens)` tokens.
 
     embeds: [B, N, D]; visual_mask: [B, N] bool or None (dense: nothing to prune)
     """
     device = embeds.device
-    steps = max(new_tokens - 1, 0)
+    steps, short = max(max(new_tokens) - 1, 0), min(new_tokens)
     with torch.inference_mode():
         with PeakMemory(device, enabled=track_memory) as track:
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            out = lm(inputs_embeds=embeds, visual_mask=visual_mask, selector=selector, use_cache=True,
-                     return_dict=True)
+            logits, cache = runner.prefill(embeds, visual_mask, selector, max(new_tokens))
             sync(device)
             t1, c1 = time.perf_counter(), time.process_time()
-        cache: PrunedCache = out.past_key_values
-        kv_bytes, kv_lengths = cache.nbytes(), cache.layer_lengths()
-        _decode(lm, out, steps)
-        sync(device)
-        t2 = time.perf_counter()
-    per_token = (t2 - t1) / steps if steps else float("nan")
-    return Run(t1 - t0, c1 - c0, per_token, t2 - t0, track.peak, kv_bytes, kv_lengths, load_average())
+            kv_bytes, kv_lengths = cache_stats(cache)  # untimed
+            t_decode, c_decode = time.perf_counter(), time.process_time()
+            t_short = t_decode
+            for i in range(steps):
+                logits, cache = runner.step(logits.argmax(-1), cache)
+                if i + 2 == short:  # i + 2 tokens so far: the prefill's and i + 1 steps
+                    sync(device)
+                    t_short = time.perf_counter()
+            sync(device)
+            t2, c2 = time.perf_counter(), time.process_time()
+    prefill_s = t1 - t0
+    per_token = (t2 - t_decode) / steps if steps else float("nan")
+    cpu_per_token = (c2 - c_decode) / steps if steps else float("nan")
+    return Run(prefill_s, c1 - c0, per_token, cpu_per_token, prefill_s + t2 - t_decode,
+               prefill_s + t_short - t_decode, track.peak, kv_bytes, kv_lengths, load_average())
 
 
 def summarize(runs: list[Run], peak_mem_bytes: int) -> Timing:
     med = statistics.median
     return Timing(med(r.prefill_s for r in runs), med(r.decode_s_per_token for r in runs),
-                  med(r.e2e_s for r in runs), peak_mem_bytes, runs[-1].kv_bytes, runs[-1].kv_lengths,
+                  med(r.decode_cpu_s_per_token for r in runs), med(r.e2e_s for r in runs),
+                  med(r.e2e_short_s for r in runs), peak_mem_bytes, runs[-1].kv_bytes, runs[-1].kv_lengths,
                   [r.prefill_s for r in runs], med(r.load_avg for r in runs), [r.prefill_cpu_s for r in runs])

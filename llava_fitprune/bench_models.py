@@ -21,6 +21,8 @@ from .adapters.llava.modeling import FitPruneLlavaConfig, FitPruneLlavaLlamaForC
 from .core.recipe import Recipe
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+FAST = "-fast"  # suffix of a row on the fast path
+FAST_METHODS = ("dense", "fitprune", "oracle")  # the rows --compile repeats on the fast path
 _LLAVA_ONLY_KEYS = ("mm_vision_tower", "mm_projector_type", "mm_hidden_size", "fitprune_recipe")
 
 
@@ -95,6 +97,25 @@ def build_lm(model: str, cfg: dict, has_weights: bool, attn: str, dtype: torch.d
     return lm.to(device).eval()
 
 
+def build_stock_lm(lm: FitPruneLlavaLlamaForCausalLM, attn: str):
+    """LLaVA's own `LlavaLlamaForCausalLM` with `lm`'s config and weights: the model a user runs today."""
+    from llava.model import LlavaConfig, LlavaLlamaForCausalLM
+
+    config = LlavaConfig(**{k: v for k, v in lm.config.to_dict().items() if k not in _LLAVA_ONLY_KEYS})
+    config._attn_implementation = attn
+    config.use_cache = True
+    dtype, device = lm.dtype, lm.device
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            stock = LlavaLlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    stock.load_state_dict(lm.state_dict())
+    return stock.eval()
+
+
 @dataclass(frozen=True)
 class PromptLayout:
     prompt_tokens: int  # text before the image
@@ -123,7 +144,7 @@ def make_inputs(lm: FitPruneLlavaLlamaForCausalLM, layout: PromptLayout, batch: 
 class RowSpec:
     """One benchmark row: a method at a ratio, with its token schedule and FLOPs."""
 
-    method: str  # dense | fitprune | oracle | prellm
+    method: str  # stock | dense | fitprune | oracle | prellm, "-fast" on the fast path (fast_path.py)
     ratio: float  # reduction_ratio of the recipe (0 for dense)
     layout: PromptLayout
     recipe: Optional[Recipe] = None  # fitprune and oracle
@@ -136,6 +157,15 @@ class RowSpec:
     def kv_lengths(self) -> list[int]:
         return self.schedule[:-1]
 
+    @property
+    def base(self) -> str:
+        """The method without the fast-path suffix."""
+        return self.method.removesuffix(FAST)
+
+    @property
+    def fast(self) -> bool:
+        return self.method.endswith(FAST)
+
 
 def _decode_flops(shape: LMShape, kv: list[int], batch: int, new_tokens: int) -> float:
     steps = max(new_tokens - 1, 1)  # the first new token comes from the prefill's logits
@@ -143,19 +173,22 @@ def _decode_flops(shape: LMShape, kv: list[int], batch: int, new_tokens: int) ->
 
 
 def row_specs(shape: LMShape, layout: PromptLayout, recipes: list[Recipe], methods: list[str], batch: int,
-              new_tokens: int) -> list[RowSpec]:
-    """Dense first, then per recipe: fitprune, oracle and the pre-LLM baseline (equal average tokens)."""
+              new_tokens: int, fast: bool = False) -> list[RowSpec]:
+    """Stock LLaVA and dense first, then per recipe: fitprune, oracle and the pre-LLM baseline (equal
+    average tokens); `fast`: dense, fitprune and oracle also on the fast path."""
+    methods = [m for m in methods for m in ((m, m + FAST) if fast and m in FAST_METHODS else (m,))]
     L, N, V = shape.num_layers, layout.total, layout.visual_tokens
     dense_sched = [N] * (L + 1)
     dense = dense_prefill_flops(shape, N, batch)
     rows = []
-    if "dense" in methods:
-        rows.append(RowSpec("dense", 0.0, layout, None, dense_sched, dense,
-                            _decode_flops(shape, dense_sched[:-1], batch, new_tokens)))
+    for method in ("stock", "dense", "dense" + FAST):
+        if method in methods:
+            rows.append(RowSpec(method, 0.0, layout, None, dense_sched, dense,
+                                _decode_flops(shape, dense_sched[:-1], batch, new_tokens)))
     for r in recipes:
         ratio = r.reduction_ratio if r.reduction_ratio is not None else float("nan")
         sched = tokens_entering(N, r.drops_for(V))
-        for method in ("fitprune", "oracle"):
+        for method in ("fitprune", "fitprune" + FAST, "oracle", "oracle" + FAST):
             if method in methods:
                 rows.append(RowSpec(method, ratio, layout, r, sched, prefill_flops(shape, sched, batch),
                                     _decode_flops(shape, sched[:-1], batch, new_tokens)))

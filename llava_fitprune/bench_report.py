@@ -11,10 +11,13 @@ from . import atomic
 
 COLUMNS = [
     "attn", "batch", "method", "ratio", "visual_tokens", "avg_tokens_per_layer",
-    "prefill_tflops", "flops_reduction", "prefill_ms", "speedup", "efficiency", "time_vs_oracle",
+    "prefill_tflops", "flops_reduction", "prefill_ms", "speedup", "speedup_vs_stock", "speedup_vs_dense_fast",
+    "efficiency", "time_vs_oracle",
     "prefill_cpu_ms", "cpu_time_vs_oracle",
-    "decode_ms_per_token", "decode_gflops_per_token", "decode_speedup", "decode_flops_ratio",
-    "e2e_ms", "peak_mem_mb", "kv_bytes", "kv_bytes_predicted", "kv_fraction", "kv_fraction_predicted",
+    "decode_ms_per_token", "decode_cpu_ms_per_token", "decode_gflops_per_token", "decode_speedup",
+    "decode_flops_ratio",
+    "e2e_short_ms", "short_new_tokens", "e2e_ms", "compile_s", "cold_e2e_ms", "peak_mem_mb", "kv_bytes",
+    "kv_bytes_predicted", "kv_fraction", "kv_fraction_predicted",
     "new_tokens", "repeats", "load_avg", "prefill_ms_runs",
 ]
 
@@ -23,17 +26,22 @@ TABLE = [
     ("attn", "attn", "{}"), ("B", "batch", "{}"), ("method", "method", "{}"), ("ratio", "ratio", "{:g}"),
     ("visual in", "visual_tokens", "{}"), ("avg tok/layer", "avg_tokens_per_layer", "{:.1f}"),
     ("TFLOPs", "prefill_tflops", "{:.3f}"), ("FLOPs red.", "flops_reduction", "{:.3f}"),
-    ("prefill ms", "prefill_ms", "{:.0f}"), ("speedup", "speedup", "{:.2f}"),
+    ("prefill ms", "prefill_ms", "{:.1f}"), ("speedup", "speedup", "{:.2f}"),
+    ("vs stock", "speedup_vs_stock", "{:.2f}"), ("vs dense-fast", "speedup_vs_dense_fast", "{:.2f}"),
     ("efficiency", "efficiency", "{:.2f}"), ("vs oracle", "time_vs_oracle", "{:.3f}"),
-    ("CPU-time vs oracle", "cpu_time_vs_oracle", "{:.3f}"),
-    ("decode ms/tok", "decode_ms_per_token", "{:.1f}"), ("dec. speedup", "decode_speedup", "{:.2f}"),
-    ("dec. FLOPs ratio", "decode_flops_ratio", "{:.2f}"), ("e2e ms", "e2e_ms", "{:.0f}"),
+    ("CPU-time vs oracle", "cpu_time_vs_oracle", "{:.3f}"), ("prefill CPU ms", "prefill_cpu_ms", "{:.0f}"),
+    ("decode ms/tok", "decode_ms_per_token", "{:.1f}"), ("dec. CPU ms/tok", "decode_cpu_ms_per_token", "{:.1f}"),
+    ("dec. speedup", "decode_speedup", "{:.2f}"),
+    ("dec. FLOPs ratio", "decode_flops_ratio", "{:.2f}"), ("e2e short ms", "e2e_short_ms", "{:.0f}"),
+    ("e2e ms", "e2e_ms", "{:.0f}"), ("compile s", "compile_s", "{:.1f}"),
     ("peak MB", "peak_mem_mb", "{:.0f}"), ("KV frac", "kv_fraction", "{:.3f}"),
     ("KV frac pred.", "kv_fraction_predicted", "{:.3f}"), ("load", "load_avg", "{:.2f}"),
 ]
 
 _TITLE_CHARS_PER_PANEL = 70
-_MARKERS = {"dense": "s", "fitprune": "o", "oracle": "x", "prellm": "^"}
+_MARKERS = {"stock": "D", "dense": "s", "dense-fast": "P", "fitprune": "o", "fitprune-fast": "*", "oracle": "x",
+            "oracle-fast": "+", "prellm": "^"}
+_DENSE = ("stock", "dense", "dense-fast")  # rows with nothing pruned
 
 
 def _paired_ratio(row: dict, ref: dict, runs: str = "prefill_runs", median: str = "prefill_ms") -> float:
@@ -46,19 +54,22 @@ def _paired_ratio(row: dict, ref: dict, runs: str = "prefill_runs", median: str 
 
 
 def add_figures_of_merit(rows: list[dict]) -> None:
-    """Fill speedup, efficiency, time vs oracle (paired by turn) and the ratios against dense, per
-    (attn, batch)."""
+    """Fill speedup (against dense, stock LLaVA and the dense fast path), efficiency, time vs the
+    oracle on the same path (paired by turn) and the ratios against dense, per (attn, batch)."""
     groups = defaultdict(list)
     for r in rows:
         groups[(r["attn"], r["batch"])].append(r)
     for group in groups.values():
-        dense = next((r for r in group if r["method"] == "dense"), None)
-        oracle = {r["ratio"]: r for r in group if r["method"] == "oracle"}
+        by_method = {r["method"]: r for r in group if r["method"] in _DENSE}
+        dense, stock, dense_fast = by_method.get("dense"), by_method.get("stock"), by_method.get("dense-fast")
+        oracle = {(r["ratio"], r["method"]): r for r in group if r["method"].startswith("oracle")}
         for r in group:
-            o = oracle.get(r["ratio"])
-            r["time_vs_oracle"] = _paired_ratio(r, o) if o and r["method"] != "dense" else math.nan
-            r["cpu_time_vs_oracle"] = (_paired_ratio(r, o, "prefill_cpu_runs", "prefill_cpu_ms")
-                                       if o and r["method"] != "dense" else math.nan)
+            o = oracle.get((r["ratio"], "oracle-fast" if r["method"].endswith("-fast") else "oracle"))
+            pruned = o is not None and r["method"] not in _DENSE
+            r["time_vs_oracle"] = _paired_ratio(r, o) if pruned else math.nan
+            r["cpu_time_vs_oracle"] = _paired_ratio(r, o, "prefill_cpu_runs", "prefill_cpu_ms") if pruned else math.nan
+            r["speedup_vs_stock"] = _paired_ratio(stock, r) if stock else math.nan
+            r["speedup_vs_dense_fast"] = _paired_ratio(dense_fast, r) if dense_fast else math.nan
             if dense is None:
                 r.update(speedup=math.nan, efficiency=math.nan, decode_speedup=math.nan,
                          decode_flops_ratio=math.nan, kv_fraction=math.nan, kv_fraction_predicted=math.nan)

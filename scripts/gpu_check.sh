@@ -1,25 +1,59 @@
 #!/usr/bin/env bash
-# Everything BENCHMARKS.md's GPU section records, in one command, on a CUDA machine (about 8 min on an H100):
-#   bash scripts/gpu_check.sh [OUT_DIR]        (default benchmarks/gpu)
-# 1. the GPU guarantees (tests/test_cuda.py), 2. where a pruned batch-1 prefill spends its time,
-# 3. latency of dense / FitPrune / oracle / prellm at the real LLaVA-1.5-7B shape in bfloat16.
+# Everything BENCHMARKS.md's GPU section records, in one command, on a CUDA machine (budget: under
+# 10 minutes on an H100/H200; each step has its own time limit):
+#   bash scripts/gpu_check.sh [OUT_DIR]                 (default: $OUT if set, else benchmarks/gpu)
+#   bash scripts/gpu_check.sh --cpu-smoke OUT_DIR       every step at a tiny shape on the CPU (tests use it)
+# 1. the GPU guarantees (tests/test_cuda.py, the fast path's bf16 equivalence included);
+# 2. latency at the real LLaVA-1.5-7B shape in bfloat16, sdpa, batch 1 and 8, FitPrune 0.6: stock
+#    LLaVA, dense, dense fast path, FitPrune eager and fast path, oracle eager and fast path
+#    (prefill, decode per token, end-to-end for 8 and 128 new tokens, compile time, peak memory);
+# 3. with EXTRA=1 and time left: where a pruned batch-1 prefill spends its time, eager attention.
 # Needs: python with torch (CUDA), this package and its pins (transformers 4.37.2, llava-torch) importable.
 set -euo pipefail
-OUT=${1:-benchmarks/gpu}
+SMOKE=0
+if [ "${1:-}" = "--cpu-smoke" ]; then
+    SMOKE=1
+    shift
+fi
+OUT=${1:-${OUT:-benchmarks/gpu}}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: this script is for a GPU machine'"
-# file names start with the GPU's model, e.g. "NVIDIA H100 80GB HBM3" -> h100
-GPU=$("$PY" -c "import torch; n = torch.cuda.get_device_name().split(); print((n[1] if n[0] == 'NVIDIA' and len(n) > 1 else n[0]).lower())")
-"$PY" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt"
-"$PY" scripts/profile_prefill.py --model llava-v1.5-7b --ratio 0.9 --dtype bfloat16 --attn sdpa \
-    > "$OUT/$GPU-profile-fitprune-0.9-sdpa-b1.txt" 2>&1
-B=("$PY" -m llava_fitprune.cli bench --model llava-v1.5-7b --dtype bfloat16 --out-dir "$OUT")
-"${B[@]}" --attn sdpa --batch-size 1 --warmup 1 --repeats 3 --tag "$GPU-bf16-sdpa-b1"
-"${B[@]}" --attn sdpa --batch-size 8 --warmup 1 --repeats 3 --tag "$GPU-bf16-sdpa-b8"
-"${B[@]}" --attn eager --batch-size 1 --warmup 2 --repeats 5 --tag "$GPU-bf16-eager-b1"
-if "$PY" -c "import flash_attn" 2>/dev/null; then
-    "${B[@]}" --attn flash_attention_2 --batch-size 1 8 --warmup 1 --repeats 3 --tag "$GPU-bf16-flash"
+STEP_TIMEOUT=${STEP_TIMEOUT:-240}
+
+if [ "$SMOKE" = 1 ]; then
+    GPU=cpu-smoke
+    DT=fp32
+    BATCHES=(1 2)
+    SHAPE=(--model llava-v1.5-7b --width 64 --heads 2 --prompt-tokens 4 --visual-tokens 48 --text-tokens 3
+           --device cpu --dtype float32 --threads 1)
+    RUNS=(--warmup 0 --repeats 1 --new-tokens 2)
+    "$PY" -m pytest -q -p no:cacheprovider --collect-only tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
+else
+    "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: this script is for a GPU machine (or --cpu-smoke)'"
+    # file names start with the GPU's model, e.g. "NVIDIA H100 80GB HBM3" -> h100
+    GPU=$("$PY" -c "import torch; n = torch.cuda.get_device_name().split(); print((n[1] if n[0] == 'NVIDIA' and len(n) > 1 else n[0]).lower())")
+    DT=bf16
+    BATCHES=(1 8)
+    SHAPE=(--model llava-v1.5-7b --dtype bfloat16)
+    RUNS=(--warmup 1 --repeats 3 --new-tokens 8 128)
+    # the fast path's tests first: they are what a short device window must not miss
+    timeout "$STEP_TIMEOUT" "$PY" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "fast" \
+        2>&1 | tee "$OUT/test_cuda_fast.txt" || echo "fast-path tests: FAILED or timed out" | tee -a "$OUT/test_cuda_fast.txt"
+    timeout "$STEP_TIMEOUT" "$PY" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "not fast" \
+        2>&1 | tee "$OUT/test_cuda.txt" || echo "CUDA tests: FAILED or timed out" | tee -a "$OUT/test_cuda.txt"
+fi
+
+B=("$PY" -m llava_fitprune.cli bench "${SHAPE[@]}" --reduction-ratio 0.6 --compile
+   --methods stock dense fitprune oracle --out-dir "$OUT")
+for BATCH in "${BATCHES[@]}"; do
+    timeout "$STEP_TIMEOUT" "${B[@]}" --attn sdpa --batch-size "$BATCH" "${RUNS[@]}" --tag "$GPU-$DT-sdpa-b$BATCH-fast" \
+        || echo "bench batch $BATCH: FAILED or timed out" >&2
+done
+
+if [ "${EXTRA:-0}" = 1 ] && [ "$SMOKE" = 0 ]; then
+    timeout "$STEP_TIMEOUT" "$PY" scripts/profile_prefill.py --model llava-v1.5-7b --ratio 0.9 --dtype bfloat16 \
+        --attn sdpa > "$OUT/$GPU-profile-fitprune-0.9-sdpa-b1.txt" 2>&1 || true
+    timeout "$STEP_TIMEOUT" "${B[@]}" --attn eager --batch-size 1 "${RUNS[@]}" --tag "$GPU-$DT-eager-b1-fast" || true
 fi
 echo "wrote $OUT"

@@ -31,25 +31,44 @@ def tiny_lm(one_thread):
 def test_bench_writes_table_csv_and_plot(tmp_path):
     out = tmp_path / "bench"
     argv = TINY + ["--prompt-tokens", "4", "--visual-tokens", "48", "--text-tokens", "3",
-                   "--reduction-ratio", "0.6", "0.9", "--attn", "eager", "sdpa", "--batch-size", "2",
-                   "--warmup", "0", "--repeats", "1", "--new-tokens", "2", "--threads", "1", "--out-dir", str(out), "--tag", "t"]
+                   "--reduction-ratio", "0.6", "--attn", "eager", "sdpa", "--batch-size", "2", "--compile",
+                   "--warmup", "0", "--repeats", "1", "--new-tokens", "2", "3", "--threads", "1", "--out-dir", str(out),
+                   "--tag", "t"]
     assert bench_main(argv) == 0
     with open(out / "t.csv") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == COLUMNS
         rows = list(reader)
-    per_group = 1 + 2 * 3  # dense, then fitprune / oracle / prellm per ratio
+    per_group = 3 + 5  # stock, dense, dense-fast, then fitprune(-fast) / oracle(-fast) / prellm for the ratio
     assert len(rows) == 2 * per_group  # two attention implementations
-    assert {r["method"] for r in rows} == {"dense", "fitprune", "oracle", "prellm"}
+    assert {r["method"] for r in rows} == {"stock", "dense", "dense-fast", "fitprune", "fitprune-fast", "oracle",
+                                           "oracle-fast", "prellm"}
     for r in rows:
         assert all(r[c] != "" for c in COLUMNS), r
         assert int(r["kv_bytes"]) == int(r["kv_bytes_predicted"])  # measured cache == FLOPs model
         if r["method"] in ("fitprune", "oracle"):
             assert float(r["flops_reduction"]) > 0
-        if r["method"] == "oracle":
-            assert float(r["time_vs_oracle"]) == 1.0
+        if r["method"].startswith("oracle"):
+            assert float(r["time_vs_oracle"]) == 1.0  # against the oracle on its own path
+        assert (int(r["short_new_tokens"]), int(r["new_tokens"])) == (2, 3)
+        assert float(r["e2e_short_ms"]) <= float(r["e2e_ms"])
     assert os.path.getsize(out / "t.png") > 0
     assert "| fitprune |" in (out / "t.md").read_text()
+
+
+def test_cpu_proxy_runs_every_row(tmp_path):
+    """The host-bound CPU proxy of BENCHMARKS.md (32 layers, width 128, the real 35 + 576 + 30
+    prompt) with every row, as CI runs it; timings are recorded, not asserted."""
+    argv = ["--model", "llava-v1.5-7b", "--width", "128", "--reduction-ratio", "0.6", "--attn", "sdpa",
+            "--batch-size", "1", "--compile", "--warmup", "0", "--repeats", "1", "--new-tokens", "2", "--threads", "1",
+            "--out-dir", str(tmp_path), "--tag", "proxy"]
+    assert bench_main(argv) == 0
+    with open(tmp_path / "proxy.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"stock", "dense", "dense-fast", "fitprune", "fitprune-fast", "oracle", "oracle-fast", "prellm"}
+    assert rows["fitprune-fast"]["kv_bytes"] == rows["fitprune"]["kv_bytes"] < rows["dense-fast"]["kv_bytes"]
+    for method in ("stock", "dense-fast"):
+        assert int(rows[method]["kv_bytes"]) == int(rows["dense"]["kv_bytes"])
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ def load_model(args, model_name: str):
     return load_pretrained_model(
         os.path.expanduser(args.model_path), args.model_base, model_name, device=resolve_device(args.device),
         recipe=args.recipe, reduction_ratio=args.reduction_ratio, method=args.method, torch_dtype=args.dtype,
-        attn_implementation=args.attn_implementation)
+        attn_implementation=args.attn_implementation, compile=getattr(args, "compile", False))
 
 
 def timed_load(args, model_name: str):

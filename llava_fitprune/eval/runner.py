@@ -123,7 +123,7 @@ def run_config(args, module: str, model_name: str) -> dict:
             "question_file_sha256": file_sha256(os.path.expanduser(args.question_file)),
             "image_folder": args.image_folder,
             "single_pred_prompt": args.single_pred_prompt, "all_rounds": args.all_rounds, "lang": args.lang,
-            "batch_size": args.batch_size, "device": args.device}
+            "batch_size": args.batch_size, "device": args.device, "compile": getattr(args, "compile", False)}
 
 
 def already_complete(answers_file: str, num_questions: int, config: dict) -> bool:

@@ -91,6 +91,7 @@ def load_pretrained_model(
     attn_implementation: Optional[str] = None,
     method_options: Optional[dict] = None,
     num_text_tokens: int = 65,
+    compile: bool = False,
     **kwargs,
 ):
     """Same arguments and 4-tuple as `llava.model.builder.load_pretrained_model`, plus pruning.
@@ -102,7 +103,8 @@ def load_pretrained_model(
     random (FitPrune's schedule, random tokens), fastv / uniform (at equal FLOPs to the recipe for a
     prompt of `num_text_tokens` text tokens, or `method_options` such as {"k": 2, "r": 0.5}),
     lvprune (`method_options={"modules": folder}`); see methods.py. The method, its options and the
-    recipe are checked before any weight is read.
+    recipe are checked before any weight is read. `compile=True` turns on the fast
+    path for this model (fast_path.py: static KV cache, compiled / CUDA-graphed decode).
     """
     if "llava" not in model_name.lower():
         raise ValueError(f"model name {model_name!r} does not look like a LLaVA checkpoint (no 'llava' in it)")
@@ -169,6 +171,10 @@ def load_pretrained_model(
         model.set_pruning(reference, reduction_ratio=reduction_ratio, method=method or "fitprune",
                           method_options=method_options, num_text_tokens=num_text_tokens)
     model.eval()
+    if compile:
+        from .fast_path import enable_fast_path
+
+        enable_fast_path(model)
 
     context_len = getattr(model.config, "max_sequence_length", 2048)
     return tokenizer, model, image_processor, context_len

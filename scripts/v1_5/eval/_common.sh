@@ -19,6 +19,7 @@
 #   GPUS             comma list of GPU ids, one chunk per GPU, e.g. 0,1,2,3; empty: run on the CPU
 #   CHUNKS           with GPUS empty: number of CPU chunk processes (default 1)
 #   BATCH_SIZE       questions per generate() call         (default 1)
+#   COMPILE          1: the fast path (static KV cache, CUDA-graphed decode; --compile)
 #   PYTHON           interpreter (default: the repository's .venv/bin/python when it exists, else python)
 #   CKPT             run name used in answer paths, named by what ran (default <model dir>-dense,
 #                    <model dir>-<method>-r<ratio>, <model dir>-<method>-<recipe name>,
@@ -65,6 +66,12 @@ else
     exit 2
 fi
 CKPT=${CKPT:-$(basename "${MODEL_PATH%/}")-$TAG}
+RUN_ARGS=()
+case "${COMPILE:-0}" in
+    1) RUN_ARGS+=(--compile) ;;
+    0|"") ;;
+    *) echo "COMPILE must be 0 or 1, got '$COMPILE'" >&2; exit 2 ;;
+esac
 MODEL_ARGS=(--model-path "$MODEL_PATH")
 if [ -n "${MODEL_BASE:-}" ]; then
     MODEL_ARGS+=(--model-base "$MODEL_BASE")
@@ -106,7 +113,7 @@ run_chunks() {
         $PYTHON -m "llava_fitprune.eval.$module" "${MODEL_ARGS[@]}" "$@" \
             --answers-file "$file" --num-chunks "$NUM_CHUNKS" --chunk-idx "$idx" \
             --conv-mode "$CONV_MODE" --device "$DEVICE" --batch-size "$BATCH_SIZE" \
-            "${PRUNE_ARGS[@]}" $EXTRA_ARGS &
+            "${PRUNE_ARGS[@]}" "${RUN_ARGS[@]}" $EXTRA_ARGS &
         pids+=($!)
     done
     local bad_input=0 status
