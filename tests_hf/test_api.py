@@ -43,7 +43,7 @@ def test_authors_recipes_apply_to_llava_hf_7b_unchanged():
     for recipe in recipes:
         used = model.set_pruning(reduction_ratio=recipe.reduction_ratio)
         assert used.drop_per_layer == recipe.drop_per_layer and used.num_visual_tokens == n_visual
-        assert used.drops_for(n_visual) == recipe.drop_per_layer  # applied as published, no scaling
+        assert used.drops_for(n_visual) == list(recipe.drop_per_layer)  # applied as published, no scaling
         assert model.fitprune_recipe is used
 
 
