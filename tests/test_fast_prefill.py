@@ -58,7 +58,7 @@ def _run(lm, embeds, visual, mask, selector):
         out = lm(inputs_embeds=embeds, visual_mask=visual, attention_mask=mask, selector=selector, use_cache=True)
     trace = lm.get_model().last_trace
     drops = [None if d is None else d.tolist() for d in trace.dropped_positions]
-    return out.logits, drops, out.past_key_values
+    return out.logits[trace.final_valid], drops, out.past_key_values  # real rows: [n, V]
 
 
 def _same(eager, compiled, embeds, visual, mask, selector):
