@@ -2,8 +2,16 @@
 
 Shapes: B batch, H heads, N tokens at the layer, R = N - row_start query rows whose attention the
 scores read (the visual tokens and the text after them live in those rows).
+
+Ties: among equal importances the token at the lower position is dropped first. Every selection
+below ranks with a stable sort over the rows in their current order, which within a sample is the
+original order (padding and pruning never reorder a sample's tokens), so a sample drops the same
+tokens alone and inside any batch, also when every score is equal (no text after the image, a
+blank image).
 """
 from __future__ import annotations
+
+from typing import Optional, Union
 
 import torch
 
@@ -13,35 +21,59 @@ def head_max(probs: torch.Tensor) -> torch.Tensor:
     return probs.amax(dim=1)
 
 
-def fitprune_importance(
-    head_max_rows: torch.Tensor, row_start: int, visual_mask: torch.Tensor, text_mask: torch.Tensor
-) -> torch.Tensor:
+def fitprune_importance(head_max_rows: torch.Tensor, row_start: int, visual_mask: torch.Tensor,
+                        text_mask: Optional[torch.Tensor],
+                        n_visual: Optional[Union[float, torch.Tensor]] = None,
+                        row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """FitPrune's importance `self * cross` for every column; non-visual columns get +inf.
 
     head_max_rows: [B, R, N] head-max attention of query rows row_start..N-1
     visual_mask, text_mask: [B, N] bool (visual tokens alive; text tokens after the image)
+    n_visual: visual tokens alive per sample, when the caller knows it: a float (the same for every
+    sample) or [B, 1] float; None counts `visual_mask`.
+    row_weights: [B, N, 2] float (visual, text after), when kept by the caller (then `text_mask`
+    is not read).
     returns: [B, N] float32
     """
-    m = head_max_rows.float()
-    vis_rows = visual_mask[:, row_start:].float()  # [B, R]
-    txt_rows = text_mask[:, row_start:].float()  # [B, R]
-    n_visual = visual_mask.sum(-1, keepdim=True).clamp(min=1).float()  # [B, 1]
-    self_score = torch.einsum("br,brn->bn", vis_rows, m) / n_visual  # [B, N]
-    cross_score = torch.einsum("br,brn->bn", txt_rows, m)  # [B, N]
-    return (self_score * cross_score).masked_fill(~visual_mask, float("inf"))
+    m = head_max_rows if head_max_rows.dtype == torch.float32 else head_max_rows.float()
+    if row_weights is None:
+        row_weights = torch.stack((visual_mask, text_mask), -1).to(m.dtype)
+    rows = row_weights[:, row_start:]  # [B, R, 2]
+    sums = torch.einsum("brc,brn->bcn", rows, m)  # [B, 2, N]: self sum (before / n_visual), cross
+    if n_visual is None:
+        n_visual = visual_mask.sum(-1, keepdim=True).clamp(min=1).float()  # [B, 1]
+    importance = sums.prod(1) / n_visual  # [B, N]
+    return torch.where(visual_mask, importance, float("inf"))
 
 
-def drop_mask_lowest(importance: torch.Tensor, drop_counts: torch.Tensor, max_drop: int) -> torch.Tensor:
+def lowest_first(importance: torch.Tensor) -> torch.Tensor:
+    """importance: [B, N] -> [B, N] column order, lowest importance first, lower position first
+    among equal importances (a stable sort: `topk` leaves the order of ties unspecified)."""
+    return torch.sort(importance, dim=-1, stable=True).indices
+
+
+def drop_mask_lowest(importance: torch.Tensor, drop_counts: Optional[torch.Tensor], max_drop: int) -> torch.Tensor:
     """Mark, per sample, the `drop_counts[b]` columns of lowest importance (visual ones: others are +inf).
 
-    importance: [B, N]; drop_counts: [B] long; max_drop: host int >= drop_counts.max()
+    importance: [B, N]; drop_counts: [B] long, or None when every sample drops `max_drop`;
+    max_drop: host int >= drop_counts.max(). Ties: see the module docstring.
     returns: [B, N] bool
     """
     B, N = importance.shape
-    lowest = torch.topk(importance, max_drop, dim=-1, largest=False, sorted=True).indices  # [B, max_drop]
-    take = torch.arange(max_drop, device=importance.device)[None, :] < drop_counts[:, None]  # [B, max_drop]
+    lowest = lowest_first(importance)[:, :max_drop]  # [B, max_drop]
     drop = torch.zeros(B, N, dtype=torch.bool, device=importance.device)
+    if drop_counts is None:
+        return drop.scatter_(1, lowest, True)
+    take = torch.arange(max_drop, device=importance.device)[None, :] < drop_counts[:, None]  # [B, max_drop]
     return drop.scatter_(1, lowest, take)
+
+
+def keep_rows_lowest(importance: torch.Tensor, drop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample drops `drop` columns of lowest importance: (kept rows [B, N - drop] in their
+    order, the column order [B, N] whose first `drop` are the dropped rows). Two sorts, no mask:
+    the fast path of an equal count per sample."""
+    order = lowest_first(importance)  # [B, N]
+    return torch.sort(order[:, drop:], dim=-1).values, order
 
 
 def keep_index(drop: torch.Tensor, new_len: int) -> tuple[torch.Tensor, torch.Tensor]:

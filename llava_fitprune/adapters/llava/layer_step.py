@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from functools import cached_property
 from typing import Optional
 
 import torch
@@ -10,21 +9,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from ...core.scoring import keep_index
-from ...core.selectors import FitPruneSelector, LayerAttention, PruneState, TokenSelector
+from ...core.selectors import LayerAttention, PruneState, TokenSelector, take_rows
 
-# Pruning layers compute the attention rows the scores read in blocks of rows: each block holds at
-# most this many probabilities ([B, H, rows, keys]), so it stays in a CPU core's cache (or, on a GPU,
-# bounds the memory while keeping kernels large), and each block attends to the causal keys only.
+# Pruning layers compute the probabilities of the attention rows the scores read in one piece when
+# they hold at most this many elements ([B, H, rows, keys]), else in blocks of that size, so they
+# stay in a CPU core's cache (or, on a GPU, bound the memory while keeping kernels large); each
+# block attends to the causal keys only.
 BLOCK_ELEMENTS = {"cuda": 2 ** 25}
 BLOCK_ELEMENTS_DEFAULT = 2 ** 19
 MIN_BLOCK_ROWS = 16
+# Devices whose eager pruning layers compute the score rows' attention once: SDPA for the rows
+# before the image, an explicit softmax (block by block) for the score rows, which gives both
+# their output and the scores. Fewest FLOPs (the FLOPs model's count), a few more ops: for a
+# compute-bound CPU. Elsewhere, and in a compiled prefill, SDPA runs over every row as in the
+# stock layer and the score rows' probabilities are made once more: fewest launches (a GPU at
+# batch 1 is bound by them), at the cost of one more query-key product for those rows.
+SCORE_ROWS_ONCE_DEVICES = {"cpu"}
 
 
 class RopeSpan:
     """Shared by a model's RopeTables: the length the cos/sin table must cover in this forward."""
 
     length: int = 0
+
+    @staticmethod
+    def cached_length(layers) -> int:
+        """The length the layers' rotary tables already hold (they all hold the same)."""
+        rope = layers[0].self_attn.rotary_emb
+        return int(getattr(getattr(rope, "inner", rope), "max_seq_len_cached", 0))
 
 
 class RopeTable(nn.Module):
@@ -62,20 +74,29 @@ def attention_mask_4d(key_mask: torch.Tensor, q_len: int, past_len: int, dtype: 
     return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
 
+def tail_probs(q: torch.Tensor, k: torch.Tensor, r0: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Softmax attention probabilities of query rows r0..N-1 in one piece.
+
+    q, k: [B, H, N, hd]; mask: additive [B, 1, N, N] or None (causal).
+    returns: probs [B, H, R, N] float32 (R = N - r0)
+    """
+    N, hd = q.shape[2], q.shape[3]
+    logits = torch.einsum("bhrd,bhnd->bhrn", q[:, :, r0:], k).div_(math.sqrt(hd))  # [B, H, R, N]
+    if mask is None:
+        future = torch.ones(N - r0, N, dtype=torch.bool, device=q.device).triu_(r0 + 1)  # key j > row r0 + i
+        logits.masked_fill_(future, torch.finfo(logits.dtype).min)
+    else:
+        logits.add_(mask[:, :, r0:, :])
+    return F.softmax(logits, dim=-1, dtype=torch.float32)
+
+
 def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r0: int, mask: Optional[torch.Tensor]):
     """Softmax attention of query rows r0..N-1 in one piece, with the full probabilities.
 
     q, k, v: [B, H, N, hd]; mask: additive [B, 1, N, N] or None (causal).
     returns: out [B, H, R, hd], probs [B, H, R, N] float32 (R = N - r0)
     """
-    N, hd = q.shape[2], q.shape[3]
-    logits = torch.matmul(q[:, :, r0:], k.transpose(2, 3)) / math.sqrt(hd)  # [B, H, R, N]
-    if mask is None:
-        causal = torch.arange(N, device=q.device)[None, :] > torch.arange(r0, N, device=q.device)[:, None]
-        logits = logits.masked_fill(causal, torch.finfo(logits.dtype).min)
-    else:
-        logits = logits + mask[:, :, r0:, :]
-    probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # [B, H, R, N]
+    probs = tail_probs(q, k, r0, mask)
     return torch.matmul(probs.to(v.dtype), v), probs
 
 
@@ -84,6 +105,36 @@ def attention_blocks(B: int, H: int, N: int, R: int, device: torch.device) -> tu
     budget = BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS_DEFAULT)
     rows = min(max(R, 1), max(MIN_BLOCK_ROWS, budget // max(H * N, 1)))
     return max(1, min(B, budget // max(H * rows * N, 1))), rows
+
+
+def tail_head_max(q: torch.Tensor, k: torch.Tensor, r0: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Head-max attention map of query rows r0..N-1: [B, R, N] float32, 0 above the diagonal.
+
+    One piece when the probabilities fit the block budget (`attention_blocks`), else block by block
+    (a few samples and rows at a time, each block against the keys up to its last row: keys past
+    it have probability 0), without a [B, H, R, N] tensor.
+    q, k: [B, H, N, hd]; mask: additive [B, 1, N, N] or None (causal)
+    """
+    B, H, N, hd = q.shape
+    samples, rows = attention_blocks(B, H, N, N - r0, q.device)
+    if samples >= B and rows >= N - r0:
+        return tail_probs(q, k, r0, mask).amax(dim=1)
+    head_max = torch.zeros(B, N - r0, N, dtype=torch.float32, device=q.device)
+    lowest = torch.finfo(q.dtype).min
+    for s0 in range(0, B, samples):
+        s1 = min(s0 + samples, B)
+        for a in range(r0, N, rows):
+            b = min(a + rows, N)
+            logits = torch.matmul(q[s0:s1, :, a:b], k[s0:s1, :, :b].transpose(2, 3))  # [S, H, b-a, b]
+            logits.div_(math.sqrt(hd))
+            if mask is None:  # within the block's own keys a..b-1, key j > row i is the future
+                future = torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).triu_(1)
+                logits[..., a:].masked_fill_(future, lowest)
+            else:
+                logits.add_(mask[s0:s1, :, a:b, :b])
+            probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # [S, H, b-a, b]
+            head_max[s0:s1, a - r0:b - r0, :b] = probs.amax(dim=1)
+    return head_max
 
 
 def attention_rows_head_max(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r0: int,
@@ -116,45 +167,58 @@ def attention_rows_head_max(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     return head_max
 
 
-class HeadMaxAttention(LayerAttention):
-    """A pruning layer's attention as FitPrune reads it: the head-max map of rows row_start..N-1
-    ([B, R, N] float32), made block by block with the output. `probs` ([B, H, R, N]) is rebuilt
-    only if a selector asks for it."""
+class TailAttention(LayerAttention):
+    """A pruning layer's attention as the scores read it, made on first use: the head-max map of
+    rows row_start..N-1 ([B, R, N] float32, block by block when large) or the probabilities
+    ([B, H, R, N], in one piece) for a selector that asks for them. (Plain properties, not
+    functools.cached_property, whose lock `torch.compile` cannot trace.)"""
 
-    def __init__(self, head_max: torch.Tensor, row_start: int, rebuild_probs):
-        self.__dict__["head_max"] = head_max  # LayerAttention.head_max is a cached_property
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, row_start: int, mask: Optional[torch.Tensor]):
         self.row_start = row_start
-        self._rebuild_probs = rebuild_probs
+        self._qkm = (q, k, mask)
+        self._probs: Optional[torch.Tensor] = None
+        self._head_max: Optional[torch.Tensor] = None
 
-    @cached_property
+    @property
     def probs(self) -> torch.Tensor:
-        return self._rebuild_probs()
+        if self._probs is None:
+            q, k, mask = self._qkm
+            self._probs = tail_probs(q, k, self.row_start, mask)
+        return self._probs
+
+    @property
+    def head_max(self) -> torch.Tensor:
+        if self._head_max is None:
+            q, k, mask = self._qkm
+            self._head_max = (self._probs.amax(dim=1) if self._probs is not None
+                              else tail_head_max(q, k, self.row_start, mask))
+        return self._head_max
 
     def __repr__(self) -> str:
-        return f"HeadMaxAttention(head_max={tuple(self.head_max.shape)}, row_start={self.row_start})"
+        return f"TailAttention(row_start={self.row_start})"
 
 
 def pruning_layer_forward(
     layer: nn.Module,
     layer_idx: int,
     hidden_states: torch.Tensor,
-    key_mask: torch.Tensor,
-    padded: bool,
-    position_ids: torch.Tensor,
+    mask: Optional[torch.Tensor],
     cache,
     state: PruneState,
     selector: TokenSelector,
-    new_len: int,
+    step,
 ):
     """A `LlamaDecoderLayer` prefill step that drops tokens after its attention.
 
-    The dropped tokens serve as keys and values here and stay in this layer's cache; their rows
-    leave before `o_proj` and the MLP. Rows before `state.row_start` go through SDPA; the rows
-    the scores read (visual tokens and the text after them) through an explicit softmax, once: for
-    FitPrune in row blocks that keep only the head-max map (`attention_rows_head_max`), for other
-    selectors in one piece with the full probabilities (`attention_rows`).
-    hidden_states: [B, N, D] -> ([B, new_len, D], index [B, new_len], kept [B, new_len],
-    dropped original positions [B, N] with -1 where kept)
+    The rows the scores read (the visual tokens and the text after them, from `state.row_start`)
+    get their softmax probabilities when the selector reads attention: on a CPU in eager mode
+    computed once, with their output (`SCORE_ROWS_ONCE_DEVICES`); elsewhere SDPA runs over every
+    row as in the stock layer and those rows' probabilities are made once more (`TailAttention`). The dropped tokens serve as
+    keys and values here and stay in this layer's cache; their rows leave before `o_proj` and the
+    MLP. `state` follows the kept rows. Nothing here reads the device from the host: counts and
+    lengths come from the plan (`step`, a prefill_plan.LayerStep).
+    hidden_states: [B, N, D]; mask: additive [B, 1, N, N] or None (causal, no padding)
+    returns: (hidden_states [B, step.new_len, D], DropRecord)
     """
     attn = layer.self_attn
     if getattr(attn.config, "pretraining_tp", 1) > 1:
@@ -168,40 +232,34 @@ def pruning_layer_forward(
     k = attn.k_proj(x).view(B, N, KV, hd).transpose(1, 2)  # [B, KV, N, hd]
     v = attn.v_proj(x).view(B, N, KV, hd).transpose(1, 2)  # [B, KV, N, hd]
     cos, sin = attn.rotary_emb(v, seq_len=N)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin, position_ids)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin, state.positions)
     if cache is not None:
         k, v = cache.update(k, v, layer_idx)  # a prefill: the layer's cache was empty
     k, v = repeat_kv(k, H // KV), repeat_kv(v, H // KV)  # [B, H, N, hd]
-
-    mask = attention_mask_4d(key_mask, N, 0, q.dtype, "eager", True) if padded else None  # [B, 1, N, N]
+    r0 = min(state.row_start, N)
     attention = None
-    if selector.needs_attention:
-        out = q.new_empty(B, N, H, hd)  # filled through a [B, H, N, hd] view; reshapes to [B, N, D] for free
-        r0 = min(state.row_start, N)
-        out.transpose(1, 2)[:, :, :r0] = F.scaled_dot_product_attention(  # rows before the image
+    if selector.needs_attention and q.device.type in SCORE_ROWS_ONCE_DEVICES and not torch.compiler.is_compiling():
+        out_rows = q.new_empty(B, N, H, hd)  # filled through a [B, H, N, hd] view
+        out = out_rows.transpose(1, 2)  # [B, H, N, hd]
+        out[:, :, :r0] = F.scaled_dot_product_attention(  # rows before the image
             q[:, :, :r0], k[:, :, :r0], v[:, :, :r0],
             attn_mask=None if mask is None else mask[:, :, :r0, :r0], is_causal=mask is None and r0 > 1)
-        if isinstance(selector, FitPruneSelector):  # reads the head-max map only: block by block
-            head_max = attention_rows_head_max(q, k, v, r0, mask, out.transpose(1, 2))
-            attention = HeadMaxAttention(head_max, r0, lambda: attention_rows(q, k, v, r0, mask)[1])
+        attention = TailAttention(q, k, r0, mask)
+        if selector.reads_head_max:  # block by block, the output with it
+            attention._head_max = attention_rows_head_max(q, k, v, r0, mask, out)
         else:
-            tail, probs = attention_rows(q, k, v, r0, mask)  # [B, H, R, hd], [B, H, R, N]
-            out.transpose(1, 2)[:, :, r0:] = tail
-            attention = LayerAttention(probs, r0)
+            tail, attention._probs = attention_rows(q, k, v, r0, mask)  # [B, H, R, hd], [B, H, R, N]
+            out[:, :, r0:] = tail
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, H, N, hd]
+        if selector.needs_attention:
+            attention = TailAttention(q, k, r0, mask)
 
-    counts = state.drop_counts[layer_idx]
-    counts_t = torch.tensor(counts)  # [B]
-    if q.device.type == "cuda":  # pinned + non_blocking: the host does not wait for the GPU's queue
-        counts_t = counts_t.pin_memory()
-    counts_t = counts_t.to(q.device, non_blocking=True)
-    drop = selector.drop_mask(layer_idx, attention, state, hidden_states, counts_t, max(counts))  # [B, N]
-    dropped_positions = torch.where(drop & state.valid, state.orig_pos, -1)  # [B, N]
-    index, kept = keep_index(drop | ~state.valid, new_len)  # [B, new_len]
+    state.n_visual = step.n_visual
+    index, kept, record = selector.keep_rows(layer_idx, attention, state, hidden_states, step)  # [B, new_len]
 
-    out = out.reshape(B, N, H * hd).gather(1, index[..., None].expand(-1, -1, H * hd))  # [B, new_len, H * hd]
-    residual = residual.gather(1, index[..., None].expand(-1, -1, D))  # [B, new_len, D]
+    out, residual = take_rows([out.transpose(1, 2).reshape(B, N, H * hd), residual], index)  # [B, new_len, .]
     hidden_states = residual + attn.o_proj(out)
     hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
-    return hidden_states, index, kept, dropped_positions
+    state.gather(index, kept, selector.tracked)
+    return hidden_states, record

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from typing import Callable, List, Optional, Tuple, Union
 
 import torch
@@ -24,8 +24,9 @@ from .cache import PrunedCache, check_attention_mask, continuation_mask
 from .checkpoint import (refuse_unrestorable, resolve_vision_tower, selector_from_config, selector_options,
                          tower_path_for_save)
 from .layer_step import RopeSpan, RopeTable, attention_mask_4d, pruning_layer_forward
+from .prefill_plan import make_plan, text_after_last_image  # noqa: F401 (text_after_last_image: calibration)
 from ...core.recipe import Recipe, resolve_recipe
-from ...core.selectors import FitPruneSelector, OracleSelector, PruneState, TokenSelector
+from ...core.selectors import DropRecord, FitPruneSelector, OracleSelector, TokenSelector
 
 _HUB_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 _TEXT_LABEL = -1  # marks text labels while LLaVA expands images (its image positions get IGNORE_INDEX)
@@ -41,16 +42,15 @@ class PruneTrace:
 
     tokens_entering: list[int]  # sequence length entering each layer, plus the final
     visual_entering: list[list[int]]  # [L + 1][B] visual tokens alive entering each layer
-    dropped_positions: list[Optional[torch.Tensor]] = field(default_factory=list)  # [B, N_l], -1 = kept
+    records: list[Optional[DropRecord]] = field(default_factory=list)  # per layer (None: no drop)
     final_positions: Optional[torch.Tensor] = None  # [B, N_L] original index of each output row
     final_valid: Optional[torch.Tensor] = None  # [B, N_L] bool
 
-
-def text_after_last_image(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """visual, valid: [B, N] bool -> [B, N] bool text tokens after the last visual token."""
-    pos = torch.arange(visual.shape[1], device=visual.device)
-    last_visual = torch.where(visual, pos, -1).amax(-1, keepdim=True)  # [B, 1]
-    return valid & ~visual & (pos[None, :] > last_visual) & (last_visual >= 0)
+    @cached_property
+    def dropped_positions(self) -> list[Optional[torch.Tensor]]:
+        """Per layer: [B, N_l] original positions dropped there, -1 where kept (None: no drop).
+        Made on first read, after the prefill: the layer loop only keeps what it had."""
+        return [None if r is None else r.positions() for r in self.records]
 
 
 class PruningDecoderMixin:
@@ -64,25 +64,6 @@ class PruningDecoderMixin:
         self.recipe: Optional[Recipe] = None
         self.selector: TokenSelector = FitPruneSelector()
         self.last_trace: Optional[PruneTrace] = None
-
-    # -- plan ---------------------------------------------------------------------------------
-    def _plan(self, visual: torch.Tensor, valid: torch.Tensor, selector: TokenSelector):
-        """Host-side schedule: per-layer, per-sample drop counts and sequence lengths (one sync)."""
-        B, N = visual.shape
-        L = len(self.layers)
-        n_visual = visual.sum(-1).tolist()
-        n_real = valid.sum(-1).tolist()
-        if isinstance(selector, OracleSelector):
-            counts = selector.counts(L, B)
-        else:
-            per_sample = [self.recipe.drops_for(n) for n in n_visual]  # [B][L]
-            counts = [[per_sample[b][l] for b in range(B)] for l in range(L)]
-        lens, vis_entering = [N], [list(n_visual)]
-        for l in range(L):
-            n_real = [r - d for r, d in zip(n_real, counts[l])]
-            lens.append(lens[-1] if max(counts[l]) == 0 else max(n_real))
-            vis_entering.append([v - d for v, d in zip(vis_entering[-1], counts[l])])
-        return counts, lens, vis_entering
 
     # Adapted from transformers==4.37.2 models/llama/modeling_llama.py LlamaModel.forward.
     # Changed: per-layer key masks and KV lengths (PrunedCache), layers with drops run
@@ -120,91 +101,46 @@ class PruningDecoderMixin:
         cache = PrunedCache.from_any(past_key_values) if use_cache else None  # ours
         past_seen = cache.seen_tokens if cache is not None else 0
         check_attention_mask(attention_mask, past_seen, seq_length)  # ours
+        attention_mask_given = attention_mask is not None  # ours
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, past_seen + seq_length, dtype=torch.bool, device=device)
         valid = attention_mask[:, -seq_length:].bool()  # ours: [B, N] real tokens of this step
         if position_ids is None:
             position_ids = torch.arange(past_seen, past_seen + seq_length, device=device).unsqueeze(0)
         position_ids = position_ids.expand(batch_size, -1)
-        self.rope_span.length = past_seen + seq_length  # ours: largest original position + 1
+        # ours: the rotary table covers every original position: at least the length the stock table
+        # already holds (a constant across prompts, so a compiled loop does not depend on it)
+        self.rope_span.length = max(past_seen + seq_length, self.rope_span.cached_length(self.layers))
 
         # ours: prune in a prefill of samples with visual tokens, when the recipe drops anything
         selector = selector or self.selector
         prefill = cache is None or cache.get_seq_length(0) == 0
-        state = None
         if key_bias_hook is not None and self.config._attn_implementation == "flash_attention_2":  # ours
             raise ValueError("key_bias_hook needs an additive attention mask: use attn_implementation 'eager' or 'sdpa'")
-        # ours: the mask-based path (key_bias_hook, LVPruning training) replaces index pruning for the call
+        # ours: the plan (one host read) before the first layer; the mask-based path (key_bias_hook,
+        # LVPruning training) replaces index pruning for the call
+        plan, state = None, None
         if prefill and visual_mask is not None and key_bias_hook is None and (
                 self.recipe is not None or isinstance(selector, OracleSelector)):
             visual = visual_mask.bool() & valid
-            counts, lens, vis_entering = self._plan(visual, valid, selector)
-            if any(max(c) > 0 for c in counts):
-                first_visual = torch.where(visual.any(-1), visual.float().argmax(-1), seq_length)
-                state = PruneState(
-                    visual=visual, text_after=text_after_last_image(visual, valid), valid=valid,
-                    orig_pos=torch.arange(seq_length, device=device).expand(batch_size, -1),
-                    row_start=int(first_visual.min()), drop_counts=counts, new_lens=lens,
-                )
-                trace = PruneTrace(tokens_entering=lens, visual_entering=vis_entering)
-        if state is None:
+            plan = make_plan(len(self.layers), self.recipe, selector, visual, valid, position_ids)
+            if plan is not None:
+                state = plan.initial_state(visual, valid, position_ids)
+                selector.prepare(state, plan)
+        if plan is not None:
+            trace = PruneTrace(tokens_entering=plan.lens, visual_entering=plan.visual_entering)
+            padded = plan.padded
+        else:
             trace = PruneTrace([seq_length] * (len(self.layers) + 1), [])
-        # ours: masks are needed when the batch is padded or samples drop different counts
-        padded = not bool(valid.all()) or (state is not None and any(len(set(c)) > 1 for c in state.drop_counts))
+            # ours: masks are needed when the batch is padded (no mask given: it is not)
+            padded = attention_mask_given and not bool(valid.all())
         if cache is not None:
             padded = padded or cache.padded
             cache.padded = padded
-        impl = self.config._attn_implementation
 
-        hidden_states = inputs_embeds
-        all_hidden_states = () if output_hidden_states else None
-        all_self_attns = () if output_attentions else None
-        mask_key, mask = None, None
-
-        for layer_idx, decoder_layer in enumerate(self.layers):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            q_len = hidden_states.shape[1]
-            key_mask = cache.extend_key_mask(layer_idx, valid) if cache is not None else valid  # [B, K_l]
-            past_len = key_mask.shape[1] - q_len
-            if mask_key is None or mask_key[0] is not key_mask:  # rebuild only when the keys change
-                mask_key = (key_mask,)
-                # output_attentions makes stock SDPA layers fall back to eager, which needs the explicit mask
-                mask = attention_mask_4d(key_mask, q_len, past_len, hidden_states.dtype,
-                                         "eager" if output_attentions else impl, padded)
-            bias = key_bias_hook(layer_idx, hidden_states) if key_bias_hook is not None else None  # ours: [B, K_l]
-            if bias is not None:  # an explicit additive mask for this layer, the stock layer runs it
-                mask_key = None
-                mask = attention_mask_4d(key_mask, q_len, past_len, hidden_states.dtype, "eager", True)
-                mask = mask + bias[:, None, None, :].to(mask.dtype)
-
-            if state is not None and max(state.drop_counts[layer_idx]) > 0:  # ours
-                hidden_states, index, kept, dropped = pruning_layer_forward(
-                    decoder_layer, layer_idx, hidden_states, key_mask, padded, position_ids, cache, state,
-                    selector, new_len=state.new_lens[layer_idx + 1],
-                )
-                state.gather(index, kept)
-                valid = state.valid
-                position_ids = position_ids.gather(1, index)
-                trace.dropped_positions.append(dropped)
-                if output_attentions:
-                    all_self_attns += (None,)
-                continue
-            if state is not None:
-                trace.dropped_positions.append(None)
-
-            if self.gradient_checkpointing and self.training:
-                layer_outputs = self._gradient_checkpointing_func(
-                    decoder_layer.__call__, hidden_states, mask, position_ids, cache, output_attentions, use_cache,
-                )
-            else:
-                layer_outputs = decoder_layer(
-                    hidden_states, attention_mask=mask, position_ids=position_ids, past_key_value=cache,
-                    output_attentions=output_attentions, use_cache=use_cache,
-                )
-            hidden_states = layer_outputs[0]
-            if output_attentions:
-                all_self_attns += (layer_outputs[1],)
+        hidden_states, all_hidden_states, all_self_attns = self.decoder_layers(
+            inputs_embeds, valid, position_ids, cache, padded, plan, state, selector, trace,
+            output_attentions, output_hidden_states, use_cache, key_bias_hook)
 
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
@@ -220,6 +156,65 @@ class PruningDecoderMixin:
             last_hidden_state=hidden_states, past_key_values=cache,
             hidden_states=all_hidden_states, attentions=all_self_attns,
         )
+
+    # The layer loop of transformers==4.37.2 LlamaModel.forward, as a method of its own (ours): a
+    # compiled prefill (fast_prefill.py) replaces it per instance. Changed: per-layer key masks,
+    # layers with drops run pruning_layer_forward, the key-bias hook, the trace.
+    def decoder_layers(self, hidden_states, valid, position_ids, cache, padded, plan, state, selector, trace,
+                       output_attentions=False, output_hidden_states=False, use_cache=True, key_bias_hook=None):
+        """hidden_states: [B, N, D] -> ([B, N_L, D], hidden states per layer or None, attentions or None)."""
+        impl = self.config._attn_implementation
+        all_hidden_states = () if output_hidden_states else None
+        all_self_attns = () if output_attentions else None
+        mask_key, mask = None, None
+        # compiled (fast_prefill.py): stock SDPA layers get an explicit mask, since their
+        # `is_causal=... and q_len > 1` is a symbol once the length is dynamic
+        explicit = padded or torch.compiler.is_compiling()
+
+        for layer_idx, decoder_layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            q_len = hidden_states.shape[1]
+            key_mask = cache.extend_key_mask(layer_idx, valid) if cache is not None else valid  # [B, K_l]
+            past_len = key_mask.shape[1] - q_len
+            if mask_key is None or mask_key[0] is not key_mask:  # rebuild only when the keys change
+                mask_key = (key_mask,)
+                # output_attentions makes stock SDPA layers fall back to eager, which needs the explicit mask
+                mask = attention_mask_4d(key_mask, q_len, past_len, hidden_states.dtype,
+                                         "eager" if output_attentions else impl, explicit)
+            bias = key_bias_hook(layer_idx, hidden_states) if key_bias_hook is not None else None  # ours: [B, K_l]
+            if bias is not None:  # an explicit additive mask for this layer, the stock layer runs it
+                mask_key = None
+                mask = attention_mask_4d(key_mask, q_len, past_len, hidden_states.dtype, "eager", True)
+                mask = mask + bias[:, None, None, :].to(mask.dtype)
+
+            step = plan.steps.get(layer_idx) if plan is not None else None
+            if step is not None:  # ours
+                additive = mask if impl != "flash_attention_2" or not padded else \
+                    attention_mask_4d(key_mask, q_len, 0, hidden_states.dtype, "eager", True)
+                hidden_states, record = pruning_layer_forward(
+                    decoder_layer, layer_idx, hidden_states, additive if padded else None, cache, state, selector, step)
+                valid, position_ids = state.valid, state.positions
+                trace.records.append(record)
+                if output_attentions:
+                    all_self_attns += (None,)
+                continue
+            if plan is not None:
+                trace.records.append(None)
+
+            if self.gradient_checkpointing and self.training:
+                layer_outputs = self._gradient_checkpointing_func(
+                    decoder_layer.__call__, hidden_states, mask, position_ids, cache, output_attentions, use_cache,
+                )
+            else:
+                layer_outputs = decoder_layer(
+                    hidden_states, attention_mask=mask, position_ids=position_ids, past_key_value=cache,
+                    output_attentions=output_attentions, use_cache=use_cache,
+                )
+            hidden_states = layer_outputs[0]
+            if output_attentions:
+                all_self_attns += (layer_outputs[1],)
+        return hidden_states, all_hidden_states, all_self_attns
 
 
 class FitPruneLlavaLlamaModel(PruningDecoderMixin, LlavaLlamaModel):

@@ -1,0 +1,125 @@
+"""Batch-1 prefill on the host-bound CPU proxy (#17): dispatched ops and prefill times, side by side.
+
+python scripts/prefill_proxy.py --width 128 --repeats 15 [--compile inductor]
+The proxy: llava-v1.5-7b's depth (32 layers) at a small width, the real 35 + 576 + 30 prompt, a
+built-in recipe. Rows: dense (zero recipe), oracle (replays FitPrune's drops: no scoring) and
+FitPrune, timed in turns (round robin) so that they see the same machine load; medians and the
+ratios to dense are printed. `--compile BACKEND` adds the compiled prefill (fast_prefill.py) of
+dense and FitPrune, and its compile time. Only the public API is used, so the script also measures
+an older checkout (PYTHONPATH=...).
+"""
+import argparse
+import collections
+import json
+import os
+import statistics
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from llava_fitprune import OracleSelector, builtin_recipe, zero_recipe
+from llava_fitprune.bench_models import PromptLayout, build_lm, load_lm_config, make_inputs
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def prefill(lm, embeds, visual, selector=None):
+    with torch.inference_mode():
+        return lm(inputs_embeds=embeds, visual_mask=visual, selector=selector, use_cache=True)
+
+
+def count_ops(lm, embeds, visual, selector=None) -> int:
+    prefill(lm, embeds, visual, selector)
+    with OpCounter() as counter:
+        prefill(lm, embeds, visual, selector)
+    return sum(counter.ops.values())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llava-v1.5-7b")
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--ratio", type=float, default=0.6)
+    p.add_argument("--layout", default="35,576,30", help="text before the image, visual tokens, text after")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compile", default=None, help="a torch.compile backend (inductor, aot_eager) for the fast path")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg, _ = load_lm_config(args.model, width=args.width)
+    layers = cfg["num_hidden_layers"]
+    layout = PromptLayout(*map(int, args.layout.split(",")))
+    recipe = builtin_recipe(args.ratio)
+    lm = build_lm(args.model, cfg, False, "sdpa", torch.float32, "cpu")
+    embeds, visual = make_inputs(lm, layout, 1)
+
+    rows = {}  # name -> (model, recipe, selector)
+    lm.set_pruning(recipe)
+    prefill(lm, embeds, visual)
+    oracle = OracleSelector(list(lm.get_model().last_trace.dropped_positions))
+    rows["dense"] = (lm, zero_recipe(layers, layout.visual_tokens), None)
+    rows["oracle"] = (lm, recipe, oracle)
+    rows["fitprune"] = (lm, recipe, None)
+    result = {"width": args.width, "layers": layers, "layout": args.layout, "ratio": args.ratio,
+              "threads": args.threads, "load_avg_before": os.getloadavg()[0], "ops": {}, "prefill_ms": {}}
+    for name, (model, r, sel) in rows.items():
+        model.set_pruning(r)
+        result["ops"][name] = count_ops(model, embeds, visual, sel)
+    pruning_layers = sum(d > 0 for d in recipe.drop_per_layer)
+    result["extra_ops_per_pruning_layer"] = {
+        k: round((result["ops"][k] - result["ops"]["dense"]) / pruning_layers, 1) for k in ("oracle", "fitprune")}
+
+    if args.compile:
+        from llava_fitprune.adapters.llava.fast_prefill import compile_prefill, prefill_compile_stats
+
+        fast = build_lm(args.model, cfg, False, "sdpa", torch.float32, "cpu")
+        fast.load_state_dict(lm.state_dict())
+        compile_prefill(fast, backend=args.compile)
+        result["compile_s"] = {}
+        for name, r in (("dense", rows["dense"][1]), ("fitprune", recipe)):
+            fast.set_pruning(r)
+            t0 = time.perf_counter()
+            prefill(fast, embeds, visual)
+            result["compile_s"][name] = round(time.perf_counter() - t0, 1)
+            rows[f"{name}-fast"] = (fast, r, None)
+        result["compiled_graphs"] = prefill_compile_stats(fast).compiling_calls
+
+    times = {name: [] for name in rows}
+    for _ in range(2):  # warm-up
+        for name, (model, r, sel) in rows.items():
+            model.set_pruning(r)
+            prefill(model, embeds, visual, sel)
+    for _ in range(args.repeats):  # round robin
+        for name, (model, r, sel) in rows.items():
+            model.set_pruning(r)
+            t0 = time.perf_counter()
+            prefill(model, embeds, visual, sel)
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    result["prefill_ms"] = {k: round(v, 2) for k, v in med.items()}
+    result["ratio_to_dense"] = {k: round(v / med["dense"], 3) for k, v in med.items()}
+    if "dense-fast" in med:
+        result["fitprune_fast_over_dense_fast"] = round(med["fitprune-fast"] / med["dense-fast"], 3)
+    result["fitprune_over_oracle"] = round(med["fitprune"] / med["oracle"], 3)
+    result["load_avg_after"] = os.getloadavg()[0]
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()

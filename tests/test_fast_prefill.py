@@ -1,0 +1,130 @@
+"""The compiled prefill (fast_prefill.py): no graph break in the layer loop, the same drops at every
+layer and the same logits as the eager loop, batched and one by one; one compilation for every
+prompt length. aot_eager keeps the tests' compile times small; inductor runs in the benchmark
+(BENCHMARKS.md). FitPrune runs by default; every other method (a graph each, about a minute
+each on a loaded 2-core machine) with LLAVA_FITPRUNE_SLOW=1."""
+import os
+
+import pytest
+import torch
+
+from llava_fitprune import OracleSelector, Recipe
+from llava_fitprune.adapters.llava.cache import PrunedCache
+from llava_fitprune.adapters.llava.fast_prefill import compile_prefill, prefill_compile_stats
+from llava_fitprune.bench_models import PromptLayout, build_lm, load_lm_config, make_inputs
+from llava_fitprune.core.selectors import FastVSelector, FitPruneSelector, RandomSelector, UniformSelector
+
+LAYERS, VISUAL = 3, 48
+RECIPES = {  # the method's schedule on the tiny model (counts of 48 visual tokens)
+    "fitprune": Recipe([6, 0, 10], VISUAL), "uniform": Recipe([5, 5, 5], VISUAL),
+    "random": Recipe([6, 0, 10], VISUAL), "fastv": Recipe([0, 24, 0], VISUAL),
+}
+SLOW = os.environ.get("LLAVA_FITPRUNE_SLOW") == "1"
+SELECTORS = {"fitprune": FitPruneSelector, "uniform": UniformSelector, "random": lambda: RandomSelector(seed=3),
+             "fastv": FastVSelector}
+
+
+def _lm():
+    cfg, _ = load_lm_config("llava-v1.5-7b", width=64, heads=2)
+    cfg["num_hidden_layers"] = LAYERS
+    return build_lm("llava-v1.5-7b", cfg, False, "sdpa", torch.float32, "cpu")
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(eager, compiled) models with the same weights."""
+    torch._dynamo.reset()
+    eager, compiled = _lm(), _lm()
+    compiled.load_state_dict(eager.state_dict())
+    compile_prefill(compiled, backend="aot_eager")
+    return eager, compiled
+
+
+def _batch(lm, text_tokens, seed):
+    """Samples with text_tokens[b] tokens after the image, left-padded into one batch:
+    (embeds [B, N, D], visual [B, N], attention_mask [B, N])."""
+    parts = [make_inputs(lm, PromptLayout(5, VISUAL, t), 1, seed=seed + i) for i, t in enumerate(text_tokens)]
+    n = max(e.shape[1] for e, _ in parts)
+    embeds = torch.zeros(len(parts), n, parts[0][0].shape[-1])
+    visual = torch.zeros(len(parts), n, dtype=torch.bool)
+    mask = torch.zeros(len(parts), n, dtype=torch.long)
+    for b, (e, v) in enumerate(parts):
+        embeds[b, n - e.shape[1]:], visual[b, n - e.shape[1]:], mask[b, n - e.shape[1]:] = e[0], v[0], 1
+    return embeds, visual, mask
+
+
+def _run(lm, embeds, visual, mask, selector):
+    with torch.no_grad():
+        out = lm(inputs_embeds=embeds, visual_mask=visual, attention_mask=mask, selector=selector, use_cache=True)
+    trace = lm.get_model().last_trace
+    drops = [None if d is None else d.tolist() for d in trace.dropped_positions]
+    return out.logits[trace.final_valid], drops, out.past_key_values  # real rows: [n, V]
+
+
+def _same(eager, compiled, embeds, visual, mask, selector):
+    logits_e, drops_e, cache_e = _run(eager, embeds, visual, mask, selector)
+    logits_c, drops_c, cache_c = _run(compiled, embeds, visual, mask, selector)
+    assert drops_c == drops_e
+    assert any(d is not None for d in drops_e)
+    assert cache_c.layer_lengths() == cache_e.layer_lengths()
+    torch.testing.assert_close(logits_c, logits_e, atol=1e-5, rtol=0)
+    return drops_e
+
+
+@pytest.mark.parametrize("method", ["fitprune"] + [
+    pytest.param(m, marks=pytest.mark.skipif(not SLOW, reason="a compilation each: LLAVA_FITPRUNE_SLOW=1"))
+    for m in ("uniform", "random", "fastv", "oracle")])
+def test_compiled_prefill_equals_eager(models, method):
+    eager, compiled = models
+    stats = prefill_compile_stats(compiled)
+    before = stats.compiling_calls
+    replay = None
+    if method == "oracle":  # replays FitPrune's drops
+        recipe, selector = RECIPES["fitprune"], FitPruneSelector()
+    else:
+        recipe, selector = RECIPES[method], SELECTORS[method]()
+    for lm in models:
+        lm.set_pruning(recipe, selector)
+    texts = [7, 3, 11]
+    embeds, visual, mask = _batch(eager, texts, seed=1)
+    if method == "oracle":
+        _, drops, _ = _run(eager, embeds, visual, mask, None)
+        replay = OracleSelector([None if d is None else torch.tensor(d) for d in drops])
+    with torch._dynamo.config.patch(recompile_limit=64):
+        _same(eager, compiled, embeds, visual, mask, replay)  # batched, left-padded
+        for b, t in enumerate(texts):  # one by one
+            one = _batch(eager, [t], seed=1 + b)
+            single = None
+            if method == "oracle":
+                _, drops, _ = _run(eager, *one, None)
+                single = OracleSelector([None if d is None else torch.tensor(d) for d in drops])
+            _same(eager, compiled, *one, single)
+    # one graph for the padded batch, one for batch 1 that serves its three prompt lengths
+    assert stats.compiling_calls - before == 2, stats
+
+
+def test_layer_loop_has_no_graph_break():
+    """torch._dynamo.explain of the eager loop on a FitPrune prefill's arguments: one graph."""
+    import dataclasses
+
+    lm = _lm()
+    lm.set_pruning(RECIPES["fitprune"], FitPruneSelector())
+    model = lm.get_model()
+    captured = {}
+    loop = model.decoder_layers
+
+    def grab(*args):
+        captured["args"] = list(args)
+        captured["args"][6] = dataclasses.replace(args[6])  # the state, before the loop changes it
+        return loop(*args)
+
+    model.decoder_layers = grab
+    embeds, visual, mask = _batch(lm, [6], seed=0)
+    with torch.no_grad():
+        lm(inputs_embeds=embeds, visual_mask=visual, use_cache=True)
+        del model.decoder_layers
+        args = captured["args"]
+        args[3] = PrunedCache()
+        explained = torch._dynamo.explain(loop)(*args)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
