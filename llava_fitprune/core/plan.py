@@ -10,14 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from .recipe import Recipe
+from .prefill_plan import text_after_last_image  # noqa: F401 (re-exported for the hf adapter)
 from .selectors import OracleSelector, TokenSelector
-
-
-def text_after_last_image(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """visual, valid: [B, N] bool -> [B, N] bool text tokens after the last visual token."""
-    pos = torch.arange(visual.shape[1], device=visual.device)
-    last_visual = torch.where(visual, pos, -1).amax(-1, keepdim=True)  # [B, 1]
-    return valid & ~visual & (pos[None, :] > last_visual) & (last_visual >= 0)
 
 
 @dataclass
@@ -40,7 +34,7 @@ def plan_prefill(recipe: Recipe | None, selector: TokenSelector, num_layers: int
     n_visual = visual.sum(-1).tolist()
     n_real = valid.sum(-1).tolist()
     if isinstance(selector, OracleSelector):
-        counts = selector.counts(num_layers, B)
+        counts = selector.plan_counts(num_layers, B, N, visual.device)[0].tolist()  # [L][B]
     else:
         per_sample = [recipe.drops_for(n) for n in n_visual]  # [B][L]
         counts = [[per_sample[b][l] for b in range(B)] for l in range(num_layers)]

@@ -18,9 +18,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .cache import PrunedCache
 from .layer_step import pruning_layer_forward
-from ...core.plan import plan_prefill, text_after_last_image
+from ...core.plan import plan_prefill
+from ...core.prefill_plan import make_plan
 from ...core.recipe import Recipe
-from ...core.selectors import FitPruneSelector, OracleSelector, PruneState, TokenSelector
+from ...core.selectors import FitPruneSelector, OracleSelector, TokenSelector
 
 
 @dataclass
@@ -91,27 +92,25 @@ class PruningTextModelMixin:
         if prefill and visual_mask is not None:
             visual = visual_mask.to(device).bool() & valid
             plan = plan_prefill(state.recipe, state.selector, len(self.layers), visual, valid)
-            if plan.prunes:
-                first_visual = torch.where(visual.any(-1), visual.float().argmax(-1), N)
-                prune = PruneState(visual=visual, text_after=text_after_last_image(visual, valid), valid=valid,
-                                   orig_pos=torch.arange(N, device=device).expand(B, -1),
-                                   row_start=int(first_visual.min()), drop_counts=plan.drop_counts,
-                                   new_lens=plan.new_lens)
-        padded = not bool(valid.all()) or (prune is not None and any(len(set(c)) > 1 for c in prune.drop_counts))
+            if plan.prunes:  # the per-layer steps (device counts built once) and the selector's set-up
+                steps = make_plan(len(self.layers), state.recipe, state.selector, visual, valid,
+                                  torch.arange(N, device=device).expand(B, -1))
+                prune = steps.initial_state(visual, valid, None)
+                state.selector.prepare(prune, steps)
+        padded = not bool(valid.all()) or (prune is not None and steps.padded)
         trace = PruneTrace(plan.visual_entering, plan.real_entering) if plan is not None else None
 
         hidden_states = inputs_embeds
         mask_key, mask = None, None
         for layer_idx, layer in enumerate(self.layers):
             key_mask = cache.extend_key_mask(layer_idx, valid) if cache is not None else valid  # [B, K_l]
-            if prune is not None and max(prune.drop_counts[layer_idx]) > 0:
-                hidden_states, index, kept, dropped = pruning_layer_forward(
+            if prune is not None and layer_idx in steps.steps:
+                hidden_states, index, record = pruning_layer_forward(
                     layer, layer_idx, hidden_states, (cos, sin), key_mask, padded, cache, prune, state.selector,
-                    new_len=prune.new_lens[layer_idx + 1])
-                prune.gather(index, kept)
+                    steps.steps[layer_idx])
                 valid = prune.valid
                 cos, sin = _gather_rows(cos, index), _gather_rows(sin, index)
-                trace.dropped_positions.append(dropped)
+                trace.dropped_positions.append(record.positions())
                 continue
             if trace is not None:
                 trace.dropped_positions.append(None)

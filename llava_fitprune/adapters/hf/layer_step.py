@@ -14,9 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..llava.layer_step import HeadMaxAttention, attention_mask_4d, attention_rows, attention_rows_head_max
-from ...core.scoring import keep_index
-from ...core.selectors import FitPruneSelector, LayerAttention, PruneState, TokenSelector
+from ..llava.layer_step import TailAttention, attention_mask_4d, attention_rows, attention_rows_head_max
+from ...core.selectors import PruneState, TokenSelector, take_rows
 
 
 def rotary_function(attn: nn.Module):
@@ -26,10 +25,10 @@ def rotary_function(attn: nn.Module):
 
 def pruning_layer_forward(layer: nn.Module, layer_idx: int, hidden_states: torch.Tensor,
                           cos_sin: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor, padded: bool, cache,
-                          state: PruneState, selector: TokenSelector, new_len: int):
+                          state: PruneState, selector: TokenSelector, step):
     """hidden_states: [B, N, D]; cos_sin: ([B, N, hd], [B, N, hd]); key_mask: [B, N] bool (real tokens).
-    Returns ([B, new_len, D], index [B, new_len], kept [B, new_len], dropped original positions [B, N]
-    with -1 where kept)."""
+    step: the plan's LayerStep (core/prefill_plan.py). Returns ([B, step.new_len, D], index [B, step.new_len],
+    DropRecord); `state` follows the kept rows."""
     attn = layer.self_attn
     B, N, D = hidden_states.shape
     hd = attn.head_dim
@@ -55,24 +54,20 @@ def pruning_layer_forward(layer: nn.Module, layer_idx: int, hidden_states: torch
         out.transpose(1, 2)[:, :, :r0] = F.scaled_dot_product_attention(  # rows before the image
             q[:, :, :r0], k[:, :, :r0], v[:, :, :r0],
             attn_mask=None if mask is None else mask[:, :, :r0, :r0], is_causal=mask is None and r0 > 1)
-        if isinstance(selector, FitPruneSelector):  # reads the head-max map only: block by block
-            head_max = attention_rows_head_max(q, k, v, r0, mask, out.transpose(1, 2))
-            attention = HeadMaxAttention(head_max, r0, lambda: attention_rows(q, k, v, r0, mask)[1])
+        attention = TailAttention(q, k, r0, mask)  # as the LLaVA adapter's CPU path (layer_step.py there)
+        if selector.reads_head_max:  # reads the head-max map only: block by block, the output with it
+            attention._head_max = attention_rows_head_max(q, k, v, r0, mask, out.transpose(1, 2))
         else:
-            tail, probs = attention_rows(q, k, v, r0, mask)  # [B, H, R, hd], [B, H, R, N]
+            tail, attention._probs = attention_rows(q, k, v, r0, mask)  # [B, H, R, hd], [B, H, R, N]
             out.transpose(1, 2)[:, :, r0:] = tail
-            attention = LayerAttention(probs, r0)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None).transpose(1, 2)
 
-    counts = state.drop_counts[layer_idx]
-    counts_t = torch.tensor(counts, device=q.device)  # [B]
-    drop = selector.drop_mask(layer_idx, attention, state, hidden_states, counts_t, max(counts))  # [B, N]
-    dropped_positions = torch.where(drop & state.valid, state.orig_pos, -1)  # [B, N]
-    index, kept = keep_index(drop | ~state.valid, new_len)  # [B, new_len]
+    state.n_visual = step.n_visual
+    index, kept, record = selector.keep_rows(layer_idx, attention, state, hidden_states, step)  # [B, new_len]
 
-    out = out.reshape(B, N, H * hd).gather(1, index[..., None].expand(-1, -1, H * hd))  # [B, new_len, H * hd]
-    residual = residual.gather(1, index[..., None].expand(-1, -1, D))  # [B, new_len, D]
+    out, residual = take_rows([out.reshape(B, N, H * hd), residual], index)  # [B, new_len, .]
     hidden_states = residual + attn.o_proj(out)
     hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
-    return hidden_states, index, kept, dropped_positions
+    state.gather(index, kept, selector.tracked)
+    return hidden_states, index, record

@@ -6,7 +6,7 @@ prefill calls through `torch.compile` and everything else (decode steps, `output
 `output_hidden_states`, a key-bias hook, training) through the eager loop.
 
 What makes one compilation serve a whole benchmark:
-- the loop reads no device value on the host: the plan (prefill_plan.py) is made before it, with
+- the loop reads no device value on the host: the plan (core/prefill_plan.py) is made before it, with
   one host read, and the loop reads only the plan's host ints that do not depend on the prompt's
   length (drop counts, the first visual row, the visual-token counts);
 - the sequence length is dynamic (`dynamic=True`): lengths inside the loop are derived from

@@ -24,7 +24,7 @@ from .cache import PrunedCache, check_attention_mask, continuation_mask
 from .checkpoint import (refuse_unrestorable, resolve_vision_tower, selector_from_config, selector_options,
                          tower_path_for_save)
 from .layer_step import RopeSpan, RopeTable, attention_mask_4d, pruning_layer_forward
-from .prefill_plan import make_plan, text_after_last_image  # noqa: F401 (text_after_last_image: calibration)
+from ...core.prefill_plan import make_plan, text_after_last_image  # noqa: F401 (text_after_last_image: calibration)
 from ...core.recipe import Recipe, resolve_recipe
 from ...core.selectors import DropRecord, FitPruneSelector, OracleSelector, TokenSelector
 

@@ -14,8 +14,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ...core.recipe import Recipe
-from ...core.selectors import OracleSelector, PruneState, TokenSelector
+from .recipe import Recipe
+from .selectors import OracleSelector, PruneState, TokenSelector
 
 
 def text_after_last_image(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
