@@ -99,11 +99,11 @@ def task_setup(tmp_path_factory):
     return {"checkpoint": checkpoint, "docs": docs, "answers": answers, "tasks": tasks, "root": root}
 
 
-def run_lmms_eval(setup, out_name, model_args="", launcher=(), batch_size=1, env=None):
+def run_lmms_eval(setup, out_name, model_args="", launcher=(), batch_size=1, env=None, lmms_model="fitprune_llava_hf"):
     out = setup["root"] / out_name
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(setup["root"] / "hf"),
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
-    args = ["--model", "fitprune_llava_hf", "--model_args", f"pretrained={setup['checkpoint']}{model_args}",
+    args = ["--model", lmms_model, "--model_args", f"pretrained={setup['checkpoint']}{model_args}",
             "--tasks", TASK, "--include_path", str(setup["tasks"]), "--batch_size", str(batch_size),
             "--device", "cpu", "--log_samples", "--output_path", str(out), "--verbosity", "INFO"]
     command = [*launcher, os.path.join(HERE, "run_lmms_eval.py"), *args] if launcher else \
@@ -158,6 +158,32 @@ def test_lmms_eval_logs_the_pruned_prefill_of_each_sample(task_setup):
         assert (record["method"], record["recipe"]) == ("fitprune", recipe.fingerprint())
         assert (record["visual_tokens"], record["visual_tokens_kept"]) == (4, 2)
         assert record["dense_prefill_tflops"] == pytest.approx(dense_prefill_flops(shape, counts["input_tokens"]) / 1e12)
+        assert record["prefill_tflops"] < record["dense_prefill_tflops"]
+
+
+@pytest.mark.parametrize("lmms_model,family", [("fitprune_llava_next_hf", "next"), ("fitprune_qwen2_5_vl", "qwen")])
+def test_lmms_eval_runs_the_other_families_pruned(task_setup, lmms_model, family):
+    """LLaVA-NeXT (anyres) and Qwen2.5-VL (dynamic resolution, M-RoPE) through the same task: each sample's
+    visual-token count gets the recipe scaled to it (`Recipe.drops_for`)."""
+    pytest.importorskip("llava_fitprune.adapters.hf", reason="the transformers-native backend is not merged")
+    from llava_fitprune.adapters.hf.tiny import TinyVlmSpec, build_tiny_llava_hf as build_llava, build_tiny_qwen2_5_vl
+
+    spec = TinyVlmSpec()
+    checkpoint = task_setup["root"] / f"tiny-{family}"
+    if family == "next":
+        build_llava(str(checkpoint), spec, next_anyres=True)
+    else:
+        build_tiny_qwen2_5_vl(str(checkpoint), spec)
+    recipe = Recipe([4] * (spec.num_layers - 1) + [0], num_visual_tokens=64)
+    path = task_setup["root"] / f"recipe_{family}.json"
+    recipe.save(path)
+    result, logged, _ = run_lmms_eval({**task_setup, "checkpoint": checkpoint}, f"pruned_{family}",
+                                      model_args=f",recipe={path}", lmms_model=lmms_model)
+    assert 0.0 <= result["results"][TASK]["exact_match,none"] <= 1.0 and len(logged) == len(task_setup["docs"])
+    for sample in logged:
+        record = sample["token_counts"][0]["fitprune"]
+        kept = record["visual_tokens"] - sum(recipe.drops_for(record["visual_tokens"]))
+        assert (record["recipe"], record["visual_tokens_kept"]) == (recipe.fingerprint(), kept)
         assert record["prefill_tflops"] < record["dense_prefill_tflops"]
 
 

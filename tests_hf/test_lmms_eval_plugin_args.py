@@ -63,3 +63,36 @@ def test_prefill_records_read_the_backend_or_count_dense():
     assert [r["method"] for r in dense] == ["dense", "dense"] and [r["visual_tokens"] for r in dense] == [3, 3]
     assert dense[0]["prefill_tflops"] == dense_prefill_flops(shape, 5) / 1e12
     assert dense[1]["tokens_entering"] == [6] * (shape.num_layers + 1)
+
+
+def test_loglikelihood_equals_the_greedy_decoding_scores(tiny_checkpoint):
+    """The plugin's one-forward log-probability of a continuation = the sum of the log-softmaxed logits
+    that cached greedy decoding emitted for the same tokens; greedy is reported as such, another is not."""
+    import torch
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+
+    lm = FitPruneLlavaHF(pretrained=tiny_checkpoint, device="cpu")
+    doc = {"question": "what is the colour of the square ?"}
+    lm.task_dict = {"t": {"test": [doc]}}
+    picture = Image.new("RGB", (40, 36), (0, 0, 255))
+    inputs = lm._inputs([lm._prompt(doc["question"], 1)], [picture])
+    with torch.no_grad():
+        out = lm.model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                output_logits=True)
+    new = out.sequences[0, inputs["input_ids"].shape[1]:]
+    continuation = " " + lm.tokenizer.decode(new)
+    full = lm._inputs([lm._prompt(doc["question"], 1, continuation)], [picture])["input_ids"][0]
+    assert full[inputs["input_ids"].shape[1]:].tolist() == new.tolist()  # the text re-tokenizes to the same ids
+    expected = sum(float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, new))
+
+    def request(text):
+        return Instance("loglikelihood", (doc["question"], text, lambda d: [picture], 0, "t", "test"), idx=0,
+                        metadata={"task": "t", "doc_id": 0, "repeats": 1})
+
+    other = new.clone()  # the same tokens but the last: a lower last step, so a lower sum
+    other[-1] = next(i for i in lm.tokenizer.convert_tokens_to_ids(["yes", "no"]) if i != int(new[-1]))
+    (logprob, greedy), (other_logprob, other_greedy) = lm.loglikelihood(
+        [request(continuation), request(" " + lm.tokenizer.decode(other))])
+    assert logprob == pytest.approx(expected, abs=1e-4) and greedy
+    assert not other_greedy and other_logprob < logprob
