@@ -25,6 +25,7 @@ from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from . import backend
 
@@ -62,6 +63,7 @@ class FitPruneHF(lmms):
                  reduction_ratio: Optional[float] = None, method: str = "fitprune", device: Optional[str] = None,
                  dtype: Any = "auto", batch_size: Any = 1, attn_implementation: Optional[str] = None,
                  chat_template: Optional[str] = None, max_batch_size: Any = None, **method_options) -> None:
+        # max_batch_size: lmms-eval passes it with --batch_size auto, which is refused below
         super().__init__()
         if recipe is not None and reduction_ratio is not None:
             raise ValueError("give recipe= or reduction_ratio=, not both")
@@ -79,13 +81,13 @@ class FitPruneHF(lmms):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.accelerator = accelerator
         self.pretrained = pretrained or self.default_pretrained
-        self._model, self.processor = backend.load(
-            self.pretrained, recipe=recipe, reduction_ratio=reduction_ratio, method=method, device=device,
-            dtype=_torch_dtype(dtype), attn_implementation=attn_implementation, **method_options)
-        model_type = getattr(self._model.config, "model_type", None)
+        model_type = AutoConfig.from_pretrained(self.pretrained).model_type  # before loading the weights
         if model_type not in self.model_types:
             raise ValueError(f"{self.pretrained} is a {model_type!r} checkpoint, this lmms-eval model runs "
                              f"{self.model_types}: choose --model by the checkpoint's family")
+        self._model, self.processor = backend.load(
+            self.pretrained, recipe=recipe, reduction_ratio=reduction_ratio, method=method, device=device,
+            dtype=_torch_dtype(dtype), attn_implementation=attn_implementation, **method_options)
         self._model.eval()
         self._device = torch.device(device)
         self.batch_size_per_gpu = int(batch_size)
