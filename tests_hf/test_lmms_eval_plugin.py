@@ -124,14 +124,16 @@ def run_lmms_eval(setup, out_name, model_args="", launcher=(), batch_size=1, env
 def check_logged(setup, result, logged):
     assert result["results"][TASK]["exact_match,none"] == pytest.approx(0.5)
     assert [s["doc_id"] for s in logged] == list(range(len(setup["docs"])))
-    shape = LMShape.from_config(LlavaForConditionalGeneration.from_pretrained(setup["checkpoint"]).config)
+    config = LlavaForConditionalGeneration.from_pretrained(setup["checkpoint"]).config
+    shape = LMShape.from_config(config)
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2  # CLS left out ("default")
     for sample, answer in zip(logged, setup["answers"]):
         response = sample["filtered_resps"]  # lmms-eval logs a single response unwrapped
         assert (response[0] if isinstance(response, list) else response).strip() == answer.strip()
         counts = sample["token_counts"][0]
         record = counts["fitprune"]
         assert record["recipe"] is None and record["method"] == "dense"
-        assert record["visual_tokens"] == record["visual_tokens_kept"] == 4  # 28x28 pixels, 14x14 patches
+        assert record["visual_tokens"] == record["visual_tokens_kept"] == patches
         assert record["prefill_tflops"] == pytest.approx(dense_prefill_flops(shape, counts["input_tokens"]) / 1e12)
         assert record["tokens_entering"] == [counts["input_tokens"]] * (shape.num_layers + 1)
 
@@ -144,6 +146,8 @@ def test_lmms_eval_runs_and_scores_the_plugin_model(task_setup):
 
 def test_lmms_eval_logs_the_pruned_prefill_of_each_sample(task_setup):
     """A recipe for the tiny model (2 layers, 4 visual tokens): each sample keeps 2 visual tokens."""
+    assert (LlavaForConditionalGeneration.from_pretrained(task_setup["checkpoint"]).config.text_config
+            .num_hidden_layers) == 2
     pytest.importorskip("llava_fitprune.adapters.hf", reason="the transformers-native backend is not merged")
     recipe = Recipe([1, 1], num_visual_tokens=4, method="fitprune")
     path = task_setup["root"] / "tiny_recipe.json"
