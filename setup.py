@@ -27,5 +27,9 @@ setup(
         "train": ["deepspeed"],
         "test": ["pytest"],
     },
-    entry_points={"console_scripts": ["llava-fitprune=llava_fitprune.cli:main"]},
+    entry_points={
+        "console_scripts": ["llava-fitprune=llava_fitprune.cli:main"],
+        # lmms-eval (>= 0.6) reads this group for external models: `--model fitprune_llava_hf` etc.
+        "lmms_eval.models": ["llava_fitprune = llava_fitprune.lmms_eval_plugin:manifests"],
+    },
 )

@@ -12,7 +12,8 @@ from .core.recipe import RecipeError, builtin_recipes, check_reduction_ratio, lo
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="llava-fitprune flops", description=__doc__)
     p.add_argument("--config", default="llava-v1.5-7b",
-                   help=f"a named shape {sorted(NAMED_SHAPES)} or a config.json / checkpoint folder")
+                   help=f"a named shape {sorted(NAMED_SHAPES)} or a config.json / checkpoint folder "
+                        f"(llava-hf's and Qwen2.5-VL's folders need .venv-hf's transformers)")
     p.add_argument("--recipe", nargs="*", default=[], help="recipe JSON files")
     p.add_argument("--reduction-ratio", nargs="*", type=float, default=None,
                    help="built-in LLaVA-1.5-7B recipes by ratio (default: all of them when no --recipe)")
@@ -48,8 +49,8 @@ def main(argv=None) -> int:
         recipes += [load_recipe(p) for p in args.recipe]
         if args.reduction_ratio is not None:
             recipes += [builtin_recipe(check_reduction_ratio(r)) for r in args.reduction_ratio]
-        elif not args.recipe:
-            recipes += builtin_recipes()
+        elif not args.recipe:  # the built-in recipes that fit this model (none fits another layer count)
+            recipes += [r for r in builtin_recipes() if len(r.drop_per_layer) == shape.num_layers]
         for r in recipes:
             r.check_model(shape.num_layers)
     except RecipeError as e:
@@ -63,6 +64,10 @@ def main(argv=None) -> int:
     print(f"prompt: {args.prompt_tokens} text + {args.visual_tokens} visual + {args.text_tokens} text = {n_all} tokens")
     print(f"dense prefill: {dense.dense_flops / 1e12:.3f} TFLOPs (language model incl. LM head); "
           f"decode {decode_token_flops(shape, [n_all] * shape.num_layers) / 1e9:.2f} GFLOPs/token\n")
+    if not recipes:
+        print(f"no recipe given, and no built-in recipe has {shape.num_layers} layers: fit one for this model "
+              f"(`llava-fitprune fit`) and pass it with --recipe")
+        return 0
     header = ("ratio", "dropped", "avg visual/layer", "prefill TFLOPs", "reduction (total)",
               "reduction (paper, visual-only)", "decode GFLOPs/token")
     print("| " + " | ".join(header) + " |")

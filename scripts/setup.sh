@@ -1,43 +1,51 @@
 #!/usr/bin/env bash
-# Set up .venv for llava-fitprune: the pinned stack, LLaVA (llava-torch, --no-deps), this package.
-# `--hf`: set up .venv-hf instead, the transformers-native backend (llava_fitprune.adapters.hf) on
-# transformers 5.x; tests: `.venv-hf/bin/python -m pytest -q tests_hf`.
-# Idempotent; CPU torch by default. GPU users: see README "Install on a GPU machine".
+# Set up a virtual environment for llava-fitprune. Idempotent; CPU torch by default.
+#   bash scripts/setup.sh        .venv: the LLaVA stack (transformers 4.37.2, llava-torch --no-deps), this package
+#   bash scripts/setup.sh --hf   .venv-hf: the transformers-native stack (transformers 5.x, lmms-eval), this package
+# GPU users: see README "Install on a GPU machine".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
+TORCH="torch==${TORCH_VERSION:-2.13.0}"
 
-# The transformers-native backend's stack, in one list. No torchvision: the PyPI wheel is built for
-# CUDA torch and breaks `import transformers.models.llava` on CPU torch; transformers works without it.
-HF_PACKAGES="torch==${TORCH_VERSION:-2.13.0} transformers==5.24.0 accelerate sentencepiece protobuf pillow numpy pytest tqdm"
+# The two stacks. Each list is the whole pinned install of its venv.
+LLAVA_PACKAGES="$TORCH transformers==4.37.2 tokenizers==0.15.1 sentencepiece protobuf accelerate==0.21.0 pillow shortuuid tqdm numpy matplotlib pytest"
+# filelock<4: lmms-eval 0.7.3's evaluator patches filelock._api.FileLockMeta, which filelock 4 no longer has
+# ("No module named 'filelock._api'" at every evaluation).
+HF_PACKAGES="$TORCH transformers==5.24.0 lmms-eval==0.7.3 filelock<4 accelerate sentencepiece protobuf pillow numpy pytest tqdm"
 
-if [ "${1:-}" = "--hf" ]; then
-  [ -x .venv-hf/bin/python ] || "$PYTHON" -m venv .venv-hf
-  stamp=.venv-hf/.llava-fitprune-setup
-  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$HF_PACKAGES" ]; then
-    .venv-hf/bin/python -m pip install -q --disable-pip-version-check $HF_PACKAGES
-    echo "$HF_PACKAGES" > "$stamp"
+case "${1:-}" in
+  "") venv=.venv ;;
+  --hf) venv=.venv-hf ;;
+  *) echo "usage: bash scripts/setup.sh [--hf]" >&2; exit 2 ;;
+esac
+if [ ! -x "$venv/bin/python" ]; then
+  "$PYTHON" -m venv "$venv"
+fi
+PIP="$venv/bin/python -m pip"
+stamp=$venv/.llava-fitprune-setup
+if [ "$venv" = .venv ]; then
+  want="$LLAVA_PACKAGES llava-torch==1.2.2.post1"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    $PIP install -q --disable-pip-version-check $LLAVA_PACKAGES
+    # llava-torch's metadata pins torch 2.0.1 and gradio: its code runs on the stack above.
+    $PIP install -q --disable-pip-version-check --no-deps llava-torch==1.2.2.post1
+    echo "$want" > "$stamp"
   fi
-  # setup.py pins the LLaVA backend's transformers 4.37.2: --no-deps keeps 5.x here
-  .venv-hf/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
-  .venv-hf/bin/python -c "import torch, transformers, llava_fitprune.adapters.hf.loading; print('llava-fitprune (hf backend) | torch', torch.__version__, '| transformers', transformers.__version__)"
-  exit 0
-elif [ $# -gt 0 ]; then
-  echo "usage: bash scripts/setup.sh [--hf]" >&2
-  exit 2
+  check="import torch, transformers, llava, llava_fitprune"
+else
+  want="$HF_PACKAGES -torchvision"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    $PIP install -q --disable-pip-version-check $HF_PACKAGES
+    # lmms-eval pulls PyPI's torchvision, built against CUDA torch: with the CPU torch it breaks
+    # `import transformers.models.llava` ("operator torchvision::nms does not exist"). Neither
+    # transformers nor lmms-eval needs it for this package.
+    $PIP uninstall -q -y torchvision 2>/dev/null || true
+    echo "$want" > "$stamp"
+  fi
+  check="import torch, transformers, lmms_eval, llava_fitprune, transformers.models.llava"
 fi
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-PIP=".venv/bin/python -m pip"
-stamp=.venv/.llava-fitprune-setup
-want="torch==${TORCH_VERSION:-2.13.0} transformers==4.37.2 tokenizers==0.15.1 sentencepiece protobuf accelerate==0.21.0 pillow shortuuid tqdm numpy matplotlib pytest"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want llava-torch==1.2.2.post1" ]; then
-  $PIP install -q --disable-pip-version-check $want
-  # llava-torch's metadata pins torch 2.0.1 and gradio: its code runs on the stack above.
-  $PIP install -q --disable-pip-version-check --no-deps llava-torch==1.2.2.post1
-  echo "$want llava-torch==1.2.2.post1" > "$stamp"
-fi
+# --no-deps: setup.py pins the LLaVA stack's transformers 4.37.2, which .venv-hf must not get.
 $PIP install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
-.venv/bin/python -c "import torch, transformers, llava, llava_fitprune; print('llava-fitprune', llava_fitprune.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+"$venv/bin/python" -c "$check; print('llava-fitprune', llava_fitprune.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

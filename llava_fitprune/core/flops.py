@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 
@@ -43,8 +43,14 @@ class LMShape:
 
     @classmethod
     def from_config(cls, config: Any) -> "LMShape":
+        """A language model's config, or a VLM's (its text config is used): a dict or a config object."""
+        config = _text_config(config)
         get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
             lambda k, d=None: getattr(config, k, d))
+        missing = [k for k in _SHAPE_KEYS if get(k) is None]
+        if missing:
+            raise ValueError(f"config lacks {missing}: give the full config.json of the checkpoint (or a config "
+                             f"object from transformers, which fills a VLM's text-config defaults)")
         heads = get("num_attention_heads")
         return cls(
             num_layers=get("num_hidden_layers"),
@@ -59,14 +65,56 @@ class LMShape:
         return asdict(self)
 
 
-# Language-model sizes of the public LLaVA-1.5 checkpoints (their config.json), so that FLOPs can be
-# printed without downloading anything.
+_SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+
+
+def _text_config(config: Any) -> Any:
+    """The language model's part of a VLM config (transformers' `get_text_config`, or `text_config`);
+    a plain language-model config is returned as is. A dict with the sizes at the top level (haotian-liu
+    LLaVA's and Qwen2.5-VL's config.json) is a language-model config."""
+    if isinstance(config, dict):
+        text = config.get("text_config")
+        return text if isinstance(text, dict) and "num_hidden_layers" not in config else config
+    if hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return getattr(config, "text_config", None) or config
+
+
+# Language-model sizes of public checkpoints (their config.json), so that FLOPs can be printed without
+# downloading anything.
 NAMED_SHAPES: dict[str, LMShape] = {
     "llava-v1.5-7b": LMShape(32, 4096, 11008, 32, 32, 32000),
     "llava-v1.5-13b": LMShape(40, 5120, 13824, 40, 40, 32000),
     "llava-v1.6-vicuna-7b": LMShape(32, 4096, 11008, 32, 32, 32000),
     "llava-v1.6-mistral-7b": LMShape(32, 4096, 14336, 32, 8, 32000),
 }
+
+# llava-hf's checkpoints are haotian-liu's converted by transformers' scripts
+# (models/llava/convert_llava_weights_to_hf.py, models/llava_next/convert_llava_next_weights_to_hf.py):
+# the same language model, whose embedding and LM head gain two tokens (<image>, <pad>) and are padded to a
+# multiple of 64 rows: `model.resize_token_embeddings(config.text_config.vocab_size + 2, pad_shape)`,
+# `pad_shape = 64` (so 32000 -> 32064).
+LLAVA_HF_ADDED_TOKENS = 2
+LLAVA_HF_VOCAB_MULTIPLE = 64
+
+
+def llava_hf_shape(original: LMShape) -> LMShape:
+    """The language model of a haotian-liu LLaVA checkpoint after transformers' conversion to llava-hf."""
+    rows = original.vocab_size + LLAVA_HF_ADDED_TOKENS
+    return replace(original, vocab_size=-(-rows // LLAVA_HF_VOCAB_MULTIPLE) * LLAVA_HF_VOCAB_MULTIPLE)
+
+
+for _hf_id, _original in [("llava-hf/llava-1.5-7b-hf", "llava-v1.5-7b"), ("llava-hf/llava-1.5-13b-hf", "llava-v1.5-13b"),
+                          ("llava-hf/llava-v1.6-vicuna-7b-hf", "llava-v1.6-vicuna-7b"),
+                          ("llava-hf/llava-v1.6-mistral-7b-hf", "llava-v1.6-mistral-7b")]:
+    NAMED_SHAPES[_hf_id] = llava_hf_shape(NAMED_SHAPES[_original])
+
+# Qwen/Qwen2.5-VL-7B-Instruct's config.json keeps the language model's sizes at its top level (transformers'
+# Qwen2_5_VLConfig moves them into `text_config`): num_hidden_layers 28, hidden_size 3584,
+# intermediate_size 18944, num_attention_heads 28, num_key_value_heads 4 (GQA), vocab_size 152064. Written
+# out here because transformers' defaults (Qwen2_5_VLTextConfig) are another size's (80 layers, hidden
+# 8192); its Qwen2_5_VLVisionConfig default out_hidden_size, the LM width the 7B's merger projects to, is 3584.
+NAMED_SHAPES["Qwen/Qwen2.5-VL-7B-Instruct"] = LMShape(28, 3584, 18944, 28, 4, 152064)
 
 
 def resolve_shape(config: "str | os.PathLike | dict | Any") -> LMShape:
@@ -81,8 +129,24 @@ def resolve_shape(config: "str | os.PathLike | dict | Any") -> LMShape:
         if not os.path.isfile(path):
             raise ValueError(f"config {name!r} is neither a named shape {sorted(NAMED_SHAPES)} nor a config.json")
         with open(path) as f:
-            return LMShape.from_config(json.load(f))
+            return LMShape.from_config(_complete_text_config(json.load(f), path))
     return LMShape.from_config(config)
+
+
+def _complete_text_config(config: dict, path: str) -> "dict | Any":
+    """transformers saves a VLM's text config as its differences from the text model's defaults (llava-hf's
+    config.json names `vocab_size` but not `hidden_size`): such a dict is completed by transformers'
+    config class of that model type."""
+    text = _text_config(config)
+    if all(k in text for k in _SHAPE_KEYS):
+        return text
+    try:
+        from transformers import AutoConfig
+        return AutoConfig.for_model(**config)
+    except (ImportError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: its text config names only {sorted(text)}; completing it needs a transformers "
+                         f"that knows model_type {config.get('model_type')!r} ({e}); use the environment of that "
+                         f"backend (.venv-hf) or a full config") from None
 
 
 # -- token schedules ------------------------------------------------------------------------

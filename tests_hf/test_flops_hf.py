@@ -1,0 +1,111 @@
+"""The FLOPs model against torch's FlopCounterMode on tiny random language models of the three
+transformers-native families (llava-hf LLaVA-1.5 / NeXT-Vicuna: Llama; NeXT-Mistral: Mistral with GQA;
+Qwen2.5-VL: GQA, q/k/v biases, M-RoPE with 3-D position ids), and the named 7B shapes."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                          LlavaNextForConditionalGeneration, MistralConfig, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration)
+
+from llava_fitprune.core.flops import NAMED_SHAPES, LMShape, dense_prefill_flops, prefill_report, resolve_shape
+from llava_fitprune.core.recipe import builtin_recipe
+
+TINY_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=200)
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                 patch_size=14, projection_dim=32)
+
+
+def _counted(model, **inputs) -> int:
+    # eager attention: its matmuls are what FlopCounterMode counts (it has no formula for CPU SDPA)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next_vicuna", "llava_next_mistral"])
+def test_llava_family_flops_match_flop_counter(family):
+    if family == "llava_next_mistral":
+        text = MistralConfig(**TINY_TEXT, num_key_value_heads=2)
+    else:
+        text = LlamaConfig(**TINY_TEXT)
+    config_class, model_class = ((LlavaConfig, LlavaForConditionalGeneration) if family == "llava"
+                                 else (LlavaNextConfig, LlavaNextForConditionalGeneration))
+    config = config_class(text_config=text, vision_config={"model_type": "clip_vision_model", **TINY_CLIP},
+                          image_token_id=TINY_TEXT["vocab_size"] - 1)
+    config._attn_implementation = "eager"
+    model = model_class(config).eval()
+    n = 23
+    ids = torch.randint(0, TINY_TEXT["vocab_size"] - 1, (1, n))  # the language model alone: no image token
+    shape = LMShape.from_config(config)
+    assert shape.num_kv_heads == text.num_key_value_heads
+    counted = _counted(model, input_ids=ids)
+    predicted = dense_prefill_flops(shape, n)
+    assert abs(predicted - counted) / counted < 0.01, (predicted, counted)
+
+
+def test_qwen2_5_vl_flops_match_flop_counter_with_mrope_positions():
+    head_dim = TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(**TINY_TEXT, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, window_size=56, fullatt_block_indexes=[0]),
+        image_token_id=195, video_token_id=196, vision_start_token_id=197, vision_end_token_id=198)
+    assert sum(config.get_text_config().rope_parameters["mrope_section"]) * 2 == head_dim
+    config._attn_implementation = "eager"
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    grid = torch.tensor([[1, 4, 6]])  # t, h, w patches: 4 * 6 / merge 2x2 = 6 image tokens
+    n_image = int(grid.prod()) // config.vision_config.spatial_merge_size ** 2
+    ids = torch.cat([torch.randint(0, 190, (1, 5)), torch.tensor([[197] + [195] * n_image + [198]]),
+                     torch.randint(0, 190, (1, 9))], dim=1)
+    mm_types = (ids == 195).int()
+    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=mm_types, image_grid_thw=grid)
+    assert positions.shape[0] == 3 and not torch.equal(positions[1], positions[2])  # 3-D: the image's h and w differ
+    embeds = model.get_input_embeddings()(ids)
+    counted = _counted(model, inputs_embeds=embeds, position_ids=positions)
+    shape = LMShape.from_config(config)
+    assert (shape.num_heads, shape.num_kv_heads, shape.num_layers) == (4, 2, 3)
+    predicted = dense_prefill_flops(shape, ids.shape[1])
+    assert abs(predicted - counted) / counted < 0.01, (predicted, counted)
+
+
+def test_named_shapes_against_transformers_config_classes():
+    # llava-hf's config.json names only the text config's differences from LlamaConfig's defaults (its
+    # vocab_size among them): those defaults are LLaVA-1.5-7B's language model.
+    llava_hf = LMShape.from_config(LlavaConfig(text_config=LlamaConfig(vocab_size=32064)))
+    assert NAMED_SHAPES["llava-hf/llava-1.5-7b-hf"] == llava_hf
+    assert NAMED_SHAPES["llava-hf/llava-v1.6-vicuna-7b-hf"] == llava_hf
+    assert NAMED_SHAPES["llava-hf/llava-v1.6-mistral-7b-hf"].num_kv_heads == 8
+    qwen = NAMED_SHAPES["Qwen/Qwen2.5-VL-7B-Instruct"]
+    assert Qwen2_5_VLConfig().vision_config.out_hidden_size == qwen.hidden_size
+    assert qwen.head_dim * qwen.num_heads == qwen.hidden_size and qwen.num_heads % qwen.num_kv_heads == 0
+
+
+def test_resolve_shape_completes_a_saved_llava_hf_config(tmp_path):
+    config = LlavaConfig(text_config=LlamaConfig(vocab_size=32064))
+    config.save_pretrained(tmp_path)
+    assert resolve_shape(str(tmp_path)) == NAMED_SHAPES["llava-hf/llava-1.5-7b-hf"]
+
+
+def test_authors_recipes_apply_to_llava_hf_unchanged(capsys):
+    """Same language model: the same drops; only the LM head's 64 extra rows cost more."""
+    from llava_fitprune.flops_cli import main
+
+    fork, hf = NAMED_SHAPES["llava-v1.5-7b"], NAMED_SHAPES["llava-hf/llava-1.5-7b-hf"]
+    drops = builtin_recipe(0.6).drop_per_layer
+    a, b = prefill_report(fork, 65, 576, drops), prefill_report(hf, 65, 576, drops)
+    assert b.pruned_flops - a.pruned_flops == 2 * b.schedule[-1] * hf.hidden_size * (hf.vocab_size - fork.vocab_size)
+    assert main(["--config", "llava-hf/llava-1.5-7b-hf", "--reduction-ratio", "0.6"]) == 0
+    assert "| 0.6 | 449 |" in capsys.readouterr().out
+
+
+def test_flops_cli_on_qwen2_5_vl_prints_dense_and_ships_no_recipe(capsys):
+    from llava_fitprune.flops_cli import main
+
+    assert main(["--config", "Qwen/Qwen2.5-VL-7B-Instruct"]) == 0
+    out = capsys.readouterr().out
+    dense = dense_prefill_flops(NAMED_SHAPES["Qwen/Qwen2.5-VL-7B-Instruct"], 35 + 576 + 30)
+    assert f"{dense / 1e12:.3f} TFLOPs" in out and "heads 28/4" in out and "no built-in recipe has 28 layers" in out
+    with pytest.raises(SystemExit):  # the authors' recipes are LLaVA-1.5-7B's (32 layers)
+        main(["--config", "Qwen/Qwen2.5-VL-7B-Instruct", "--reduction-ratio", "0.6"])
