@@ -148,7 +148,6 @@ def test_lmms_eval_logs_the_pruned_prefill_of_each_sample(task_setup):
     """A recipe for the tiny model (2 layers, 4 visual tokens): each sample keeps 2 visual tokens."""
     assert (LlavaForConditionalGeneration.from_pretrained(task_setup["checkpoint"]).config.text_config
             .num_hidden_layers) == 2
-    pytest.importorskip("llava_fitprune.adapters.hf", reason="the transformers-native backend is not merged")
     recipe = Recipe([1, 1], num_visual_tokens=4, method="fitprune")
     path = task_setup["root"] / "tiny_recipe.json"
     recipe.save(path)
@@ -169,7 +168,6 @@ def test_lmms_eval_logs_the_pruned_prefill_of_each_sample(task_setup):
 def test_lmms_eval_runs_the_other_families_pruned(task_setup, lmms_model, family):
     """LLaVA-NeXT (anyres) and Qwen2.5-VL (dynamic resolution, M-RoPE) through the same task: each sample's
     visual-token count gets the recipe scaled to it (`Recipe.drops_for`)."""
-    pytest.importorskip("llava_fitprune.adapters.hf", reason="the transformers-native backend is not merged")
     from llava_fitprune.adapters.hf.tiny import TinyVlmSpec, build_tiny_llava_hf as build_llava, build_tiny_qwen2_5_vl
 
     spec = TinyVlmSpec()

@@ -6,13 +6,11 @@ from lmms_eval.models import get_model
 
 from llava_fitprune.lmms_eval_plugin import MODEL_CLASSES, backend
 from llava_fitprune.lmms_eval_plugin.model import FitPruneLlavaHF, FitPruneQwen2_5_VL
-from lmms_stub_backend import install_if_missing
 from lmms_tiny import build_tiny_llava_hf
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    install_if_missing()
     return build_tiny_llava_hf(tmp_path_factory.mktemp("tiny") / "llava-hf")
 
 
