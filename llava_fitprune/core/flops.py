@@ -137,13 +137,16 @@ def _complete_text_config(config: dict, path: str) -> "dict | Any":
     """transformers saves a VLM's text config as its differences from the text model's defaults (llava-hf's
     config.json names `vocab_size` but not `hidden_size`): such a dict is completed by transformers'
     config class of that model type."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a model config: a config.json is a JSON object with the model's sizes, "
+                         f"this file holds a {type(config).__name__}")
     text = _text_config(config)
     if all(k in text for k in _SHAPE_KEYS):
         return text
     try:
         from transformers import AutoConfig
         return AutoConfig.for_model(**config)
-    except (ImportError, ValueError, KeyError) as e:
+    except (ImportError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: its text config names only {sorted(text)}; completing it needs a transformers "
                          f"that knows model_type {config.get('model_type')!r} ({e}); use the environment of that "
                          f"backend (.venv-hf) or a full config") from None
