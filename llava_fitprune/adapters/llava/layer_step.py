@@ -111,40 +111,34 @@ def tail_head_max(q: torch.Tensor, k: torch.Tensor, r0: int, mask: Optional[torc
     """Head-max attention map of query rows r0..N-1: [B, R, N] float32, 0 above the diagonal.
 
     One piece when the probabilities fit the block budget (`attention_blocks`), else block by block
-    (a few samples and rows at a time, each block against the keys up to its last row: keys past
-    it have probability 0), without a [B, H, R, N] tensor.
+    (`blocked_head_max`), without a [B, H, R, N] tensor.
     q, k: [B, H, N, hd]; mask: additive [B, 1, N, N] or None (causal)
     """
     B, H, N, hd = q.shape
     samples, rows = attention_blocks(B, H, N, N - r0, q.device)
     if samples >= B and rows >= N - r0:
         return tail_probs(q, k, r0, mask).amax(dim=1)
-    head_max = torch.zeros(B, N - r0, N, dtype=torch.float32, device=q.device)
-    lowest = torch.finfo(q.dtype).min
-    for s0 in range(0, B, samples):
-        s1 = min(s0 + samples, B)
-        for a in range(r0, N, rows):
-            b = min(a + rows, N)
-            logits = torch.matmul(q[s0:s1, :, a:b], k[s0:s1, :, :b].transpose(2, 3))  # [S, H, b-a, b]
-            logits.div_(math.sqrt(hd))
-            if mask is None:  # within the block's own keys a..b-1, key j > row i is the future
-                future = torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).triu_(1)
-                logits[..., a:].masked_fill_(future, lowest)
-            else:
-                logits.add_(mask[s0:s1, :, a:b, :b])
-            probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # [S, H, b-a, b]
-            head_max[s0:s1, a - r0:b - r0, :b] = probs.amax(dim=1)
-    return head_max
+    return blocked_head_max(q, k, r0, mask)
 
 
 def attention_rows_head_max(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r0: int,
                             mask: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """Attention of rows r0..N-1 written into `out`, block by block; returns their head-max map.
 
-    The same values as `attention_rows` (keys past a block's last row have probability 0 and are
-    skipped), without a [B, H, R, N] tensor: blocks of a few samples and rows (`attention_blocks`).
+    The same values as `attention_rows`, without a [B, H, R, N] tensor (`blocked_head_max`).
     q, k, v: [B, H, N, hd]; mask: additive [B, 1, N, N] or None (causal); out: [B, H, N, hd] (rows
     r0.. are written). returns: head_max [B, R, N] float32, 0 above the diagonal
+    """
+    return blocked_head_max(q, k, r0, mask, v, out)
+
+
+def blocked_head_max(q: torch.Tensor, k: torch.Tensor, r0: int, mask: Optional[torch.Tensor],
+                     v: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Head-max map of rows r0..N-1 made in blocks of a few samples and rows (`attention_blocks`), each
+    block against the keys up to its last row (keys past it have probability 0); with `v` and `out`,
+    each block's attention output is written into `out` too.
+    q, k, v: [B, H, N, hd]; mask: additive [B, 1, N, N] or None (causal); out: [B, H, N, hd]
+    returns: head_max [B, R, N] float32, 0 above the diagonal
     """
     B, H, N, hd = q.shape
     head_max = torch.zeros(B, N - r0, N, dtype=torch.float32, device=q.device)
@@ -162,7 +156,8 @@ def attention_rows_head_max(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
             else:
                 logits.add_(mask[s0:s1, :, a:b, :b])
             probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # [S, H, b-a, b]
-            out[s0:s1, :, a:b] = torch.matmul(probs.to(v.dtype), v[s0:s1, :, :b])
+            if out is not None:
+                out[s0:s1, :, a:b] = torch.matmul(probs.to(v.dtype), v[s0:s1, :, :b])
             head_max[s0:s1, a - r0:b - r0, :b] = probs.amax(dim=1)
     return head_max
 
