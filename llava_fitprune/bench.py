@@ -10,8 +10,8 @@ width) and a set of recipes, measures per attention implementation and batch siz
             replayed by OracleSelector: no scoring), the best a pruning layer can do
   prellm    the dense model on fewer visual tokens, as many as the recipe's average over layers
             (an equal-FLOPs stand-in for pruning before the LLM, VisionZip-style)
-With --compile, dense, fitprune and oracle also run on the fast path ("-fast" rows: static KV
-cache, CUDA-graphed or compiled decode; fast_path.py).
+With --compile, dense, fitprune and oracle also run on the fast path ("-fast" rows: compiled
+prefill into a static per-layer KV cache, CUDA-graphed or compiled decode; fast_path.py).
 prefill latency, decode latency per token (cached, step by step), end-to-end latency for the
 smallest and the largest --new-tokens, compile time (graph capture / compilation, in the rows'
 first runs), peak memory over a run, KV-cache bytes; FLOPs from flops.py; efficiency = speedup /
@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from . import atomic
-from .adapters.llava.fast_path import DECODE_MODES, FastPath, FastPathConfig
+from .adapters.llava.fast_path import DECODE_MODES, PREFILL_MODES, FastPath, FastPathConfig
 from .bench_measure import EagerRunner, FastRunner, run_once, summarize
 from .bench_models import (PromptLayout, RowSpec, available_attn_implementations, build_lm, build_stock_lm,
                            load_lm_config, make_inputs, row_specs)
@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="also run dense, fitprune and oracle on the fast path")
     p.add_argument("--decode", choices=DECODE_MODES, default="auto",
                    help="the fast path's decode step (auto: a CUDA graph on CUDA, eager elsewhere)")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --decode compile")
+    p.add_argument("--prefill", choices=PREFILL_MODES, default="auto",
+                   help="the fast path's prefill: compile (the layer loop under torch.compile) or eager "
+                        "(auto: fast_path.PREFILL_AUTO per device)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of --decode compile and --prefill compile")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs of every row first; the last one also measures peak memory")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of every row, taken in turns")
@@ -162,13 +166,16 @@ def _runner(spec: RowSpec, lm, stock, args):
     if spec.base == "stock":
         return EagerRunner(stock, pruning=False)
     if spec.fast:  # each fast row its own state: its cache buffers (and CUDA graph) persist across its runs
-        return FastRunner(FastPath(lm, FastPathConfig(args.decode, args.compile_backend)))
+        return FastRunner(FastPath(lm, FastPathConfig(args.decode, args.compile_backend, prefill=args.prefill,
+                                                      prefill_backend=args.compile_backend)))
     return EagerRunner(lm)
 
 
 def _compile_seconds(runner) -> float:
-    stats = runner.fast.stats if isinstance(runner, FastRunner) else {}
-    return stats.get("decode_compile_s", 0.0) + stats.get("graph_capture_s", 0.0)
+    if not isinstance(runner, FastRunner):
+        return 0.0
+    stats = runner.fast.stats
+    return stats["decode_compile_s"] + stats["graph_capture_s"] + runner.fast.prefill_compile_s
 
 
 def run_group(lm, stock, attn: str, batch: int, specs, layout, args, shape, dtype, bar) -> list[dict]:
@@ -228,7 +235,7 @@ def main(argv=None) -> int:
               f"hidden {shape.hidden_size}, MLP {shape.intermediate_size}, heads {shape.num_heads}/"
               f"{shape.num_kv_heads}; prompt {layout.prompt_tokens} + {layout.visual_tokens} visual + "
               f"{layout.text_tokens} text; {dtype} on {device}; {' and '.join(map(str, sorted(set(args.new_tokens))))} "
-              f"new tokens; {'fast path decode ' + args.decode + '; ' if args.compile else ''}warm-up "
+              f"new tokens; {'fast path prefill ' + args.prefill + ', decode ' + args.decode + '; ' if args.compile else ''}warm-up "
               f"{args.warmup}, median of {args.repeats}\n{machine_summary(device)}")
     print(header)
     plan = {b: row_specs(shape, layout, recipes, args.methods, b, max(args.new_tokens), args.compile)

@@ -4,8 +4,9 @@ python scripts/prefill_proxy.py --width 128 --repeats 15 [--compile inductor]
 The proxy: llava-v1.5-7b's depth (32 layers) at a small width, the real 35 + 576 + 30 prompt, a
 built-in recipe. Rows: dense (zero recipe), oracle (replays FitPrune's drops: no scoring) and
 FitPrune, timed in turns (round robin) so that they see the same machine load; medians and the
-ratios to dense are printed. `--compile BACKEND` adds the compiled prefill (fast_prefill.py) of
-dense and FitPrune, and its compile time. Only the public API is used, so the script also measures
+ratios to dense are printed. `--compile BACKEND` adds the fast path's prefill (fast_path.py:
+the layer loop compiled with BACKEND, writing a static per-layer cache) of dense, oracle and FitPrune,
+and its compile time. Only the public API is used, so the script also measures
 an older checkout (PYTHONPATH=...).
 """
 import argparse
@@ -37,6 +38,11 @@ def prefill(lm, embeds, visual, selector=None):
         return lm(inputs_embeds=embeds, visual_mask=visual, selector=selector, use_cache=True)
 
 
+def fast_prefill(fast, embeds, visual, selector, new_tokens):
+    with torch.inference_mode():
+        return fast.prefill(new_tokens, inputs_embeds=embeds, visual_mask=visual, selector=selector)
+
+
 def count_ops(lm, embeds, visual, selector=None) -> int:
     prefill(lm, embeds, visual, selector)
     with OpCounter() as counter:
@@ -53,6 +59,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", default=None, help="a torch.compile backend (inductor, aot_eager) for the fast path")
+    p.add_argument("--new-tokens", type=int, default=8, help="room the fast path's static cache reserves")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -79,37 +86,40 @@ def main(argv=None):
     result["extra_ops_per_pruning_layer"] = {
         k: round((result["ops"][k] - result["ops"]["dense"]) / pruning_layers, 1) for k in ("oracle", "fitprune")}
 
-    if args.compile:
-        from llava_fitprune.adapters.llava.fast_prefill import compile_prefill, prefill_compile_stats
+    runs = {name: (lambda model=model, sel=sel: prefill(model, embeds, visual, sel)) for name, (model, _, sel) in rows.items()}
+    if args.compile:  # the fast path: compiled prefill into a static per-layer cache (fast_path.py)
+        from llava_fitprune.adapters.llava.fast_path import FastPath, FastPathConfig
 
-        fast = build_lm(args.model, cfg, False, "sdpa", torch.float32, "cpu")
-        fast.load_state_dict(lm.state_dict())
-        compile_prefill(fast, backend=args.compile)
+        fast = FastPath(lm, FastPathConfig(prefill="compile", prefill_backend=args.compile))
         result["compile_s"] = {}
-        for name, r in (("dense", rows["dense"][1]), ("fitprune", recipe)):
-            fast.set_pruning(r)
+        for name in ("dense", "oracle", "fitprune"):
+            model, r, sel = rows[name]
+            rows[f"{name}-fast"] = (model, r, sel)
+            runs[f"{name}-fast"] = lambda sel=sel: fast_prefill(fast, embeds, visual, sel, args.new_tokens)
+            model.set_pruning(r)
             t0 = time.perf_counter()
-            prefill(fast, embeds, visual)
+            runs[f"{name}-fast"]()
             result["compile_s"][name] = round(time.perf_counter() - t0, 1)
-            rows[f"{name}-fast"] = (fast, r, None)
-        result["compiled_graphs"] = prefill_compile_stats(fast).compiling_calls
+        result["compiled_graphs"] = fast.compiled_prefill.stats.compiling_calls
 
     times = {name: [] for name in rows}
     for _ in range(2):  # warm-up
         for name, (model, r, sel) in rows.items():
             model.set_pruning(r)
-            prefill(model, embeds, visual, sel)
+            runs[name]()
     for _ in range(args.repeats):  # round robin
         for name, (model, r, sel) in rows.items():
             model.set_pruning(r)
             t0 = time.perf_counter()
-            prefill(model, embeds, visual, sel)
+            runs[name]()
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     result["prefill_ms"] = {k: round(v, 2) for k, v in med.items()}
     result["ratio_to_dense"] = {k: round(v / med["dense"], 3) for k, v in med.items()}
     if "dense-fast" in med:
         result["fitprune_fast_over_dense_fast"] = round(med["fitprune-fast"] / med["dense-fast"], 3)
+        result["fitprune_fast_over_oracle_fast"] = round(med["fitprune-fast"] / med["oracle-fast"], 3)
+        result["dense_fast_over_dense"] = round(med["dense-fast"] / med["dense"], 3)
     result["fitprune_over_oracle"] = round(med["fitprune"] / med["oracle"], 3)
     result["load_avg_after"] = os.getloadavg()[0]
     text = json.dumps(result, indent=1)

@@ -182,7 +182,7 @@ def test_fast_path_cuda_bf16_same_tokens(tiny_dir, method):
         kw = {**kw, **_selector_kw(method, model, x, img, **kw)}
         disable_fast_path(model)
         eager = _gen(model, x, img, **kw)[0]
-        fast = enable_fast_path(model)
+        fast = enable_fast_path(model, prefill="eager")  # the compiled prefill: the test below
         assert fast.mode == "graph"
         first = _gen(model, x, img, **kw)[0]
         again = _gen(model, x, img, **kw)[0]
@@ -202,7 +202,8 @@ def test_7b_fast_decode_same_tokens(lm7b):
     _, lm, embeds, visual = lm7b
     lm.set_pruning(builtin_recipe(0.6))
     tokens = {}
-    for name, runner in (("eager", EagerRunner(lm)), ("fast", FastRunner(FastPath(lm, FastPathConfig())))):
+    fast = FastRunner(FastPath(lm, FastPathConfig(prefill="eager")))  # the compiled prefill: the bench
+    for name, runner in (("eager", EagerRunner(lm)), ("fast", fast)):
         logits, cache = runner.prefill(embeds, visual, None, 8)
         seq = []
         for _ in range(8):
@@ -211,3 +212,40 @@ def test_7b_fast_decode_same_tokens(lm7b):
         tokens[name] = torch.stack(seq, 1).tolist()
     lm.set_pruning(None)
     assert tokens["fast"] == tokens["eager"]
+
+
+@torch.no_grad()
+def test_fast_path_cuda_bf16_compiled_prefill_same_tokens_no_sync(tiny_dir):
+    """bf16 on CUDA, FitPrune: the fast path with its compiled prefill (inductor) gives the eager path's
+    greedy tokens, the padded batch and batch 1 for every question (one compilation); the compiled
+    layer loop never waits for the device after compiling (torch.cuda.set_sync_debug_mode("error") around it)."""
+    from llava_fitprune.adapters.llava.fast_path import disable_fast_path, enable_fast_path
+    from .test_fast_path import METHODS, _gen
+
+    tok, model, _, _ = load_ours(tiny_dir, "sdpa", "cuda", torch_dtype=torch.bfloat16, **METHODS["fitprune"])
+    images = torch.cat([image_tensor(i, 336) for i in range(len(QUESTIONS))]).to("cuda", torch.bfloat16)
+    ids, mask = batch_ids(tok, QUESTIONS)
+    cases = [(ids.cuda(), images, dict(attention_mask=mask.cuda()))]  # compiles
+    cases += [(prompt_ids(tok, q)[None].cuda(), images[i:i + 1], {}) for i, q in enumerate(QUESTIONS)]  # the first compiles
+    eager = [_gen(model, x, img, **kw)[0].tolist() for x, img, kw in cases]
+    fast = enable_fast_path(model, prefill="compile")
+    loop = fast.compiled_prefill.compiled
+    checked = []
+
+    def no_sync(*args):
+        if fast.compiled_prefill.stats.calls < 2:  # the calls that compile (padded batch, batch 1)
+            return loop(*args)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return loop(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            checked.append(True)
+
+    fast.compiled_prefill.compiled = no_sync
+    try:
+        got = [_gen(model, x, img, **kw)[0].tolist() for x, img, kw in cases]
+    finally:
+        disable_fast_path(model)
+    assert got == eager
+    assert checked and fast.compiled_prefill.stats.compiling_calls == 2, fast.compiled_prefill.stats

@@ -220,3 +220,55 @@ def test_fast_path_with_grouped_query_attention(tiny_gqa_dir):
     assert isinstance(out_f.past_key_values, StaticPrunedCache)
     assert seq_f.tolist() == seq_e.tolist()
     torch.testing.assert_close(scores_f, scores_e, **TOL)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["dense", "fitprune"])
+def test_compiled_prefill_into_the_static_cache_equals_eager(models, method):
+    """prefill="compile": the layer loop under torch.compile (aot_eager: dynamo with fullgraph, then
+    AOT autograd's functionalized writes into the static cache's buffers) fills the same cache and
+    gives the same drops, tokens and logits as the eager path, batched and one by one, and a cached
+    second turn continues from it alike. One graph for the padded batch, one for every batch-1
+    prompt length; the model's own forward (off the fast path) stays eager."""
+    tok, model = models(method)
+    images = torch.cat([image_tensor(i, 336) for i in range(len(QUESTIONS))])
+    ids, mask = batch_ids(tok, QUESTIONS)
+    cases = [(ids, images, dict(attention_mask=mask))]  # padded batch
+    cases += [(prompt_ids(tok, q)[None], images[i:i + 1], {}) for i, q in enumerate(QUESTIONS)]
+    turn2 = tok(" USER: and the square? ASSISTANT:", add_special_tokens=False, return_tensors="pt").input_ids
+
+    def run():
+        out = []
+        for x, img, kw in cases:
+            seq, scores, gen = _gen(model, x, img, **kw)
+            cache = gen.past_key_values
+            lengths, masks = cache.layer_lengths(), [m.tolist() for m in cache.key_masks]
+            keys = [k.clone() for k in cache.key_cache]
+            new = torch.cat([seq[:, -1:], turn2.expand(seq.shape[0], -1)], dim=1)
+            full = torch.cat([cache.key_masks[0].long(), torch.ones_like(new)], dim=1)
+            seq2, scores2, _ = _gen(model, new, None, past_key_values=cache, attention_mask=full)
+            out.append((seq, scores, lengths, masks, keys, _dropped(model), seq2, scores2, type(cache)))
+        return out
+
+    disable_fast_path(model)
+    eager = run()
+    fast = enable_fast_path(model, prefill="compile", prefill_backend="aot_eager")
+    try:
+        with torch._dynamo.config.patch(recompile_limit=64):
+            compiled = run()
+        stats = fast.compiled_prefill.stats
+        assert stats.calls == len(cases)  # every first turn's prefill ran compiled
+        assert stats.compiling_calls <= 2, stats  # none when an earlier test compiled the same graphs
+        model(*cases[1][:1], images=cases[1][1])  # off the fast path: the eager loop
+        assert stats.calls == len(cases)
+    finally:
+        disable_fast_path(model)
+    for e, c in zip(eager, compiled):
+        assert c[-1] is StaticPrunedCache and e[-1] is not StaticPrunedCache
+        assert c[0].tolist() == e[0].tolist() and c[6].tolist() == e[6].tolist()  # first and second turn
+        torch.testing.assert_close(c[1], e[1], **TOL)
+        torch.testing.assert_close(c[7], e[7], **TOL)
+        assert c[2] == e[2] and c[3] == e[3] and c[5] == e[5]  # cache lengths, key masks, drops
+        for kc, ke, real in zip(c[4], e[4], c[3]):  # the real tokens' keys (a padded batch's fill rows may differ)
+            real = torch.tensor(real)  # [B, K_l]
+            torch.testing.assert_close(kc.transpose(1, 2)[real], ke.transpose(1, 2)[real], **TOL)

@@ -41,6 +41,11 @@ class PrunedCache(DynamicCache):
             self.key_masks[layer_idx] = torch.cat([self.key_masks[layer_idx], new_mask], dim=-1)
         return self.key_masks[layer_idx]
 
+    def prepare_prefill(self, layer_lengths: list[int], like: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
+        """Called once before a prefill's layer loop with the tokens each layer will cache
+        (`layer_lengths[l]`, known from the plan) and `like` ([B, N, D] hidden states: batch, dtype,
+        device). Nothing to do here: this cache grows as layers write; a static cache allocates."""
+
     def layer_lengths(self) -> list[int]:
         return [k.shape[-2] for k in self.key_cache]
 

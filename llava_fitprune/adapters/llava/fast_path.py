@@ -8,8 +8,10 @@ eager or under `torch.compile`. Any other call (labels, attentions, beams, image
 a call with positional arguments) takes the model's own forward; the eager loop can also read and
 extend a StaticPrunedCache, so a cached second turn works on both paths.
 
-The prefill hook: `FastPath.prefill_forward` (set in `enable_fast_path`, see PREFILL HOOK) is the
-eager pruning forward until a compiled, sync-free prefill replaces it.
+The prefill: the model's forward, whose layer loop runs under `torch.compile` when the prefill mode
+is "compile" (fast_prefill.compile_prefill: no graph break, dynamic sequence length). The forward
+allocates every layer's buffers before the loop (`StaticPrunedCache.prepare_prefill`, from the
+plan's per-layer lengths), so the compiled loop only writes into fixed buffers.
 """
 from __future__ import annotations
 
@@ -23,11 +25,14 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .modeling import PruningCausalLMMixin
+from .fast_prefill import CompiledPrefill
 from .modeling_mistral import FitPruneLlavaMistralForCausalLM
 from .static_cache import DEFAULT_BUCKET, StaticPrunedCache, round_up
 from .static_decode import StaticDecoder, decode_layer, rotary_tables
 
 DECODE_MODES = ("auto", "eager", "compile", "graph")
+PREFILL_MODES = ("auto", "eager", "compile")
+PREFILL_AUTO = {"cuda": "compile", "cpu": "eager"}  # per device type (BENCHMARKS.md, fast-path prefill)
 
 
 @dataclass
@@ -36,10 +41,14 @@ class FastPathConfig:
     backend: str = "inductor"  # torch.compile backend for decode="compile" (tests: "eager" / "aot_eager")
     bucket: int = DEFAULT_BUCKET  # cache capacities are rounded up to this many tokens
     reuse_buffers: bool = True  # a new conversation reuses the last cache's buffers (one CUDA graph)
+    prefill: str = "auto"  # auto: "compile" (see PREFILL_AUTO); "eager": the model's own loop
+    prefill_backend: str = "inductor"  # torch.compile backend of prefill="compile"
 
     def check(self) -> None:
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
+        if self.prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {self.prefill!r}")
         if self.bucket < 1:
             raise ValueError(f"bucket must be >= 1, got {self.bucket}")
 
@@ -72,13 +81,19 @@ class FastPath:
         self.decoder = StaticDecoder(model, layer_step)
         self.original_forward = types.MethodType(type(model).forward, model)
         self.original_generate = types.MethodType(type(model).generate, model)
-        self.prefill_forward = self.original_forward  # PREFILL HOOK (see enable_fast_path)
+        self.prefill_mode = PREFILL_AUTO.get(device.type, "eager") if config.prefill == "auto" else config.prefill
+        self.compiled_prefill = CompiledPrefill(model, config.prefill_backend) if self.prefill_mode == "compile" else None
         self.max_new_tokens: Optional[int] = None  # set while `generate` runs
         self.last_cache: Optional[StaticPrunedCache] = None
-        self.stats = {"decode_compile_s": 0.0, "graph_captures": 0, "graph_capture_s": 0.0}
+        self.stats = {"decode_compile_s": 0.0, "graph_captures": 0, "graph_capture_s": 0.0}  # + prefill_compile_s
         self._tables: Optional[tuple] = None  # (length, cos [P, hd], sin [P, hd])
         self._graph: Optional[_Graph] = None
         self._compiled_keys: set = set()
+
+    @property
+    def prefill_compile_s(self) -> float:
+        """Seconds spent in prefill calls that compiled a new graph (0 with an eager prefill)."""
+        return self.compiled_prefill.stats.compile_s if self.compiled_prefill is not None else 0.0
 
     # -- caches ------------------------------------------------------------------------------------
     def new_cache(self, extra_tokens: int) -> StaticPrunedCache:
@@ -91,7 +106,10 @@ class FastPath:
         """The model's forward on a prompt (keyword arguments), caching into a new StaticPrunedCache
         with room for `max_new_tokens` more tokens."""
         forward_kwargs.update(past_key_values=self.new_cache(max_new_tokens), use_cache=True, return_dict=True)
-        return self.prefill_forward(**forward_kwargs)
+        if self.compiled_prefill is None:
+            return self.original_forward(**forward_kwargs)
+        with self.compiled_prefill.installed():  # this call's layer loop only: other forwards stay eager
+            return self.original_forward(**forward_kwargs)
 
     def _rotary(self, needed: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tables is None or self._tables[0] < needed or self._tables[1].dtype != dtype:
@@ -201,18 +219,18 @@ def graph_key(input_ids: torch.Tensor, step_args: tuple) -> tuple:
 
 
 def enable_fast_path(model, decode: str = "auto", backend: str = "inductor", bucket: int = DEFAULT_BUCKET,
-                     reuse_buffers: bool = True) -> FastPath:
+                     reuse_buffers: bool = True, prefill: str = "auto", prefill_backend: str = "inductor") -> FastPath:
     """Turn on the fast path for this model instance (see the module docstring); returns its state,
-    also at `model.fast_path`. `disable_fast_path(model)` turns it off."""
+    also at `model.fast_path`. `disable_fast_path(model)` turns it off.
+
+    decode: "graph" (CUDA graphs), "compile" (`backend`) or "eager"; prefill: "compile" (the layer loop
+    under torch.compile with `prefill_backend`) or "eager"; "auto" picks per device (DECODE / PREFILL_AUTO)."""
     if not isinstance(model, PruningCausalLMMixin):
         raise TypeError(f"the fast path needs the pruning model (load_pretrained_model), got {type(model).__name__}")
     if getattr(model.config, "pretraining_tp", 1) > 1:
         raise NotImplementedError("pretraining_tp > 1 is not supported by the fast path")
     disable_fast_path(model)
-    fast = FastPath(model, FastPathConfig(decode, backend, bucket, reuse_buffers))
-    # PREFILL HOOK: the compiled, sync-free prefill (fast_prefill.compile_prefill) is wired in here:
-    #     fast.prefill_forward = compile_prefill(model)
-    # It must accept the model forward's keyword arguments and cache into the StaticPrunedCache it is given.
+    fast = FastPath(model, FastPathConfig(decode, backend, bucket, reuse_buffers, prefill, prefill_backend))
     model.forward = _with_signature(fast.forward, fast.original_forward)  # per instance: the class is untouched
     model.generate = _with_signature(fast.generate, fast.original_generate)
     model.fast_path = fast
@@ -232,3 +250,4 @@ def _with_signature(method, like):
 def disable_fast_path(model) -> None:
     for name in ("forward", "generate", "fast_path"):
         model.__dict__.pop(name, None)
+

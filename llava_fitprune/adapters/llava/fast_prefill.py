@@ -1,16 +1,19 @@
 """A compiled prefill: the decoder layer loop under `torch.compile`, per model instance.
 
 `compile_prefill(model)` replaces the `decoder_layers` method of this one model's language model
-(an instance attribute; the class and every other model are untouched) by a wrapper that runs
-prefill calls through `torch.compile` and everything else (decode steps, `output_attentions`,
-`output_hidden_states`, a key-bias hook, training) through the eager loop.
+(an instance attribute; the class and every other model are untouched) by a `CompiledPrefill`, which
+runs prefill calls through `torch.compile` and everything else (decode steps, `output_attentions`,
+`output_hidden_states`, a key-bias hook, training) through the eager loop. The fast path
+(fast_path.py) holds its own `CompiledPrefill` and installs it only while it runs a prefill.
 
 What makes one compilation serve a whole benchmark:
 - the loop reads no device value on the host: the plan (core/prefill_plan.py) is made before it, with
   one host read, and the loop reads only the plan's host ints that do not depend on the prompt's
   length (drop counts, the first visual row, the visual-token counts);
-- the sequence length is dynamic (`dynamic=True`): lengths inside the loop are derived from
-  tensor shapes, so prompts of other lengths reuse the graph;
+- the sequence length is dynamic (its dimensions are marked, `_mark_sequence_dynamic`): lengths
+  inside the loop are derived from tensor shapes, so prompts of other lengths reuse the graph; the
+  host ints the loop reads (drop counts) stay constants (`dynamic=False`), which keeps the graph's
+  symbolic shapes simple enough for inductor to compile in minutes;
 - the rotary table length the layers see is the table's cached length, a constant.
 A new graph is made when what the loop reads changes: another recipe or number of visual tokens,
 another position of the first visual token, batch size 1 versus more, padding, another method.
@@ -18,6 +21,8 @@ another position of the first visual token, batch size 1 versus more, padding, a
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -47,40 +52,105 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def compile_prefill(model, backend: str = "inductor", dynamic: bool = True, mode=None, fullgraph: bool = True,
-                    **options) -> None:
+class CompiledPrefill:
+    """`model`'s decoder layer loop, compiled for prefills: call it as the loop (`decoder_layers`'s
+    arguments); decode steps, `output_attentions`, `output_hidden_states`, a key-bias hook and
+    training run the eager loop. Made by `compile_prefill`, or held by the fast path (fast_path.py),
+    which installs it only for its own prefills."""
+
+    def __init__(self, model, backend: str = "inductor", dynamic: bool = False, mode=None, fullgraph: bool = True,
+                 **options):
+        self.lm = _language_model(model)
+        self.eager = type(self.lm).decoder_layers.__get__(self.lm)  # the class's loop, bound to this model
+        self.compiled = torch.compile(self.eager, backend=backend, dynamic=dynamic, mode=mode, fullgraph=fullgraph,
+                                      **({"options": options} if options else {}))
+        self.stats = PrefillCompileStats(backend=backend)
+
+    def __call__(self, hidden_states, valid, position_ids, cache, padded, plan, state, selector, trace,
+                 output_attentions=False, output_hidden_states=False, use_cache=True, key_bias_hook=None):
+        prefill = cache is None or cache.get_seq_length(0) == 0
+        if not prefill or output_attentions or output_hidden_states or key_bias_hook is not None or self.lm.training:
+            return self.eager(hidden_states, valid, position_ids, cache, padded, plan, state, selector, trace,
+                              output_attentions, output_hidden_states, use_cache, key_bias_hook)
+        before, t0 = _graphs(), time.perf_counter()
+        _mark_capacities_dynamic(cache)
+        _mark_sequence_dynamic(hidden_states.shape[1], hidden_states, valid, position_ids, state)
+        out = self.compiled(hidden_states, valid, position_ids, cache, padded, plan, state, selector, trace,
+                            False, False, use_cache, None)
+        seconds = time.perf_counter() - t0
+        self.stats.calls += 1
+        self.stats.call_s.append(seconds)
+        if _graphs() > before:
+            self.stats.compiling_calls += 1
+            self.stats.compile_s += seconds
+        return out
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Run this model's forward with the compiled loop inside the block (and the eager one after)."""
+        if "decoder_layers" in vars(self.lm):
+            raise RuntimeError("another compiled prefill is installed on this model (compile_prefill)")
+        self.lm.decoder_layers = self  # per instance: shadows the class's method for this model only
+        try:
+            yield
+        finally:
+            del self.lm.decoder_layers
+
+
+def _mark_capacities_dynamic(cache) -> None:
+    """A static cache's buffer capacities vary with the prompt length (fast_path.py): dynamic, so that
+    one graph serves every capacity. key/value buffers: [B, KV, capacity_l, hd]; masks: [B, capacity_l]."""
+    for buffers, dim in ((getattr(cache, "key_buffers", ()), 2), (getattr(cache, "value_buffers", ()), 2),
+                         (getattr(cache, "mask_buffers", ()), 1)):
+        for t in buffers:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
+def _mark_sequence_dynamic(seq_len: int, *roots) -> None:
+    """The sequence dimension (the first after the batch of size `seq_len`) of the loop's tensors, the
+    prune state's fields and what the selector prepared (e.g. the oracle's [P, B, N] index) is
+    dynamic; nothing else is
+    (`dynamic=False`: drop counts and other host ints stay constants of the graph, which keeps its
+    symbolic shapes simple and its compilation short)."""
+    if seq_len < 2:
+        return
+    values = list(roots)
+    while values:
+        value = values.pop()
+        if isinstance(value, torch.Tensor):
+            dims = [d for d in range(1, value.dim()) if value.shape[d] == seq_len]  # after the batch
+            if dims:  # the first: [B, N, ...] (a hidden width equal to N stays static), [P, B, N]
+                torch._dynamo.maybe_mark_dynamic(value, dims[0])
+        elif isinstance(value, (tuple, list)):
+            values.extend(value)
+        elif isinstance(value, dict):
+            values.extend(value.values())
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            values.extend(getattr(value, f.name) for f in dataclasses.fields(value))
+
+
+def compile_prefill(model, backend: str = "inductor", dynamic: bool = False, mode=None, fullgraph: bool = True,
+                    **options) -> CompiledPrefill:
     """Run `model`'s prefill layer loop under `torch.compile` from now on (this instance only).
 
     backend, mode, dynamic, fullgraph and `options` go to `torch.compile`; fullgraph=True (the
     default) makes a graph break inside the loop an error instead of a slow path.
+    `uncompile_prefill(model)` undoes it.
     """
     lm = _language_model(model)
     if "decoder_layers" in vars(lm):
         raise RuntimeError("compile_prefill was already applied to this model")
-    eager = lm.decoder_layers  # the bound method of the class
-    compiled = torch.compile(eager, backend=backend, dynamic=dynamic, mode=mode, fullgraph=fullgraph,
-                             **({"options": options} if options else {}))
-    stats = PrefillCompileStats(backend=backend)
+    loop = CompiledPrefill(model, backend, dynamic, mode, fullgraph, **options)
+    lm.decoder_layers = loop  # per instance: shadows the class's method for this model only
+    lm.prefill_compile_stats = loop.stats
+    return loop
 
-    def decoder_layers(hidden_states, valid, position_ids, cache, padded, plan, state, selector, trace,
-                       output_attentions=False, output_hidden_states=False, use_cache=True, key_bias_hook=None):
-        prefill = cache is None or cache.get_seq_length(0) == 0
-        if not prefill or output_attentions or output_hidden_states or key_bias_hook is not None or lm.training:
-            return eager(hidden_states, valid, position_ids, cache, padded, plan, state, selector, trace,
-                         output_attentions, output_hidden_states, use_cache, key_bias_hook)
-        before, t0 = _graphs(), time.perf_counter()
-        out = compiled(hidden_states, valid, position_ids, cache, padded, plan, state, selector, trace,
-                       False, False, use_cache, None)
-        seconds = time.perf_counter() - t0
-        stats.calls += 1
-        stats.call_s.append(seconds)
-        if _graphs() > before:
-            stats.compiling_calls += 1
-            stats.compile_s += seconds
-        return out
 
-    lm.decoder_layers = decoder_layers  # per instance: shadows the class's method for this model only
-    lm.prefill_compile_stats = stats
+def uncompile_prefill(model) -> None:
+    """Undo `compile_prefill` on this model (no-op when it was not applied)."""
+    lm = _language_model(model)
+    for name in ("decoder_layers", "prefill_compile_stats"):
+        lm.__dict__.pop(name, None)
 
 
 def prefill_compile_stats(model) -> PrefillCompileStats:

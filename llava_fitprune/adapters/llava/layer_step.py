@@ -110,10 +110,12 @@ def attention_blocks(B: int, H: int, N: int, R: int, device: torch.device) -> tu
 def tail_head_max(q: torch.Tensor, k: torch.Tensor, r0: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Head-max attention map of query rows r0..N-1: [B, R, N] float32, 0 above the diagonal.
 
-    One piece when the probabilities fit the block budget (`attention_blocks`), else block by block
-    (`blocked_head_max`), without a [B, H, R, N] tensor.
+    One piece when the probabilities fit the block budget (`attention_blocks`) or under torch.compile,
+    else block by block (`blocked_head_max`), without a [B, H, R, N] tensor.
     q, k: [B, H, N, hd]; mask: additive [B, 1, N, N] or None (causal)
     """
+    if torch.compiler.is_compiling():  # one piece: a Python loop over blocks would fix the prompt length in the graph
+        return tail_probs(q, k, r0, mask).amax(dim=1)
     B, H, N, hd = q.shape
     samples, rows = attention_blocks(B, H, N, N - r0, q.device)
     if samples >= B and rows >= N - r0:

@@ -100,12 +100,12 @@ class StaticPrunedCache(PrunedCache):
     def _capacity(self, needed: int) -> int:
         return round_up(needed + self.extra_tokens, self.bucket)
 
-    def _new_layer(self, layer_idx: int, key_like: torch.Tensor, mask_like: torch.Tensor, needed: int) -> None:
-        B, KV, _, hd = key_like.shape
+    def _new_layer(self, layer_idx: int, batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device, needed: int) -> None:
         if self._pool and layer_idx < len(self._pool):
             k, v, m = self._pool[layer_idx]
-            if (m.shape[1] >= needed + self.extra_tokens and k.shape[0] == B and k.shape[1] == KV and k.shape[3] == hd
-                    and k.dtype == key_like.dtype and k.device == key_like.device):
+            if (m.shape[1] >= needed + self.extra_tokens and k.shape[0] == batch and k.shape[1] == num_kv_heads
+                    and k.shape[3] == head_dim and k.dtype == dtype and k.device == device):
                 m.zero_()  # keys/values keep finite old values; the mask hides them
                 self.key_buffers.append(k)
                 self.value_buffers.append(v)
@@ -113,11 +113,23 @@ class StaticPrunedCache(PrunedCache):
                 self.lengths.append(0)
                 return
         cap = self._capacity(needed)
-        self.key_buffers.append(key_like.new_zeros(B, KV, cap, hd))  # zeros: masked slots stay finite
-        self.value_buffers.append(key_like.new_zeros(B, KV, cap, hd))
-        self.mask_buffers.append(torch.zeros(B, cap, dtype=torch.bool, device=mask_like.device))
+        self.key_buffers.append(torch.zeros(batch, num_kv_heads, cap, head_dim, dtype=dtype, device=device))  # zeros: masked slots stay finite
+        self.value_buffers.append(torch.zeros_like(self.key_buffers[-1]))
+        self.mask_buffers.append(torch.zeros(batch, cap, dtype=torch.bool, device=device))
         self.lengths.append(0)
         self.version += 1
+
+    def prepare_prefill(self, layer_lengths: list[int], like: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
+        """Before a prefill's layer loop: every layer's buffers, layer l with room for `layer_lengths[l]`
+        tokens plus `extra_tokens` (reused from the earlier cache where they fit). The loop then only
+        writes into fixed buffers, which is what a compiled prefill needs (fast_prefill.py).
+
+        like: [B, N, D] the hidden states entering the first layer (batch, dtype and device)."""
+        self._check_live()
+        if self.lengths:
+            raise ValueError(f"prepare_prefill on a cache that already holds {len(self.lengths)} layers")
+        for layer_idx, needed in enumerate(layer_lengths):
+            self._new_layer(layer_idx, like.shape[0], num_kv_heads, head_dim, like.dtype, like.device, needed)
 
     def reserve(self, layer_idx: int, needed: int) -> None:
         """Grow layer `layer_idx`'s buffers to hold `needed` tokens (plus `extra_tokens`) if they cannot."""
@@ -158,11 +170,15 @@ class StaticPrunedCache(PrunedCache):
             mask, self._pending_mask = getattr(self, "_pending_mask", None), None
             if mask is None or mask.shape != key_states.shape[::2]:  # no key mask given: all real
                 mask = torch.ones(key_states.shape[0], q, dtype=torch.bool, device=key_states.device)
-            self._new_layer(layer_idx, key_states, mask, q)
+            B, KV, _, hd = key_states.shape
+            self._new_layer(layer_idx, B, KV, hd, key_states.dtype, key_states.device, q)
             self.mask_buffers[layer_idx][:, :q] = mask
         elif layer_idx > len(self.lengths):
             raise ValueError(f"layer {layer_idx} updated before layer {len(self.lengths)}")
         n = self.lengths[layer_idx]
+        if self.key_buffers[layer_idx].dtype != key_states.dtype:
+            raise TypeError(f"layer {layer_idx}'s cache holds {self.key_buffers[layer_idx].dtype} but its keys are "
+                            f"{key_states.dtype}: the prefill's hidden states and the layers must share a dtype")
         self.reserve(layer_idx, n + q)
         self.key_buffers[layer_idx][:, :, n:n + q] = key_states
         self.value_buffers[layer_idx][:, :, n:n + q] = value_states
