@@ -4,7 +4,11 @@
 (an instance attribute; the class and every other model are untouched) by a `CompiledPrefill`, which
 runs prefill calls through `torch.compile` and everything else (decode steps, `output_attentions`,
 `output_hidden_states`, a key-bias hook, training) through the eager loop. The fast path
-(fast_path.py) holds its own `CompiledPrefill` and installs it only while it runs a prefill.
+(fast_path.py) holds its own `CompiledPrefill` and installs it only while it runs a prefill; its
+static cache does not enter the graph: the graph caches into a plain PrunedCache, which the static
+cache copies into its buffers after the graph (`adopt_prefill`). Writing into the static buffers
+inside the graph compiled twice as slowly (every buffer's capacity is one more symbol) for the
+same copies.
 
 What makes one compilation serve a whole benchmark:
 - the loop reads no device value on the host: the plan (core/prefill_plan.py) is made before it, with
@@ -27,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+from .cache import PrunedCache
 
 
 @dataclass
@@ -73,10 +79,15 @@ class CompiledPrefill:
             return self.eager(hidden_states, valid, position_ids, cache, padded, plan, state, selector, trace,
                               output_attentions, output_hidden_states, use_cache, key_bias_hook)
         before, t0 = _graphs(), time.perf_counter()
-        _mark_capacities_dynamic(cache)
+        target = cache
+        if hasattr(cache, "adopt_prefill"):  # a static cache: filled from a staging cache after the graph
+            cache = PrunedCache()
+            cache.padded = target.padded
         _mark_sequence_dynamic(hidden_states.shape[1], hidden_states, valid, position_ids, state)
         out = self.compiled(hidden_states, valid, position_ids, cache, padded, plan, state, selector, trace,
                             False, False, use_cache, None)
+        if target is not cache:
+            target.adopt_prefill(cache)
         seconds = time.perf_counter() - t0
         self.stats.calls += 1
         self.stats.call_s.append(seconds)
@@ -95,15 +106,6 @@ class CompiledPrefill:
             yield
         finally:
             del self.lm.decoder_layers
-
-
-def _mark_capacities_dynamic(cache) -> None:
-    """A static cache's buffer capacities vary with the prompt length (fast_path.py): dynamic, so that
-    one graph serves every capacity. key/value buffers: [B, KV, capacity_l, hd]; masks: [B, capacity_l]."""
-    for buffers, dim in ((getattr(cache, "key_buffers", ()), 2), (getattr(cache, "value_buffers", ()), 2),
-                         (getattr(cache, "mask_buffers", ()), 1)):
-        for t in buffers:
-            torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
 def _mark_sequence_dynamic(seq_len: int, *roots) -> None:

@@ -186,6 +186,24 @@ class StaticPrunedCache(PrunedCache):
         self._fill_stale = True  # host lengths changed: a compiled step reloads them
         return self.key_buffers[layer_idx][:, :, :n + q], self.value_buffers[layer_idx][:, :, :n + q]
 
+    def adopt_prefill(self, staged: PrunedCache) -> None:
+        """Take a prefill that was cached into `staged` (a compiled prefill, fast_prefill.py): copy every
+        layer's keys, values and key mask into this cache's buffers (allocated by `prepare_prefill`)."""
+        self._check_live()
+        if any(self.lengths) or len(self.lengths) not in (0, len(staged.key_cache)):
+            raise ValueError("adopt_prefill needs an empty cache (prepared for the same layers)")
+        for layer_idx, (k, v) in enumerate(zip(staged.key_cache, staged.value_cache)):  # [B, KV, K_l, hd]
+            if layer_idx == len(self.lengths):
+                self._new_layer(layer_idx, k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device, k.shape[2])
+            n = k.shape[2]
+            self.reserve(layer_idx, n)
+            self.key_buffers[layer_idx][:, :, :n].copy_(k)
+            self.value_buffers[layer_idx][:, :, :n].copy_(v)
+            self.mask_buffers[layer_idx][:, :n].copy_(staged.key_masks[layer_idx])
+            self.lengths[layer_idx] = n
+        self.seen_tokens = staged.seen_tokens
+        self._fill_stale = True
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._check_live()
         for buffers in (self.key_buffers, self.value_buffers, self.mask_buffers):
