@@ -86,7 +86,8 @@ def main(argv=None):
     result["extra_ops_per_pruning_layer"] = {
         k: round((result["ops"][k] - result["ops"]["dense"]) / pruning_layers, 1) for k in ("oracle", "fitprune")}
 
-    runs = {name: (lambda model=model, sel=sel: prefill(model, embeds, visual, sel)) for name, (model, _, sel) in rows.items()}
+    runs = {name: (lambda model=model, sel=sel: prefill(model, embeds, visual, sel))
+            for name, (model, _, sel) in rows.items()}
     if args.compile:  # the fast path: compiled prefill into a static per-layer cache (fast_path.py)
         from llava_fitprune.adapters.llava.fast_path import FastPath, FastPathConfig
 

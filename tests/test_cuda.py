@@ -226,7 +226,8 @@ def test_fast_path_cuda_bf16_compiled_prefill_same_tokens_no_sync(tiny_dir):
     images = torch.cat([image_tensor(i, 336) for i in range(len(QUESTIONS))]).to("cuda", torch.bfloat16)
     ids, mask = batch_ids(tok, QUESTIONS)
     cases = [(ids.cuda(), images, dict(attention_mask=mask.cuda()))]  # compiles
-    cases += [(prompt_ids(tok, q)[None].cuda(), images[i:i + 1], {}) for i, q in enumerate(QUESTIONS)]  # the first compiles
+    # batch 1: the first compiles
+    cases += [(prompt_ids(tok, q)[None].cuda(), images[i:i + 1], {}) for i, q in enumerate(QUESTIONS)]
     eager = [_gen(model, x, img, **kw)[0].tolist() for x, img, kw in cases]
     fast = enable_fast_path(model, prefill="compile")
     loop = fast.compiled_prefill.compiled

@@ -46,6 +46,7 @@ class PrefillPlan:
     counts: list[list[int]]  # [L][B]
     lens: list[int]  # [L + 1] sequence length entering each layer, plus the final
     visual_entering: list[list[int]]  # [L + 1][B]
+    real_entering: list[list[int]]  # [L + 1][B] real (non-padding) tokens entering each layer
     row_start: int  # first query row the scores read: the earliest first visual token of the batch
     last_real: list[int]  # [B] row of each sample's last real token
     padded: bool  # masks are needed: padding, or samples that drop different counts
@@ -67,8 +68,9 @@ class PrefillPlan:
 
 
 def make_plan(num_layers: int, recipe: Optional[Recipe], selector: TokenSelector, visual: torch.Tensor,
-              valid: torch.Tensor, position_ids: torch.Tensor) -> Optional[PrefillPlan]:
-    """The plan of a prefill, or None when it drops nothing. One host read of the inputs' layout.
+              valid: torch.Tensor, position_ids: torch.Tensor, keep_empty: bool = False) -> Optional[PrefillPlan]:
+    """The plan of a prefill, or None when it drops nothing (`keep_empty`: a plan without steps then,
+    for its per-layer counts). One host read of the inputs' layout.
 
     visual, valid: [B, N] bool (visual: real visual tokens); position_ids: [B, N] long.
     """
@@ -94,15 +96,15 @@ def make_plan(num_layers: int, recipe: Optional[Recipe], selector: TokenSelector
     else:
         per_sample = [recipe.drops_for(n) for n in n_visual]  # [B][L]
         counts = [[per_sample[b][l] for b in range(B)] for l in range(num_layers)]
-    if not any(max(c) > 0 for c in counts):
+    if not keep_empty and not any(max(c) > 0 for c in counts):
         return None
-    lens, vis_entering, real = [N], [list(n_visual)], list(n_real)
+    lens, vis_entering, real_entering = [N], [list(n_visual)], [list(n_real)]
     for l in range(num_layers):
-        real = [r - d for r, d in zip(real, counts[l])]
-        lens.append(lens[-1] if max(counts[l]) == 0 else max(real))
+        real_entering.append([r - d for r, d in zip(real_entering[-1], counts[l])])
+        lens.append(lens[-1] if max(counts[l]) == 0 else max(real_entering[-1]))
         vis_entering.append([v - d for v, d in zip(vis_entering[-1], counts[l])])
     unequal = [l for l in range(num_layers) if len(set(counts[l])) > 1]
-    plan = PrefillPlan(counts, lens, vis_entering, row_start=min(first_visual), last_real=last_real,
+    plan = PrefillPlan(counts, lens, vis_entering, real_entering, row_start=min(first_visual), last_real=last_real,
                        padded=min(n_real) < N or bool(unequal), positions_shared=all(same_pos),
                        selector_data=selector_data)
     counts_device = _device_counts(counts, device) if unequal else None  # [L, B], once per prefill

@@ -46,7 +46,8 @@ def build_parser(description: str, question_file: str = "tables/question.jsonl",
                      help="default: float16 on CUDA, float32 on CPU")
     run.add_argument("--attn-implementation", choices=("eager", "sdpa", "flash_attention_2"), default=None)
     run.add_argument("--compile", action="store_true",
-                     help="the fast path: static KV cache, CUDA-graphed (CUDA) decode; see fast_path.py")
+                     help="the fast path: compiled prefill (CUDA), static KV cache, CUDA-graphed (CUDA) decode; "
+                          "see fast_path.py")
     run.add_argument("--batch-size", type=int, default=1)
     run.add_argument("--num-workers", type=int, default=None,
                      help="image-loading workers (default 4 on CUDA, 0 on CPU)")

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from ..llava.calibration import CalibrationError, CalibrationSample
-from ...core.plan import text_after_last_image
+from ...core.prefill_plan import text_after_last_image
 
 
 class _Stop(Exception):

@@ -18,7 +18,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .cache import PrunedCache
 from .layer_step import pruning_layer_forward
-from ...core.plan import plan_prefill
 from ...core.prefill_plan import make_plan
 from ...core.recipe import Recipe
 from ...core.selectors import FitPruneSelector, OracleSelector, TokenSelector
@@ -89,25 +88,24 @@ class PruningTextModelMixin:
 
         prefill = cache is None or past == 0
         prune, plan = None, None
-        if prefill and visual_mask is not None:
+        if prefill and visual_mask is not None:  # the plan: one host read (counts for the trace too)
             visual = visual_mask.to(device).bool() & valid
-            plan = plan_prefill(state.recipe, state.selector, len(self.layers), visual, valid)
-            if plan.prunes:  # the per-layer steps (device counts built once) and the selector's set-up
-                steps = make_plan(len(self.layers), state.recipe, state.selector, visual, valid,
-                                  torch.arange(N, device=device).expand(B, -1))
-                prune = steps.initial_state(visual, valid, None)
-                state.selector.prepare(prune, steps)
-        padded = not bool(valid.all()) or (prune is not None and steps.padded)
+            plan = make_plan(len(self.layers), state.recipe, state.selector, visual, valid,
+                             torch.arange(N, device=device).expand(B, -1), keep_empty=True)
+            if plan.steps:  # the selector's set-up
+                prune = plan.initial_state(visual, valid, None)
+                state.selector.prepare(prune, plan)
+        padded = plan.padded if plan is not None else attention_mask is not None and not bool(valid.all())
         trace = PruneTrace(plan.visual_entering, plan.real_entering) if plan is not None else None
 
         hidden_states = inputs_embeds
         mask_key, mask = None, None
         for layer_idx, layer in enumerate(self.layers):
             key_mask = cache.extend_key_mask(layer_idx, valid) if cache is not None else valid  # [B, K_l]
-            if prune is not None and layer_idx in steps.steps:
+            if prune is not None and layer_idx in plan.steps:
                 hidden_states, index, record = pruning_layer_forward(
                     layer, layer_idx, hidden_states, (cos, sin), key_mask, padded, cache, prune, state.selector,
-                    steps.steps[layer_idx])
+                    plan.steps[layer_idx])
                 valid = prune.valid
                 cos, sin = _gather_rows(cos, index), _gather_rows(sin, index)
                 trace.dropped_positions.append(record.positions())

@@ -104,7 +104,8 @@ def load_pretrained_model(
     prompt of `num_text_tokens` text tokens, or `method_options` such as {"k": 2, "r": 0.5}),
     lvprune (`method_options={"modules": folder}`); see methods.py. The method, its options and the
     recipe are checked before any weight is read. `compile=True` turns on the fast
-    path for this model (fast_path.py: static KV cache, compiled / CUDA-graphed decode).
+    path for this model (fast_path.py: on CUDA a compiled prefill; a static per-layer KV cache and a
+    CUDA-graphed decode step; on the CPU the prefill stays eager, see fast_path.PREFILL_AUTO).
     """
     if "llava" not in model_name.lower():
         raise ValueError(f"model name {model_name!r} does not look like a LLaVA checkpoint (no 'llava' in it)")

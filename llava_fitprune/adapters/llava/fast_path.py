@@ -32,7 +32,9 @@ from .static_decode import StaticDecoder, decode_layer, rotary_tables
 
 DECODE_MODES = ("auto", "eager", "compile", "graph")
 PREFILL_MODES = ("auto", "eager", "compile")
-PREFILL_AUTO = {"cuda": "compile", "cpu": "eager"}  # per device type (BENCHMARKS.md, fast-path prefill)
+# per device type: on the CPU a compiled prefill gains a few percent for minutes of compilation
+# (BENCHMARKS.md, "Fast path"); on a GPU it removes the launches that bind a batch-1 prefill
+PREFILL_AUTO = {"cuda": "compile", "cpu": "eager"}
 
 
 @dataclass
@@ -82,7 +84,8 @@ class FastPath:
         self.original_forward = types.MethodType(type(model).forward, model)
         self.original_generate = types.MethodType(type(model).generate, model)
         self.prefill_mode = PREFILL_AUTO.get(device.type, "eager") if config.prefill == "auto" else config.prefill
-        self.compiled_prefill = CompiledPrefill(model, config.prefill_backend) if self.prefill_mode == "compile" else None
+        self.compiled_prefill = (CompiledPrefill(model, config.prefill_backend) if self.prefill_mode == "compile"
+                                 else None)
         self.max_new_tokens: Optional[int] = None  # set while `generate` runs
         self.last_cache: Optional[StaticPrunedCache] = None
         self.stats = {"decode_compile_s": 0.0, "graph_captures": 0, "graph_capture_s": 0.0}  # + prefill_compile_s

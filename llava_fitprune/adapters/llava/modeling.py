@@ -139,7 +139,8 @@ class PruningDecoderMixin:
             cache.padded = padded
             if prefill:  # ours: the tokens each layer caches are known now (a static cache allocates)
                 attn = self.layers[0].self_attn
-                cache.prepare_prefill(trace.tokens_entering[:-1], inputs_embeds, attn.num_key_value_heads, attn.head_dim)
+                cache.prepare_prefill(trace.tokens_entering[:-1], inputs_embeds, attn.num_key_value_heads,
+                                      attn.head_dim)
 
         hidden_states, all_hidden_states, all_self_attns = self.decoder_layers(
             inputs_embeds, valid, position_ids, cache, padded, plan, state, selector, trace,

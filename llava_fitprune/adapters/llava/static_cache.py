@@ -113,7 +113,8 @@ class StaticPrunedCache(PrunedCache):
                 self.lengths.append(0)
                 return
         cap = self._capacity(needed)
-        self.key_buffers.append(torch.zeros(batch, num_kv_heads, cap, head_dim, dtype=dtype, device=device))  # zeros: masked slots stay finite
+        # zeros: masked slots stay finite
+        self.key_buffers.append(torch.zeros(batch, num_kv_heads, cap, head_dim, dtype=dtype, device=device))
         self.value_buffers.append(torch.zeros_like(self.key_buffers[-1]))
         self.mask_buffers.append(torch.zeros(batch, cap, dtype=torch.bool, device=device))
         self.lengths.append(0)

@@ -19,7 +19,7 @@
 #   GPUS             comma list of GPU ids, one chunk per GPU, e.g. 0,1,2,3; empty: run on the CPU
 #   CHUNKS           with GPUS empty: number of CPU chunk processes (default 1)
 #   BATCH_SIZE       questions per generate() call         (default 1)
-#   COMPILE          1: the fast path (static KV cache, CUDA-graphed decode; --compile)
+#   COMPILE          1: the fast path (compiled prefill on CUDA, static KV cache, CUDA-graphed decode; --compile)
 #   PYTHON           interpreter (default: the repository's .venv/bin/python when it exists, else python)
 #   CKPT             run name used in answer paths, named by what ran (default <model dir>-dense,
 #                    <model dir>-<method>-r<ratio>, <model dir>-<method>-<recipe name>,
