@@ -3,6 +3,8 @@
 fp32 on the CPU: the same dropped tokens, the same greedy tokens and logits within 1e-5, batched
 (padded) and one by one, first turn and a cached second turn, for every method and dense.
 """
+import os
+
 import pytest
 import torch
 
@@ -24,6 +26,7 @@ METHODS = {
 }
 NEW = 4
 TOL = dict(atol=1e-5, rtol=1e-5)
+SLOW = os.environ.get("LLAVA_FITPRUNE_SLOW") == "1"
 BACKEND = "eager"  # torch.compile backend of the compile test: dynamo (fullgraph) without codegen, fast
 
 
@@ -223,7 +226,9 @@ def test_fast_path_with_grouped_query_attention(tiny_gqa_dir):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", ["dense", "fitprune"])
+@pytest.mark.parametrize("method", ["dense", "fitprune"] + [
+    pytest.param(m, marks=pytest.mark.skipif(not SLOW, reason="a compilation each: LLAVA_FITPRUNE_SLOW=1"))
+    for m in ("random", "fastv", "uniform", "oracle")])
 def test_compiled_prefill_into_the_static_cache_equals_eager(models, method):
     """prefill="compile": the layer loop under torch.compile (aot_eager: dynamo with fullgraph, then
     AOT autograd's functionalized writes into the static cache's buffers) fills the same cache and
@@ -240,6 +245,7 @@ def test_compiled_prefill_into_the_static_cache_equals_eager(models, method):
     def run():
         out = []
         for x, img, kw in cases:
+            kw = {**kw, **_selector_kw(method, model, x, img, **kw)}
             seq, scores, gen = _gen(model, x, img, **kw)
             cache = gen.past_key_values
             lengths, masks = cache.layer_lengths(), [m.tolist() for m in cache.key_masks]

@@ -18,10 +18,10 @@ from ...core.selectors import LayerAttention, PruneState, TokenSelector, take_ro
 BLOCK_ELEMENTS = {"cuda": 2 ** 25}
 BLOCK_ELEMENTS_DEFAULT = 2 ** 19
 MIN_BLOCK_ROWS = 16
-# Devices whose eager pruning layers compute the score rows' attention once: SDPA for the rows
-# before the image, an explicit softmax (block by block) for the score rows, which gives both
-# their output and the scores. Fewest FLOPs (the FLOPs model's count), a few more ops: for a
-# compute-bound CPU. Elsewhere, and in a compiled prefill, SDPA runs over every row as in the
+# Devices whose pruning layers compute the score rows' attention once: SDPA for the rows before
+# the image, an explicit softmax (block by block when eager, in one piece when compiled) for the
+# score rows, which gives both their output and the scores. Fewest FLOPs (the FLOPs model's
+# count), a few more ops: for a compute-bound CPU. Elsewhere SDPA runs over every row as in the
 # stock layer and the score rows' probabilities are made once more: fewest launches (a GPU at
 # batch 1 is bound by them), at the cost of one more query-key product for those rows.
 SCORE_ROWS_ONCE_DEVICES = {"cpu"}
@@ -208,7 +208,7 @@ def pruning_layer_forward(
     """A `LlamaDecoderLayer` prefill step that drops tokens after its attention.
 
     The rows the scores read (the visual tokens and the text after them, from `state.row_start`)
-    get their softmax probabilities when the selector reads attention: on a CPU in eager mode
+    get their softmax probabilities when the selector reads attention: on a CPU (eager or compiled)
     computed once, with their output (`SCORE_ROWS_ONCE_DEVICES`); elsewhere SDPA runs over every
     row as in the stock layer and those rows' probabilities are made once more (`TailAttention`). The dropped tokens serve as
     keys and values here and stay in this layer's cache; their rows leave before `o_proj` and the
@@ -235,16 +235,17 @@ def pruning_layer_forward(
     k, v = repeat_kv(k, H // KV), repeat_kv(v, H // KV)  # [B, H, N, hd]
     r0 = min(state.row_start, N)
     attention = None
-    if selector.needs_attention and q.device.type in SCORE_ROWS_ONCE_DEVICES and not torch.compiler.is_compiling():
+    if selector.needs_attention and q.device.type in SCORE_ROWS_ONCE_DEVICES:
         out_rows = q.new_empty(B, N, H, hd)  # filled through a [B, H, N, hd] view
         out = out_rows.transpose(1, 2)  # [B, H, N, hd]
         out[:, :, :r0] = F.scaled_dot_product_attention(  # rows before the image
             q[:, :, :r0], k[:, :, :r0], v[:, :, :r0],
-            attn_mask=None if mask is None else mask[:, :, :r0, :r0], is_causal=mask is None and r0 > 1)
+            attn_mask=None if mask is None else mask[:, :, :r0, :r0],
+            is_causal=mask is None and state.row_start > 1)  # = r0 > 1 (row_start < N), a host bool when compiled
         attention = TailAttention(q, k, r0, mask)
-        if selector.reads_head_max:  # block by block, the output with it
+        if selector.reads_head_max and not torch.compiler.is_compiling():  # block by block, the output with it
             attention._head_max = attention_rows_head_max(q, k, v, r0, mask, out)
-        else:
+        else:  # one piece (compiled: a Python loop over blocks would fix the prompt length in the graph)
             tail, attention._probs = attention_rows(q, k, v, r0, mask)  # [B, H, R, hd], [B, H, R, N]
             out[:, :, r0:] = tail
     else:
