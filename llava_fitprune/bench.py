@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", choices=PREFILL_MODES, default="auto",
                    help="the fast path's prefill: compile (the layer loop under torch.compile) or eager "
                         "(auto: fast_path.PREFILL_AUTO per device)")
+    p.add_argument("--prefill-compile-mode", default=None, choices=[None, "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode of --prefill compile (reduce-overhead: CUDA graphs per prompt length)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of --decode compile and --prefill compile")
     p.add_argument("--warmup", type=int, default=1,
@@ -167,7 +169,8 @@ def _runner(spec: RowSpec, lm, stock, args):
         return EagerRunner(stock, pruning=False)
     if spec.fast:  # each fast row its own state: its cache buffers (and CUDA graph) persist across its runs
         return FastRunner(FastPath(lm, FastPathConfig(args.decode, args.compile_backend, prefill=args.prefill,
-                                                      prefill_backend=args.compile_backend)))
+                                                      prefill_backend=args.compile_backend,
+                                                      prefill_compile_mode=args.prefill_compile_mode)))
     return EagerRunner(lm)
 
 

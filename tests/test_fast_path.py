@@ -210,6 +210,10 @@ def test_fast_path_is_per_instance(models, tiny_dir):
         enable_fast_path(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="needs a CUDA model"):
         enable_fast_path(model, decode="graph")
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        enable_fast_path(model, prefill="fast")
+    assert enable_fast_path(model).prefill_mode == "eager"  # auto on the CPU (fast_path.PREFILL_AUTO)
+    disable_fast_path(model)
 
 
 @torch.no_grad()

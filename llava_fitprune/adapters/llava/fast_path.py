@@ -45,6 +45,9 @@ class FastPathConfig:
     reuse_buffers: bool = True  # a new conversation reuses the last cache's buffers (one CUDA graph)
     prefill: str = "auto"  # auto: "compile" (see PREFILL_AUTO); "eager": the model's own loop
     prefill_backend: str = "inductor"  # torch.compile backend of prefill="compile"
+    # torch.compile mode of the prefill: None (inductor's default: fused kernels, launched from the host)
+    # or "reduce-overhead" (CUDA graphs, one recorded per prompt length; untested on a GPU so far)
+    prefill_compile_mode: Optional[str] = None
 
     def check(self) -> None:
         if self.decode not in DECODE_MODES:
@@ -84,8 +87,8 @@ class FastPath:
         self.original_forward = types.MethodType(type(model).forward, model)
         self.original_generate = types.MethodType(type(model).generate, model)
         self.prefill_mode = PREFILL_AUTO.get(device.type, "eager") if config.prefill == "auto" else config.prefill
-        self.compiled_prefill = (CompiledPrefill(model, config.prefill_backend) if self.prefill_mode == "compile"
-                                 else None)
+        self.compiled_prefill = (CompiledPrefill(model, config.prefill_backend, mode=config.prefill_compile_mode)
+                                 if self.prefill_mode == "compile" else None)
         self.max_new_tokens: Optional[int] = None  # set while `generate` runs
         self.last_cache: Optional[StaticPrunedCache] = None
         self.stats = {"decode_compile_s": 0.0, "graph_captures": 0, "graph_capture_s": 0.0}  # + prefill_compile_s
@@ -222,7 +225,8 @@ def graph_key(input_ids: torch.Tensor, step_args: tuple) -> tuple:
 
 
 def enable_fast_path(model, decode: str = "auto", backend: str = "inductor", bucket: int = DEFAULT_BUCKET,
-                     reuse_buffers: bool = True, prefill: str = "auto", prefill_backend: str = "inductor") -> FastPath:
+                     reuse_buffers: bool = True, prefill: str = "auto", prefill_backend: str = "inductor",
+                     prefill_compile_mode: Optional[str] = None) -> FastPath:
     """Turn on the fast path for this model instance (see the module docstring); returns its state,
     also at `model.fast_path`. `disable_fast_path(model)` turns it off.
 
@@ -233,7 +237,8 @@ def enable_fast_path(model, decode: str = "auto", backend: str = "inductor", buc
     if getattr(model.config, "pretraining_tp", 1) > 1:
         raise NotImplementedError("pretraining_tp > 1 is not supported by the fast path")
     disable_fast_path(model)
-    fast = FastPath(model, FastPathConfig(decode, backend, bucket, reuse_buffers, prefill, prefill_backend))
+    fast = FastPath(model, FastPathConfig(decode, backend, bucket, reuse_buffers, prefill, prefill_backend,
+                                          prefill_compile_mode))
     model.forward = _with_signature(fast.forward, fast.original_forward)  # per instance: the class is untouched
     model.generate = _with_signature(fast.generate, fast.original_generate)
     model.fast_path = fast

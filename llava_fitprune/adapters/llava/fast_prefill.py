@@ -111,9 +111,8 @@ class CompiledPrefill:
 def _mark_sequence_dynamic(seq_len: int, *roots) -> None:
     """The sequence dimension (the first after the batch of size `seq_len`) of the loop's tensors, the
     prune state's fields and what the selector prepared (e.g. the oracle's [P, B, N] index) is
-    dynamic; nothing else is
-    (`dynamic=False`: drop counts and other host ints stay constants of the graph, which keeps its
-    symbolic shapes simple and its compilation short)."""
+    dynamic; nothing else is (`dynamic=False`: drop counts and other host ints stay constants of the
+    graph, which keeps its symbolic shapes simple and its compilation short)."""
     if seq_len < 2:
         return
     values = list(roots)
