@@ -146,3 +146,36 @@ def test_sliding_window_layers_are_refused():
         model = enable_pruning(Qwen2_5_VLForConditionalGeneration(config))
     with pytest.raises(NotImplementedError, match="full-attention layers only"):
         model.set_pruning(RECIPE)
+
+
+@torch.no_grad()
+def test_save_pretrained_records_the_pruning_and_load_restores_it(tiny_paths, tmp_path):
+    """A saved pruning model reloads with its schedule, method and options (random's seed: the same
+    tokens drop); a model set back to dense saves as dense; an oracle cannot be saved; the checkpoint
+    still loads with the stock class."""
+    from llava_fitprune.core.selectors import OracleSelector, RandomSelector
+    from transformers import LlavaForConditionalGeneration
+
+    model, processor = load_ours(tiny_paths["llava"], method="random", recipe=RECIPE, seed=7)
+    inputs = make_inputs(processor, [0])
+    tokens = generate(model, inputs, 3)[0]
+    dropped = model.fitprune_trace.dropped_positions
+    model.save_pretrained(tmp_path / "pruned")
+    processor.save_pretrained(tmp_path / "pruned")
+    again, _ = load_ours(str(tmp_path / "pruned"))
+    state = again.fitprune_text_model.fitprune
+    assert again.fitprune_recipe == model.fitprune_recipe and again.fitprune_recipe.drop_per_layer == \
+        RECIPE.drop_per_layer and isinstance(state.selector, RandomSelector) and state.selector.seed == 7
+    assert torch.equal(generate(again, inputs, 3)[0], tokens)
+    assert [None if d is None else d.tolist() for d in again.fitprune_trace.dropped_positions] == \
+        [None if d is None else d.tolist() for d in dropped]
+    assert type(load_stock(str(tmp_path / "pruned"))) is LlavaForConditionalGeneration
+
+    again.set_pruning(None)
+    again.save_pretrained(tmp_path / "dense")
+    processor.save_pretrained(tmp_path / "dense")
+    assert load_ours(str(tmp_path / "dense"))[0].fitprune_recipe is None
+
+    model.set_pruning(RECIPE, selector=OracleSelector(list(dropped)))
+    with pytest.raises(ValueError, match="cannot save a model pruning with the 'oracle' selector"):
+        model.save_pretrained(tmp_path / "oracle")

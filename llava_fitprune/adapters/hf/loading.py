@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 
 from .llava import LlavaPruningMixin
+from ...core.recipe import Recipe
+from ...core.saved_method import selector_from_config
 from .model import attach
 from .qwen2_5_vl import QwenImageTextProcessor, QwenPruningMixin, QwenTextPruningMixin
 
@@ -55,6 +57,11 @@ def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[f
     if config.model_type not in MODEL_TYPES:
         raise ValueError(f"{pretrained}: model type {config.model_type!r} is not supported by the transformers "
                          f"backend; supported: {sorted(MODEL_TYPES)}")
+    saved = None  # (recipe, selector) a checkpoint saved by our save_pretrained records, checked before the weights
+    if getattr(config, "fitprune_recipe", None) is not None:
+        saved = (Recipe.from_dict(config.fitprune_recipe, source=f"{pretrained} config.fitprune_recipe"),
+                 selector_from_config(getattr(config, "fitprune_method", None) or "fitprune",
+                                      getattr(config, "fitprune_method_options", None)))
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     kwargs = {"dtype": dtype or torch.float32}
@@ -64,4 +71,6 @@ def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[f
     enable_pruning(model)
     if recipe is not None or reduction_ratio is not None or method != "fitprune" or method_options:
         model.set_pruning(recipe, reduction_ratio=reduction_ratio, method=method, **method_options)
+    elif saved is not None:  # saved by our save_pretrained: its pruning
+        model.set_pruning(saved[0], selector=saved[1])
     return model, load_processor(pretrained, config.model_type)

@@ -17,6 +17,7 @@ from .decoder import PruneTrace, PruningState, PruningTextModelMixin
 from ...core.flops import LMShape, prefill_flops
 from ...core.methods import build_method
 from ...core.recipe import Recipe
+from ...core.saved_method import refuse_unrestorable, selector_options
 from ...core.selectors import FitPruneSelector, TokenSelector
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
@@ -89,6 +90,18 @@ class FitPruneVLMMixin:
         state.recipe, state.selector = schedule, selector or chosen
         state.last_trace = None
         return schedule
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`; the config also records the pruning (`fitprune_recipe`,
+        `fitprune_method`, `fitprune_method_options`; None when dense), which `load_pretrained`
+        restores. Refused when the selector cannot be restored (core/saved_method.py)."""
+        state: PruningState = self.fitprune_text_model.fitprune
+        if state.recipe is not None:
+            refuse_unrestorable(state.selector)
+        self.config.fitprune_recipe = state.recipe.to_dict() if state.recipe is not None else None
+        self.config.fitprune_method = state.selector.name if state.recipe is not None else None
+        self.config.fitprune_method_options = selector_options(state.selector) if state.recipe is not None else None
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @property
     def fitprune_recipe(self) -> Optional[Recipe]:
