@@ -11,7 +11,8 @@ Public API (stable; the lmms-eval plugin and the flops tools use it):
 - `pretrained`: hub id or local path. `recipe`: a Recipe or a recipe JSON path; `reduction_ratio`: the
   built-in LLaVA-1.5-7B recipe for that ratio (it applies to any 32-layer model; a recipe with another
   layer count is refused); `method`: fitprune, fastv, uniform, random (`core.methods.build_method`, whose
-  options pass through `**method_options`: fastv k, r, target_reduction...). None of them: dense.
+  options pass through `**method_options`: fastv k, r, target_reduction...). None of them: dense, or
+  the pruning a checkpoint saved by `model.save_pretrained` records (recipe, method, options).
   `dtype`: a torch dtype or its name (default float32). `attn_implementation`: "sdpa" / "eager" / any
   registered one (layers that drop nothing use it; pruning layers compute their attention themselves).
 - `model` is the transformers model instance (pruning is put on this instance only: its class becomes
@@ -19,6 +20,8 @@ Public API (stable; the lmms-eval plugin and the flops tools use it):
   max_new_tokens=...)` returns what transformers returns. `model(**inputs)` likewise.
 - `model.set_pruning(recipe=None, *, reduction_ratio=None, method="fitprune", selector=None, **options)`:
   change the schedule; `set_pruning(None)` runs the stock forward. Returns the schedule (a Recipe) or None.
+- `model.save_pretrained(folder)`: transformers' save, plus `fitprune_recipe`, `fitprune_method` and
+  `fitprune_method_options` in config.json (refused for oracle / LVPruning selectors).
 - `model.fitprune_last`: a `PrefillRecord` of the last prefill with visual tokens (None when dense or
   before one): `method`, `recipe_fingerprint`, per sample `visual_tokens` (entering the LM),
   `visual_tokens_kept`, `tokens_entering` per layer, `prefill_tflops` and `dense_prefill_tflops` (the
