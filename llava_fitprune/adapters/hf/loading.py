@@ -6,10 +6,10 @@ from typing import Optional
 import torch
 
 from .llava import LlavaPruningMixin
-from ...core.recipe import Recipe
-from ...core.saved_method import selector_from_config
 from .model import attach
 from .qwen2_5_vl import QwenImageTextProcessor, QwenPruningMixin, QwenTextPruningMixin
+from ...core.recipe import Recipe
+from ...core.saved_method import selector_from_config
 
 # model_type of the config -> (VLM mixin, text-model mixin); the text mixin None: the generic loop
 MODEL_TYPES = {

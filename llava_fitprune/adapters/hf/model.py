@@ -96,11 +96,12 @@ class FitPruneVLMMixin:
         `fitprune_method`, `fitprune_method_options`; None when dense), which `load_pretrained`
         restores. Refused when the selector cannot be restored (core/saved_method.py)."""
         state: PruningState = self.fitprune_text_model.fitprune
+        recipe, method, options = None, None, None
         if state.recipe is not None:
             refuse_unrestorable(state.selector)
-        self.config.fitprune_recipe = state.recipe.to_dict() if state.recipe is not None else None
-        self.config.fitprune_method = state.selector.name if state.recipe is not None else None
-        self.config.fitprune_method_options = selector_options(state.selector) if state.recipe is not None else None
+            recipe, method, options = state.recipe.to_dict(), state.selector.name, selector_options(state.selector)
+        self.config.fitprune_recipe, self.config.fitprune_method, self.config.fitprune_method_options = \
+            recipe, method, options
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @property

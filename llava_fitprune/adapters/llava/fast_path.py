@@ -9,9 +9,10 @@ a call with positional arguments) takes the model's own forward; the eager loop 
 extend a StaticPrunedCache, so a cached second turn works on both paths.
 
 The prefill: the model's forward, whose layer loop runs under `torch.compile` when the prefill mode
-is "compile" (fast_prefill.compile_prefill: no graph break, dynamic sequence length). The forward
-allocates every layer's buffers before the loop (`StaticPrunedCache.prepare_prefill`, from the
-plan's per-layer lengths), so the compiled loop only writes into fixed buffers.
+is "compile" (fast_prefill.CompiledPrefill, installed for the fast path's own prefills only: no
+graph break, dynamic sequence length). The forward allocates every layer's buffers before the loop
+(`StaticPrunedCache.prepare_prefill`, from the plan's per-layer lengths); the compiled loop caches
+into a plain PrunedCache, which the static cache then copies (`adopt_prefill`).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class FastPathConfig:
     backend: str = "inductor"  # torch.compile backend for decode="compile" (tests: "eager" / "aot_eager")
     bucket: int = DEFAULT_BUCKET  # cache capacities are rounded up to this many tokens
     reuse_buffers: bool = True  # a new conversation reuses the last cache's buffers (one CUDA graph)
-    prefill: str = "auto"  # auto: "compile" (see PREFILL_AUTO); "eager": the model's own loop
+    prefill: str = "auto"  # "compile", "eager" (the model's own loop) or "auto" (per device: PREFILL_AUTO)
     prefill_backend: str = "inductor"  # torch.compile backend of prefill="compile"
     # torch.compile mode of the prefill: None (inductor's default: fused kernels, launched from the host)
     # or "reduce-overhead" (CUDA graphs, one recorded per prompt length; untested on a GPU so far)
@@ -91,7 +92,7 @@ class FastPath:
                                  if self.prefill_mode == "compile" else None)
         self.max_new_tokens: Optional[int] = None  # set while `generate` runs
         self.last_cache: Optional[StaticPrunedCache] = None
-        self.stats = {"decode_compile_s": 0.0, "graph_captures": 0, "graph_capture_s": 0.0}  # + prefill_compile_s
+        self.stats = {"decode_compile_s": 0.0, "graph_captures": 0, "graph_capture_s": 0.0}
         self._tables: Optional[tuple] = None  # (length, cos [P, hd], sin [P, hd])
         self._graph: Optional[_Graph] = None
         self._compiled_keys: set = set()
@@ -258,4 +259,3 @@ def _with_signature(method, like):
 def disable_fast_path(model) -> None:
     for name in ("forward", "generate", "fast_path"):
         model.__dict__.pop(name, None)
-

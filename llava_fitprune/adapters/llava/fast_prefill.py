@@ -136,7 +136,6 @@ def compile_prefill(model, backend: str = "inductor", dynamic: bool = False, mod
 
     backend, mode, dynamic, fullgraph and `options` go to `torch.compile`; fullgraph=True (the
     default) makes a graph break inside the loop an error instead of a slow path.
-    `uncompile_prefill(model)` undoes it.
     """
     lm = _language_model(model)
     if "decoder_layers" in vars(lm):
@@ -145,13 +144,6 @@ def compile_prefill(model, backend: str = "inductor", dynamic: bool = False, mod
     lm.decoder_layers = loop  # per instance: shadows the class's method for this model only
     lm.prefill_compile_stats = loop.stats
     return loop
-
-
-def uncompile_prefill(model) -> None:
-    """Undo `compile_prefill` on this model (no-op when it was not applied)."""
-    lm = _language_model(model)
-    for name in ("decoder_layers", "prefill_compile_stats"):
-        lm.__dict__.pop(name, None)
 
 
 def prefill_compile_stats(model) -> PrefillCompileStats:

@@ -122,8 +122,8 @@ class StaticPrunedCache(PrunedCache):
 
     def prepare_prefill(self, layer_lengths: list[int], like: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
         """Before a prefill's layer loop: every layer's buffers, layer l with room for `layer_lengths[l]`
-        tokens plus `extra_tokens` (reused from the earlier cache where they fit). The loop then only
-        writes into fixed buffers, which is what a compiled prefill needs (fast_prefill.py).
+        tokens plus `extra_tokens` (reused from the earlier cache where they fit): no allocation inside
+        the loop (or, for a compiled prefill, inside `adopt_prefill`).
 
         like: [B, N, D] the hidden states entering the first layer (batch, dtype and device)."""
         self._check_live()
@@ -190,20 +190,11 @@ class StaticPrunedCache(PrunedCache):
     def adopt_prefill(self, staged: PrunedCache) -> None:
         """Take a prefill that was cached into `staged` (a compiled prefill, fast_prefill.py): copy every
         layer's keys, values and key mask into this cache's buffers (allocated by `prepare_prefill`)."""
-        self._check_live()
-        if any(self.lengths) or len(self.lengths) not in (0, len(staged.key_cache)):
-            raise ValueError("adopt_prefill needs an empty cache (prepared for the same layers)")
+        if any(self.lengths):
+            raise ValueError("adopt_prefill needs an empty cache (prepare_prefill, or none)")
         for layer_idx, (k, v) in enumerate(zip(staged.key_cache, staged.value_cache)):  # [B, KV, K_l, hd]
-            if layer_idx == len(self.lengths):
-                self._new_layer(layer_idx, k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device, k.shape[2])
-            n = k.shape[2]
-            self.reserve(layer_idx, n)
-            self.key_buffers[layer_idx][:, :, :n].copy_(k)
-            self.value_buffers[layer_idx][:, :, :n].copy_(v)
-            self.mask_buffers[layer_idx][:, :n].copy_(staged.key_masks[layer_idx])
-            self.lengths[layer_idx] = n
-        self.seen_tokens = staged.seen_tokens
-        self._fill_stale = True
+            self.extend_key_mask(layer_idx, staged.key_masks[layer_idx])  # the eager loop's writes, after it
+            self.update(k, v, layer_idx)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._check_live()
