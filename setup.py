@@ -8,7 +8,7 @@ setup(
     package_data={"llava_fitprune.core": ["recipes/*.json"]},
     python_requires=">=3.10",
     # llava-torch is installed separately with --no-deps (its metadata pins torch 2.0.1 and gradio);
-    # see README "Install".
+    # see docs/speed.md "Install on a GPU machine".
     install_requires=[
         "torch>=2.1",
         "transformers==4.37.2",

@@ -7,8 +7,10 @@ torch or LLaVA until a checkpoint of ours is loaded (auto_registration.py).
 from importlib import import_module
 
 from . import auto_registration
+from .utils import moved
 
 auto_registration.install()
+moved.install()  # old import paths (0.1's top-level modules) fail with one line naming the new one
 
 __version__ = "0.1.0"
 

@@ -10,27 +10,16 @@ and its compile time. Only the public API is used, so the script also measures
 an older checkout (PYTHONPATH=...).
 """
 import argparse
-import collections
 import json
 import os
 import statistics
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from llava_fitprune import OracleSelector, builtin_recipe, zero_recipe
-from llava_fitprune.bench_models import PromptLayout, build_lm, load_lm_config, make_inputs
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
+from llava_fitprune.bench.models import PromptLayout
+from llava_fitprune.bench.proxy import OpCounter, build_proxy
 
 
 def prefill(lm, embeds, visual, selector=None):
@@ -63,12 +52,10 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg, _ = load_lm_config(args.model, width=args.width)
-    layers = cfg["num_hidden_layers"]
     layout = PromptLayout(*map(int, args.layout.split(",")))
     recipe = builtin_recipe(args.ratio)
-    lm = build_lm(args.model, cfg, False, "sdpa", torch.float32, "cpu")
-    embeds, visual = make_inputs(lm, layout, 1)
+    lm, embeds, visual = build_proxy(args.model, args.width, layout)
+    layers = lm.config.num_hidden_layers
 
     rows = {}  # name -> (model, recipe, selector)
     lm.set_pruning(recipe)

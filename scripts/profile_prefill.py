@@ -9,7 +9,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from llava_fitprune.bench_models import PromptLayout, build_lm, load_lm_config, make_inputs
+from llava_fitprune.bench.models import PromptLayout, build_lm, load_lm_config, make_inputs
 from llava_fitprune.core.recipe import builtin_recipe, zero_recipe
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize",

@@ -2,7 +2,7 @@
 # Set up a virtual environment for llava-fitprune. Idempotent; CPU torch by default.
 #   bash scripts/setup.sh        .venv: the LLaVA stack (transformers 4.37.2, llava-torch --no-deps), this package
 #   bash scripts/setup.sh --hf   .venv-hf: the transformers-native stack (transformers 5.x, lmms-eval), this package
-# GPU users: see README "Install on a GPU machine".
+# GPU users: see docs/speed.md "Install on a GPU machine".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}

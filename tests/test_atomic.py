@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from llava_fitprune import atomic
+from llava_fitprune.utils import atomic
 
 
 class Unwritable:
@@ -55,7 +55,7 @@ def test_a_folder_appears_only_when_complete(tmp_path):
 
 def test_fit_report_survives_a_failed_rewrite(tmp_path, monkeypatch):
     """`fit` killed while writing fit_report.json keeps the previous one whole."""
-    from llava_fitprune import fit_cli
+    from llava_fitprune.cli import fit as fit_cli
     from llava_fitprune.adapters.llava import builder, calibration
     from llava_fitprune.core import fit as core_fit
     from llava_fitprune.core.recipe import Recipe
@@ -101,8 +101,8 @@ def test_accuracy_outputs_survive_a_failed_rewrite(tmp_path, monkeypatch):
 def test_bench_csv_and_plots_survive_a_failed_rewrite(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    from llava_fitprune.bench_report import write_csv
-    from llava_fitprune.plots import plot_schedules
+    from llava_fitprune.bench.report import write_csv
+    from llava_fitprune.utils.plots import plot_schedules
     from llava_fitprune.core.recipe import Recipe
 
     row = {"attn": "sdpa", "batch": 1, "method": "dense", "prefill_runs": [0.01]}

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from llava_fitprune import OracleSelector, builtin_recipe
-from llava_fitprune.bench import main as bench_main
-from llava_fitprune.bench_models import PromptLayout, build_lm, load_lm_config, make_inputs
-from llava_fitprune.bench_report import COLUMNS
+from llava_fitprune.cli.bench import main as bench_main
+from llava_fitprune.bench.models import PromptLayout, build_lm, load_lm_config, make_inputs
+from llava_fitprune.bench.report import COLUMNS
 from llava_fitprune.core.flops import LMShape, kv_cache_bytes, tokens_entering
 from llava_fitprune.adapters.llava.layer_step import attention_mask_4d, attention_rows, attention_rows_head_max
 

@@ -171,7 +171,7 @@ def nothing_loads(monkeypatch):
         raise AssertionError("weights loaded before the arguments were checked")
 
     import llava_fitprune
-    from llava_fitprune import bench
+    from llava_fitprune.cli import bench
     from llava_fitprune.adapters.llava import builder
 
     # the package's lazy export first: reading it caches the builder's function, which undo restores
@@ -223,7 +223,7 @@ def test_a_real_process_gets_the_same_line(tmp_path):
 
 def test_fit_calibrates_on_every_question_unless_told(paths, monkeypatch, tmp_path, capsys):
     """#16 item 25: without --num-samples, fit uses all the file has (with a note) instead of asking for 66."""
-    from llava_fitprune import fit_cli
+    from llava_fitprune.cli import fit as fit_cli
     from llava_fitprune.adapters.llava import builder, calibration
     from llava_fitprune.core import fit as core_fit
 

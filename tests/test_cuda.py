@@ -92,7 +92,7 @@ def _free_gib() -> float:
 
 @pytest.fixture(scope="module")
 def lm7b():
-    from llava_fitprune.bench_models import PromptLayout, build_lm, load_lm_config, make_inputs
+    from llava_fitprune.bench.models import PromptLayout, build_lm, load_lm_config, make_inputs
 
     if _free_gib() < 40:
         pytest.skip("the 7B shape needs about 30 GiB of free GPU memory (two bf16 copies)")
@@ -196,7 +196,7 @@ def test_7b_fast_decode_same_tokens(lm7b):
     """The real 7B shape in bf16, batch 2, FitPrune 0.6: 8 greedy tokens from the graphed decode equal
     the eager loop's."""
     from llava_fitprune.adapters.llava.fast_path import FastPath, FastPathConfig
-    from llava_fitprune.bench_measure import EagerRunner, FastRunner
+    from llava_fitprune.bench.measure import EagerRunner, FastRunner
     from llava_fitprune.core.recipe import builtin_recipe
 
     _, lm, embeds, visual = lm7b

@@ -1,7 +1,7 @@
 import os
 
 from llava_fitprune.cli import main as cli_main
-from llava_fitprune.demo import main as demo_main
+from llava_fitprune.cli.demo import main as demo_main
 
 
 def test_demo_runs_dense_and_pruned(tiny32_dir, tmp_path, capsys):
@@ -60,7 +60,7 @@ def test_demo_rejects_a_split_without_questions(tmp_path, capsys):
 def test_demo_accuracy_table_matches_methods_at_the_mean_prompt(tiny2, split):
     """fastv/uniform rows are matched to FitPrune's FLOPs at the mean text length of the questions asked,
     as `llava-fitprune accuracy` does, not at the length of whichever prompt came last."""
-    from llava_fitprune.demo import _prompt
+    from llava_fitprune.cli.demo import _prompt
     from llava_fitprune.synth.accuracy import split_questions
     from llava_fitprune.synth.demo_task import accuracy_table
     from .conftest import load_ours

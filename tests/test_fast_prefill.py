@@ -11,7 +11,7 @@ import torch
 from llava_fitprune import OracleSelector, Recipe
 from llava_fitprune.adapters.llava.cache import PrunedCache
 from llava_fitprune.adapters.llava.fast_prefill import compile_prefill, prefill_compile_stats
-from llava_fitprune.bench_models import PromptLayout, build_lm, load_lm_config, make_inputs
+from llava_fitprune.bench.models import PromptLayout, build_lm, load_lm_config, make_inputs
 from llava_fitprune.core.selectors import FastVSelector, FitPruneSelector, RandomSelector, UniformSelector
 
 LAYERS, VISUAL = 3, 48

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from llava_fitprune.adapters.llava.calibration import CalibrationError, CalibrationSample, read_questions, sample_questions
+from llava_fitprune.core.calibration import CalibrationError, CalibrationSample, read_questions, sample_questions
 from llava_fitprune.core.fit import fit
 from llava_fitprune.core.fit_runner import _Rows, _run_layer, collect_statistics, schedule_for, simulate
 from llava_fitprune.core.flops import LMShape, reduction_for
@@ -250,7 +250,7 @@ def test_missing_image_names_the_file(tiny_gqa_dir, tmp_path):
 
 # -- CLI, bundled data, calibration-set script --------------------------------------------------------
 def test_cli_fit_and_dry_run(tiny_gqa_dir, tmp_path, capsys):
-    from llava_fitprune.fit_cli import main
+    from llava_fitprune.cli.fit import main
 
     out = tmp_path / "recipes"
     argv = ["--model-path", tiny_gqa_dir, "--question-file", os.path.join(TINY_CALIB, "questions.jsonl"),
@@ -537,7 +537,7 @@ def test_cap_that_cannot_meet_the_budget_names_k(random_setup, monkeypatch):
 
 
 def test_cli_max_pruning_layers(tiny_gqa_dir, tmp_path, capsys):
-    from llava_fitprune.fit_cli import main
+    from llava_fitprune.cli.fit import main
 
     out = tmp_path / "recipes"
     argv = ["--model-path", tiny_gqa_dir, "--question-file", os.path.join(TINY_CALIB, "questions.jsonl"),

@@ -52,7 +52,7 @@ def test_flops_model_matches_flop_counter(fixture, recipe, request):
 
 
 def test_7b_dense_prefill_and_published_reductions(capsys):
-    from llava_fitprune.flops_cli import main
+    from llava_fitprune.cli.flops import main
 
     shape = NAMED_SHAPES["llava-v1.5-7b"]
     dense = dense_prefill_flops(shape, 35 + 576 + 30)
@@ -65,7 +65,7 @@ def test_7b_dense_prefill_and_published_reductions(capsys):
 
 
 def test_flops_cli_rejects_mismatched_recipe(capsys):
-    from llava_fitprune.flops_cli import main
+    from llava_fitprune.cli.flops import main
 
     with pytest.raises(SystemExit):
         main(["--config", "llava-v1.5-13b", "--reduction-ratio", "0.6"])

@@ -6,40 +6,21 @@ The targets are for the launch-bound path (a GPU, a compiled prefill): SDPA over
 the score rows' probabilities. A CPU in eager mode computes the score rows' attention once
 instead (fewer FLOPs, a few more ops; layer_step.SCORE_ROWS_ONCE_DEVICES): counted too, bounded
 by the same targets plus that difference."""
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from llava_fitprune import OracleSelector, builtin_recipe, zero_recipe
-from llava_fitprune.bench_models import PromptLayout, build_lm, load_lm_config, make_inputs
+from llava_fitprune.bench.models import PromptLayout
+from llava_fitprune.bench.proxy import OpCounter, build_proxy
 
 MAX_EXTRA_OPS = {"oracle": 10, "fitprune": 25}  # per pruning layer over a stock layer (#17 item 2)
 SCORE_ROWS_ONCE_EXTRA = 17  # the CPU eager path (41.5 measured; 75.7 before #17): SDPA of the rows before the image, the blocks, the output rows
 HOST_OPS = ("aten._local_scalar_dense", "aten.item", "aten.lift_fresh", "aten.nonzero", "aten._to_copy")
 
 
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
-
-
 @pytest.fixture(scope="module")
 def proxy(one_thread):
-    cfg, _ = load_lm_config("llava-v1.5-7b", width=128)
-    lm = build_lm("llava-v1.5-7b", cfg, False, "sdpa", torch.float32, "cpu")
-    embeds, visual = make_inputs(lm, PromptLayout(35, 576, 30), 1)
-    return lm, embeds, visual
+    return build_proxy("llava-v1.5-7b", width=128, layout=PromptLayout(35, 576, 30))
 
 
 def _count(lm, embeds, visual, selector=None, loop_only=False):

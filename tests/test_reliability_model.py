@@ -217,7 +217,7 @@ def test_user_files_are_loaded_weights_only(tiny_dir, tmp_path, monkeypatch):
 def test_dry_run_refuses_negative_text_tokens(tmp_path, capsys):
     from llava_fitprune.core.flops import prefill_report, resolve_shape
     from llava_fitprune.core.recipe import builtin_recipe
-    from llava_fitprune.fit_cli import main
+    from llava_fitprune.cli.fit import main
 
     builtin_recipe(0.6).save(tmp_path / "r.json")
     assert main(["--dry-run", "--recipe", str(tmp_path / "r.json"), "--num-text-tokens", "-50"]) == 2

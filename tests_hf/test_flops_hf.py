@@ -90,7 +90,7 @@ def test_resolve_shape_completes_a_saved_llava_hf_config(tmp_path):
 
 def test_authors_recipes_apply_to_llava_hf_unchanged(capsys):
     """Same language model: the same drops; only the LM head's 64 extra rows cost more."""
-    from llava_fitprune.flops_cli import main
+    from llava_fitprune.cli.flops import main
 
     fork, hf = NAMED_SHAPES["llava-v1.5-7b"], NAMED_SHAPES["llava-hf/llava-1.5-7b-hf"]
     drops = builtin_recipe(0.6).drop_per_layer
@@ -101,7 +101,7 @@ def test_authors_recipes_apply_to_llava_hf_unchanged(capsys):
 
 
 def test_flops_cli_on_qwen2_5_vl_prints_dense_and_ships_no_recipe(capsys):
-    from llava_fitprune.flops_cli import main
+    from llava_fitprune.cli.flops import main
 
     assert main(["--config", "Qwen/Qwen2.5-VL-7B-Instruct"]) == 0
     out = capsys.readouterr().out

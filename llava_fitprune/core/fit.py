@@ -44,7 +44,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..adapters.llava.calibration import CalibrationSample, CalibrationSet
+from .calibration import CalibrationSample, CalibrationSet
 from .fit_runner import Statistics, collect_statistics, meets, schedule_for, schedule_reduction, simulate
 from .fit_stages import check_max_pruning_layers, pruning_layers, stage_schedule
 from .flops import LMShape, prefill_report, reduction_for

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from ..adapters.llava.calibration import CalibrationError, CalibrationSample
+from .calibration import CalibrationError, CalibrationSample
 from .flops import LMShape, reduction_for, reference_text_tokens
 from .scoring import keep_index
 

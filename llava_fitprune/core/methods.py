@@ -32,7 +32,7 @@ from typing import Any, Optional
 from .flops import LMShape, resolve_shape
 from .method_flops import least_meeting_budget, method_flops
 from .recipe import Recipe, resolve_recipe
-from .selectors import FastVSelector, FitPruneSelector, RandomSelector, TokenSelector, UniformSelector
+from .selectors import EXTERNAL_METHODS, FastVSelector, FitPruneSelector, RandomSelector, TokenSelector, UniformSelector
 
 FASTV_K = 2  # FastV paper's default layer
 FASTV_R = 0.5  # FastV paper's default fraction of visual tokens dropped
@@ -65,11 +65,7 @@ class MethodContext:
         ref = self.reference
         if ref is not None:
             return ref.num_visual_tokens
-        if self.model is not None:
-            from ..lvprune.selector import model_num_visual_tokens
-
-            return model_num_visual_tokens(self.model)
-        raise ValueError("give num_visual_tokens (or a model or a recipe to take it from)")
+        raise ValueError("give num_visual_tokens (or a recipe to take it from)")
 
     def need_shape(self, why: str) -> LMShape:
         if self.shape is None or self.num_text_tokens is None:
@@ -190,22 +186,16 @@ def _uniform(ctx: MethodContext, per_layer: Optional[float] = None, target_reduc
     return ctx.finish(recipe, prov), UniformSelector()
 
 
-def _lvprune(ctx: MethodContext, modules=None):
-    from ..lvprune.selector import LVPruneSelector, as_modules
-
-    if modules is None:
-        raise ValueError("lvprune needs modules= (trained LVPruning modules or their folder)")
-    if ctx.recipe is not None or ctx.reduction_ratio is not None:
-        raise ValueError("LVPruning's schedule is set by its trained modules (their keep fractions), "
-                         "not by a recipe or reduction_ratio")
-    modules = as_modules(modules)
-    recipe = modules.config.recipe(ctx.n_visual())
-    if ctx.num_layers is not None:
-        recipe.check_model(ctx.num_layers)
-    return ctx.finish(recipe, {}, modules.config), LVPruneSelector(modules)
+_BUILDERS = {"fitprune": _fitprune, "fastv": _fastv, "uniform": _uniform, "random": _random}
 
 
-_BUILDERS = {"fitprune": _fitprune, "fastv": _fastv, "uniform": _uniform, "random": _random, "lvprune": _lvprune}
+def register_method(name: str, build) -> None:
+    """Add a method defined above the core: `build(ctx: MethodContext, **options) -> (Recipe, TokenSelector)`.
+    `llava_fitprune.lvprune` registers "lvprune" when it is imported (the core never imports it); the
+    adapters import it, so `build_method("lvprune", ...)` works wherever a model is loaded."""
+    if name not in METHODS:
+        raise ValueError(f"method {name!r} is not among the known methods {list(METHODS)}: add it to METHODS")
+    _BUILDERS[name] = build
 
 
 def build_method(method: str = "fitprune", *, recipe=None, reduction_ratio: Optional[float] = None, shape=None,
@@ -224,4 +214,7 @@ def build_method(method: str = "fitprune", *, recipe=None, reduction_ratio: Opti
     ctx = MethodContext(recipe, reduction_ratio, shape, model, num_text_tokens, num_visual_tokens)
     if ctx.num_layers is None and method in ("fastv", "uniform"):
         raise ValueError(f"{method} needs the model's depth: give shape= or model=")
+    if method not in _BUILDERS:
+        raise ValueError(f"method {method!r} is defined in {EXTERNAL_METHODS[method]}, which registers it when "
+                         f"imported: `import {EXTERNAL_METHODS[method]}` first")
     return _BUILDERS[method](ctx, **options)

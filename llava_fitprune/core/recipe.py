@@ -161,7 +161,7 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def save(self, path: str | os.PathLike) -> None:
-        from ..atomic import write_text  # here, not at the top: a one-place change
+        from ..utils.atomic import write_text  # here, not at the top: a one-place change
 
         write_text(path, self.to_json())  # temporary file, fsync, rename
 

@@ -5,7 +5,6 @@ layer) comes from the recipe. Selectors are pure tensor code; the model owns the
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Optional, Sequence, Union
@@ -302,16 +301,24 @@ class OracleSelector(TokenSelector):
 
 SELECTORS = {"fitprune": FitPruneSelector, "random": RandomSelector, "fastv": FastVSelector,
              "uniform": UniformSelector}
-_LAZY_SELECTORS = {"lvprune": ("llava_fitprune.lvprune.selector", "LVPruneSelector")}  # imported on use
+# Methods defined above the core, by the package that registers them when imported (the core never imports it).
+EXTERNAL_METHODS = {"lvprune": "llava_fitprune.lvprune"}
+
+
+def register_selector(cls: type) -> None:
+    """Add the selector of a method defined above the core (`cls.name` must be in EXTERNAL_METHODS)."""
+    if cls.name not in EXTERNAL_METHODS:
+        raise ValueError(f"selector {cls.name!r} is not an external method {sorted(EXTERNAL_METHODS)}")
+    SELECTORS[cls.name] = cls
 
 
 def selector_class(method: str) -> type:
-    if method in _LAZY_SELECTORS:
-        module, name = _LAZY_SELECTORS[method]
-        return getattr(importlib.import_module(module), name)
-    if method not in SELECTORS:
-        raise ValueError(f"unknown pruning method {method!r}; available: {sorted(SELECTORS) + sorted(_LAZY_SELECTORS)}")
-    return SELECTORS[method]
+    if method in SELECTORS:
+        return SELECTORS[method]
+    if method in EXTERNAL_METHODS:
+        raise ValueError(f"method {method!r} is defined in {EXTERNAL_METHODS[method]}, which registers it when "
+                         f"imported: `import {EXTERNAL_METHODS[method]}` first")
+    raise ValueError(f"unknown pruning method {method!r}; available: {sorted(SELECTORS) + sorted(EXTERNAL_METHODS)}")
 
 
 def make_selector(method: str = "fitprune", **kwargs) -> TokenSelector:

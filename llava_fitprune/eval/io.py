@@ -72,8 +72,8 @@ def require_answers(rows: list, path: str) -> list:
 @contextmanager
 def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator:
     """`open(path, mode)` whose file replaces `path` only when the block ends without an error
-    (`llava_fitprune.atomic.atomic_path`: temporary sibling, fsync, rename), so a reader never sees half a file."""
-    from ..atomic import atomic_path
+    (`llava_fitprune.utils.atomic.atomic_path`: temporary sibling, fsync, rename), so a reader never sees half a file."""
+    from ..utils.atomic import atomic_path
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if "b" not in mode:
@@ -86,7 +86,7 @@ def write_json(path: str, data: Any, indent: int | None = 2) -> None:
     """Write via a temporary file and rename, so a reader never sees half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    from ..atomic import write_json as write_atomically  # here, not at the top: a one-place change
+    from ..utils.atomic import write_json as write_atomically  # here, not at the top: a one-place change
 
     write_atomically(path, data, indent=indent, ensure_ascii=False)  # temporary file, fsync, rename
 

@@ -15,7 +15,7 @@ import re
 import sys
 from typing import Callable
 
-from .. import atomic
+from ..utils import atomic
 
 MANIFEST = "checkpoint.json"
 FORMAT = "llava-fitprune.lvprune-checkpoint"

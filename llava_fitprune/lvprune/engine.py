@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from llava.constants import IGNORE_INDEX
 
-from .. import atomic
+from ..utils import atomic
 from .masking import masked_forward
 from .modules import LVPruneModules
 

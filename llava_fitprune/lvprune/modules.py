@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import atomic
+from ..utils import atomic
 from ..core.recipe import Recipe
 from ..core.scoring import keep_index
 

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from ..core.recipe import Recipe
-from ..core.selectors import TokenSelector
+from ..core.methods import MethodContext, register_method
+from ..core.selectors import TokenSelector, register_selector
 from .modules import LVPruneModules
 
 
@@ -56,6 +57,24 @@ def attach(model, modules: "LVPruneModules | str", num_visual_tokens: Optional[i
     recipe = modules.config.recipe(num_visual_tokens or model_num_visual_tokens(model))
     model.set_pruning(recipe, LVPruneSelector(modules))
     return recipe
+
+
+def build_lvprune(ctx: MethodContext, modules=None):
+    """`core.methods.build_method("lvprune", modules=...)`: the modules' schedule and their selector."""
+    if modules is None:
+        raise ValueError("lvprune needs modules= (trained LVPruning modules or their folder)")
+    if ctx.recipe is not None or ctx.reduction_ratio is not None:
+        raise ValueError("LVPruning's schedule is set by its trained modules (their keep fractions), "
+                         "not by a recipe or reduction_ratio")
+    modules = as_modules(modules)
+    recipe = modules.config.recipe(ctx.n_visual())
+    if ctx.num_layers is not None:
+        recipe.check_model(ctx.num_layers)
+    return ctx.finish(recipe, {}, modules.config), LVPruneSelector(modules)
+
+
+register_method("lvprune", build_lvprune)  # the core reaches LVPruning through its registry only
+register_selector(LVPruneSelector)
 
 
 def detach(model) -> None:

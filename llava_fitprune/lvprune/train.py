@@ -19,7 +19,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from ..cli_args import loading
+from ..cli.args import loading
 from .checkpoints import CheckpointError, find_checkpoint, remove_partials, trim_log, write_checkpoint
 from .data import batches, epoch_order, make_dataset, micro_batches_per_epoch, to_device
 from .engine import DeepSpeedEngine, LocalEngine, TrainStep, resolve_deepspeed_config

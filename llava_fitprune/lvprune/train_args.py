@@ -1,6 +1,6 @@
 """`llava-fitprune lvprune-train`'s arguments and every check that can run before the model loads.
 
-Each bad input ends in one line naming the argument and the fix, exit status 2 (cli_args).
+Each bad input ends in one line naming the argument and the fix, exit status 2 (cli.args).
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import importlib.util
 import json
 import os
 
-from ..cli_args import Parser, at_least, check_common, check_range, comma_list, fail, output_dir
+from ..cli.args import Parser, at_least, check_common, check_range, comma_list, fail, output_dir
 from .checkpoints import CheckpointError, find_checkpoint
 from .data import DEFAULT_TEMPLATE, check_data
 from .modules import CONFIG_NAME, DEFAULT_HEADS, DEFAULT_TEMPERATURE, DEFAULT_WIDTH, LVPruneConfig

@@ -27,8 +27,8 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from .. import atomic
-from ..cli_args import Parser, at_least, check_common, loading, output_dir
+from ..utils import atomic
+from ..cli.args import Parser, at_least, check_common, loading, output_dir
 from ..core.flops import reference_text_tokens
 from ..core.recipe import RecipeError, check_reduction_ratio
 from .evaluate import _model_inputs, normalize, read_jsonl

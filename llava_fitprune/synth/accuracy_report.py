@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from .. import atomic
+from ..utils import atomic
 from ..core.flops import LMShape
 from .questions import QUESTION_TYPES
 
@@ -117,7 +117,7 @@ def plot(results: list[dict], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..plots import finish
+    from ..utils.plots import finish
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in sorted({x["method"] for x in results} - {"dense"}, key=method_rank):

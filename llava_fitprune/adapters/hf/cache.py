@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from ...core.key_masks import KeyMasks
 
-class PrunedCache(DynamicCache):
+
+class PrunedCache(KeyMasks, DynamicCache):
     def __init__(self, config=None) -> None:
         super().__init__(config=config)
-        self.key_masks: list[torch.Tensor] = []  # per layer: [B, K_l] bool, True = real token
+        self.init_key_masks()
 
     @classmethod
     def from_any(cls, cache, config) -> "PrunedCache":
@@ -36,17 +38,9 @@ class PrunedCache(DynamicCache):
                                                 device=layer.keys.device))
         return out
 
-    def extend_key_mask(self, layer_idx: int, new_mask: torch.Tensor) -> torch.Tensor:
-        """Append `new_mask` [B, Q] to layer `layer_idx`'s key mask; return the whole mask [B, K_l]."""
-        if len(self.key_masks) <= layer_idx:
-            self.key_masks.append(new_mask)
-        else:
-            self.key_masks[layer_idx] = torch.cat([self.key_masks[layer_idx], new_mask], dim=-1)
-        return self.key_masks[layer_idx]
-
     def layer_lengths(self) -> list[int]:
         return [self.get_seq_length(l) for l in range(len(self.layers))]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        self.key_masks = [m.index_select(0, beam_idx.to(m.device)) for m in self.key_masks]
+        self.reorder_key_masks(beam_idx)

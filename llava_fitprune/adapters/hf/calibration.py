@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..llava.calibration import CalibrationError, CalibrationSample
+from ...core.calibration import CalibrationError, CalibrationSample
 from ...core.prefill_plan import text_after_last_image
 
 

@@ -12,11 +12,13 @@ from typing import Optional
 import torch
 from transformers.cache_utils import DynamicCache
 
+from ...core.key_masks import KeyMasks
 
-class PrunedCache(DynamicCache):
+
+class PrunedCache(KeyMasks, DynamicCache):
     def __init__(self) -> None:
         super().__init__()
-        self.key_masks: list[torch.Tensor] = []  # per layer: [B, K_l] bool, True = real token
+        self.init_key_masks()
         self.padded = False  # whether any key mask has a False entry
 
     @classmethod
@@ -33,14 +35,6 @@ class PrunedCache(DynamicCache):
         cache.seen_tokens = getattr(past, "seen_tokens", cache.seen_tokens)
         return cache
 
-    def extend_key_mask(self, layer_idx: int, new_mask: torch.Tensor) -> torch.Tensor:
-        """Append `new_mask` [B, Q] to layer `layer_idx`'s key mask; return the whole mask [B, K_l]."""
-        if len(self.key_masks) <= layer_idx:
-            self.key_masks.append(new_mask)
-        else:
-            self.key_masks[layer_idx] = torch.cat([self.key_masks[layer_idx], new_mask], dim=-1)
-        return self.key_masks[layer_idx]
-
     def prepare_prefill(self, layer_lengths: list[int], like: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
         """Called once before a prefill's layer loop with the tokens each layer will cache
         (`layer_lengths[l]`, known from the plan) and `like` ([B, N, D] hidden states: batch, dtype,
@@ -54,7 +48,7 @@ class PrunedCache(DynamicCache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        self.key_masks = [m.index_select(0, beam_idx.to(m.device)) for m in self.key_masks]
+        self.reorder_key_masks(beam_idx)
 
     def get_usable_length(self, new_seq_length: int, layer_idx: Optional[int] = 0) -> int:
         return self.get_seq_length(layer_idx)

@@ -252,6 +252,7 @@ class PruningCausalLMMixin:
             schedule = resolve_recipe(recipe, reduction_ratio, num_layers=len(self.model.layers))
             selector = selector or FitPruneSelector()
         else:
+            from ... import lvprune  # noqa: F401 (registers "lvprune" with the core's method registry)
             from ...core.methods import build_method
 
             schedule, selector = build_method(

@@ -16,9 +16,9 @@ from typing import Optional
 
 import torch
 
-from .core.flops import NAMED_SHAPES, LMShape, decode_token_flops, dense_prefill_flops, prefill_flops, tokens_entering
-from .adapters.llava.modeling import FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM
-from .core.recipe import Recipe
+from ..core.flops import NAMED_SHAPES, LMShape, decode_token_flops, dense_prefill_flops, prefill_flops, tokens_entering
+from ..adapters.llava.modeling import FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM
+from ..core.recipe import Recipe
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 FAST = "-fast"  # suffix of a row on the fast path

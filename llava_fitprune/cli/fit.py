@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 import sys
 
-from .core.fit_stages import check_max_pruning_layers
-from . import atomic
-from .cli_args import Parser, at_least, check_common, check_range, fail, loading, output_dir
-from .core.flops import LMShape, NAMED_SHAPES, prefill_report, resolve_shape
-from .core.recipe import Recipe, RecipeError, check_reduction_ratio, load_recipe
+from ..core.fit_stages import check_max_pruning_layers
+from ..utils import atomic
+from .args import Parser, at_least, check_common, check_range, fail, loading, output_dir
+from ..core.flops import LMShape, NAMED_SHAPES, prefill_report, resolve_shape
+from ..core.recipe import Recipe, RecipeError, check_reduction_ratio, load_recipe
 
 
 def parse_args(argv):
@@ -112,7 +112,7 @@ def dry_run(args) -> int:
 
 
 def plot(recipes: list[Recipe], path: str, title: str) -> None:
-    from .plots import plot_schedules
+    from ..utils.plots import plot_schedules
 
     plot_schedules(recipes, path, title=title)
 
@@ -158,9 +158,9 @@ def run_fit(args, ratios) -> int:
 
     from llava.mm_utils import get_model_name_from_path
 
-    from .adapters.llava.builder import load_pretrained_model
-    from .adapters.llava.calibration import build_calibration, read_questions
-    from .core.fit import fit
+    from ..adapters.llava.builder import load_pretrained_model
+    from ..adapters.llava.calibration import build_calibration, read_questions
+    from ..core.fit import fit
 
     num_samples = calibration_size(args, len(read_questions(args.question_file)))  # before loading the model
     progress = not args.no_progress

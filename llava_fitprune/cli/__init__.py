@@ -5,10 +5,10 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("llava_fitprune.demo", "run the demo: dense vs pruned answers, FLOPs, timings, a plot"),
-    "flops": ("llava_fitprune.flops_cli", "print prefill TFLOPs and reductions of recipes for a config"),
-    "fit": ("llava_fitprune.fit_cli", "fit recipes for FLOPs budgets from a calibration set"),
-    "bench": ("llava_fitprune.bench", "measure prefill/decode latency, memory, efficiency vs FLOPs"),
+    "demo": ("llava_fitprune.cli.demo", "run the demo: dense vs pruned answers, FLOPs, timings, a plot"),
+    "flops": ("llava_fitprune.cli.flops", "print prefill TFLOPs and reductions of recipes for a config"),
+    "fit": ("llava_fitprune.cli.fit", "fit recipes for FLOPs budgets from a calibration set"),
+    "bench": ("llava_fitprune.cli.bench", "measure prefill/decode latency, memory, efficiency vs FLOPs"),
     "report": ("llava_fitprune.eval.report", "gather eval results into a table and a plot"),
     "accuracy": ("llava_fitprune.synth.accuracy", "accuracy of every method on the synthetic task"),
     "lvprune-train": ("llava_fitprune.lvprune.train", "train LVPruning modules on a frozen LLaVA"),
@@ -35,7 +35,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llava-fitprune {argv[0]}: not available in this version ({name} is not installed)", file=sys.stderr)
         return 2
     return int(module.main(argv[1:]) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

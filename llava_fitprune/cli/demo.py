@@ -16,12 +16,12 @@ import time
 
 import torch
 
-from .cli_args import Parser, at_least, check_common, loading, output_dir
-from .core.flops import LMShape, prefill_report
-from .plots import plot_schedules
-from .core.recipe import Recipe, RecipeError, builtin_recipe, check_reduction_ratio
+from .args import Parser, at_least, check_common, loading, output_dir
+from ..core.flops import LMShape, prefill_report
+from ..utils.plots import plot_schedules
+from ..core.recipe import Recipe, RecipeError, builtin_recipe, check_reduction_ratio
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED_CHECKPOINT = os.path.join(REPO_ROOT, "eval_data", "synth_llava", "checkpoint")
 SHIPPED_SPLIT = os.path.join(REPO_ROOT, "eval_data", "synth_llava", "test")
 
@@ -60,8 +60,8 @@ def recipes_for(model, ratios, tokenizer, image_processor, conv_mode) -> list[Re
     first layer alone can exceed a 0.9 budget of total FLOPs)."""
     if len(model.get_model().layers) == 32:
         return [builtin_recipe(r) for r in ratios]
-    from .adapters.llava.calibration import build_calibration
-    from .core.fit import fit
+    from ..adapters.llava.calibration import build_calibration
+    from ..core.fit import fit
 
     questions = os.path.join(BUNDLED_CALIBRATION, "questions.jsonl")
     if not os.path.isfile(questions):
@@ -128,10 +128,10 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
 
     from llava.mm_utils import get_model_name_from_path, process_images
-    from . import load_pretrained_model
-    from .core.methods import build_method
-    from .core.selectors import make_selector
-    from .adapters.llava.tiny import TinyLlavaSpec, build_tiny_llava
+    from .. import load_pretrained_model
+    from ..core.methods import build_method
+    from ..core.selectors import make_selector
+    from ..adapters.llava.tiny import TinyLlavaSpec, build_tiny_llava
 
     model_path, synth_split = args.model_path, args.synth_split
     if model_path is None:
@@ -151,8 +151,8 @@ def main(argv=None) -> int:
     if synth_split:
         from PIL import Image
 
-        from .synth.accuracy import split_questions
-        from .synth.demo_task import task_recipes
+        from ..synth.accuracy import split_questions
+        from ..synth.demo_task import task_recipes
 
         recipes = [None] + task_recipes(model, tokenizer, image_processor, model_path, ratios, args.conv_mode)
         questions, gold = split_questions(synth_split, args.num_questions)
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     for r in rows:
         print("| " + " | ".join(r) + " |")
     if synth_split and args.accuracy_questions:
-        from .synth.demo_task import accuracy_table
+        from ..synth.demo_task import accuracy_table
 
         configs = [("dense", None)] + [(f"{args.method} {r.reduction_ratio:g}", r) for r in recipes[1:]]
         print(f"\naccuracy % on the first {args.accuracy_questions} questions of {synth_split} "

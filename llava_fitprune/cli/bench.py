@@ -30,16 +30,16 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from . import atomic
-from .adapters.llava.fast_path import DECODE_MODES, PREFILL_MODES, FastPath, FastPathConfig
-from .bench_measure import EagerRunner, FastRunner, run_once, summarize
-from .bench_models import (PromptLayout, RowSpec, available_attn_implementations, build_lm, build_stock_lm,
+from ..utils import atomic
+from ..adapters.llava.fast_path import DECODE_MODES, PREFILL_MODES, FastPath, FastPathConfig
+from ..bench.measure import EagerRunner, FastRunner, run_once, summarize
+from ..bench.models import (PromptLayout, RowSpec, available_attn_implementations, build_lm, build_stock_lm,
                            load_lm_config, make_inputs, row_specs)
-from .bench_report import add_figures_of_merit, markdown_table, plot_latency_vs_flops, write_csv
-from .cli_args import Parser, at_least, check_common, fail, output_dir
-from .core.flops import LMShape, kv_cache_bytes
-from .core.recipe import RecipeError, builtin_recipe, check_reduction_ratio, load_recipe
-from .core.selectors import FitPruneSelector, OracleSelector
+from ..bench.report import add_figures_of_merit, markdown_table, plot_latency_vs_flops, write_csv
+from .args import Parser, at_least, check_common, fail, output_dir
+from ..core.flops import LMShape, kv_cache_bytes
+from ..core.recipe import RecipeError, builtin_recipe, check_reduction_ratio, load_recipe
+from ..core.selectors import FitPruneSelector, OracleSelector
 
 METHODS = ("stock", "dense", "fitprune", "oracle", "prellm")
 DEFAULT_RATIOS = (0.5, 0.6, 0.7, 0.8, 0.9)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli_args import Parser, at_least, fail
-from .core.flops import NAMED_SHAPES, decode_token_flops, prefill_report, resolve_shape
-from .core.recipe import RecipeError, builtin_recipes, check_reduction_ratio, load_recipe, builtin_recipe
+from .args import Parser, at_least, fail
+from ..core.flops import NAMED_SHAPES, decode_token_flops, prefill_report, resolve_shape
+from ..core.recipe import RecipeError, builtin_recipes, check_reduction_ratio, load_recipe, builtin_recipe
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ import statistics
 import textwrap
 from collections import defaultdict
 
-from . import atomic
+from ..utils import atomic
 
 COLUMNS = [
     "attn", "batch", "method", "ratio", "visual_tokens", "avg_tokens_per_layer",
@@ -111,7 +111,7 @@ def plot_latency_vs_flops(rows: list[dict], path: str, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import save_figure
+    from ..utils.plots import save_figure
 
     keys = sorted({(r["attn"], r["batch"]) for r in rows})
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)

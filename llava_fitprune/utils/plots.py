@@ -1,10 +1,12 @@
 """PNG plots of token schedules (matplotlib, headless)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from . import atomic
-from .core.recipe import Recipe
+
+if TYPE_CHECKING:  # a type only: utils sits below the core
+    from ..core.recipe import Recipe
 
 
 def plot_schedules(recipes: Sequence[Recipe], path: str, title: str = "visual tokens per layer",
