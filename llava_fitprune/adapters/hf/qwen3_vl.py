@@ -24,6 +24,10 @@ from .qwen2_5_vl import QwenPruningMixin, QwenTextPruningMixin
 class Qwen3VLPruningMixin(QwenPruningMixin):
     """image_token_id and video_token_id are the visual tokens, as for Qwen2.5-VL."""
 
+    fitprune_fit_refusal = ("fit cannot calibrate Qwen3-VL yet (its runner, core/fit_runner.py, has neither the "
+                            "DeepStack additions nor the q/k norms): use a recipe fitted elsewhere, or fastv / "
+                            "uniform / random, which need no fit")
+
 
 class DeepStackAdditions:
     """Qwen3-VL's DeepStack inputs of one prefill, applied after each of the first layers to the rows
