@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,13 @@ class LMShape:
     num_heads: int
     num_kv_heads: int
     vocab_size: int
+    # the config's head_dim where it is not hidden_size // num_heads (Qwen3-VL-4B: hidden 2560, 32 heads of
+    # 128); None otherwise, and then left out of `to_dict` (recipes' model records stay as they were)
+    explicit_head_dim: Optional[int] = None
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
     @classmethod
     def from_config(cls, config: Any) -> "LMShape":
@@ -51,7 +54,7 @@ class LMShape:
         if missing:
             raise ValueError(f"config lacks {missing}: give the full config.json of the checkpoint (or a config "
                              f"object from transformers, which fills a VLM's text-config defaults)")
-        heads = get("num_attention_heads")
+        heads, head_dim = get("num_attention_heads"), get("head_dim")
         return cls(
             num_layers=get("num_hidden_layers"),
             hidden_size=get("hidden_size"),
@@ -59,10 +62,14 @@ class LMShape:
             num_heads=heads,
             num_kv_heads=get("num_key_value_heads") or heads,
             vocab_size=get("vocab_size"),
+            explicit_head_dim=head_dim if head_dim and head_dim != get("hidden_size") // heads else None,
         )
 
     def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+        out = asdict(self)
+        if out["explicit_head_dim"] is None:
+            del out["explicit_head_dim"]
+        return out
 
 
 _SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
