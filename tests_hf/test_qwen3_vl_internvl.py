@@ -75,3 +75,32 @@ def test_fit_refuses_qwen3_vl_in_one_line(tiny_paths):
     model, processor = load_ours(tiny_paths["qwen3"])
     with pytest.raises(NotImplementedError, match="fit cannot calibrate Qwen3-VL yet"):
         calibration_samples(model, processor, [(image(0, IMAGE_SIZES[0]), QUESTIONS[0])])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name,lmms_model", [("qwen3", "fitprune_qwen3_vl"), ("internvl", "fitprune_internvl")])
+def test_lmms_eval_model_answers_as_the_direct_api(tiny_paths, tmp_path, name, lmms_model):
+    """The family's lmms-eval model, pruned, batch 2 (two image sizes, left-padded): the answers of the
+    direct API one by one, and each sample's record of its own drops."""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    from conftest import IMAGE_SIZES, QUESTIONS, image
+
+    recipe = Recipe([10, 20, 5, 0], num_visual_tokens=64)
+    recipe.save(tmp_path / "recipe.json")
+    lm = get_model(lmms_model)(pretrained=tiny_paths[name], recipe=str(tmp_path / "recipe.json"), device="cpu",
+                               batch_size=2)
+    lm.task_dict = {"t": {"test": [{"q": q, "size": s} for q, s in zip(QUESTIONS, IMAGE_SIZES)]}}
+    requests = [Instance("generate_until", (QUESTIONS[i], {"max_new_tokens": NEW, "until": []},
+                                            lambda d: [image(QUESTIONS.index(d["q"]), d["size"])], i, "t", "test"),
+                         idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1}) for i in (0, 1)]
+    answers = lm.generate_until(requests)
+    model, processor = load_ours(tiny_paths[name], recipe=recipe)
+    for i, answer in enumerate(answers):
+        inputs = make_inputs(processor, [i])
+        tokens, _ = generate(model, inputs, NEW)
+        assert (answer.text if hasattr(answer, "text") else answer) == processor.decode(tokens[0], skip_special_tokens=True)
+        record = answer.token_counts.fitprune
+        n_visual = int((inputs["input_ids"] == model.fitprune_visual_token_ids[0]).sum())
+        assert (record["visual_tokens"], record["visual_tokens_kept"]) == (n_visual, n_visual - sum(recipe.drops_for(n_visual)))
