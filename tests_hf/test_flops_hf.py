@@ -120,6 +120,9 @@ def test_named_shapes_against_transformers_config_classes():
     qwen = NAMED_SHAPES["Qwen/Qwen2.5-VL-7B-Instruct"]
     assert Qwen2_5_VLConfig().vision_config.out_hidden_size == qwen.hidden_size
     assert qwen.head_dim * qwen.num_heads == qwen.hidden_size and qwen.num_heads % qwen.num_kv_heads == 0
+    qwen3 = NAMED_SHAPES["Qwen/Qwen3-VL-8B-Instruct"]
+    assert Qwen3VLConfig().text_config.head_dim == qwen3.head_dim and qwen3.explicit_head_dim is None
+    assert qwen3.num_heads % qwen3.num_kv_heads == 0
 
 
 def test_resolve_shape_completes_a_saved_llava_hf_config(tmp_path):

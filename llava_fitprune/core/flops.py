@@ -122,6 +122,10 @@ for _hf_id, _original in [("llava-hf/llava-1.5-7b-hf", "llava-v1.5-7b"), ("llava
 # out here because transformers' defaults (Qwen2_5_VLTextConfig) are another size's (80 layers, hidden
 # 8192); its Qwen2_5_VLVisionConfig default out_hidden_size, the LM width the 7B's merger projects to, is 3584.
 NAMED_SHAPES["Qwen/Qwen2.5-VL-7B-Instruct"] = LMShape(28, 3584, 18944, 28, 4, 152064)
+# Qwen/Qwen3-VL-8B-Instruct's config.json, text_config: num_hidden_layers 36, hidden_size 4096,
+# intermediate_size 12288, num_attention_heads 32, num_key_value_heads 8, head_dim 128 (= 4096 / 32),
+# vocab_size 151936 (Qwen3VLTextConfig's defaults are another size's: 32 layers, intermediate 22016).
+NAMED_SHAPES["Qwen/Qwen3-VL-8B-Instruct"] = LMShape(36, 4096, 12288, 32, 8, 151936)
 
 
 def resolve_shape(config: "str | os.PathLike | dict | Any") -> LMShape:
