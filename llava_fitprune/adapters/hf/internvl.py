@@ -34,11 +34,13 @@ class InternVLImageTextProcessor:
     (GotOcr2's) tiles each image (`crop_to_patches`, as InternVLProcessor asks). Returns input_ids,
     attention_mask, pixel_values [tiles, 3, H, W]."""
 
-    def __init__(self, image_processor, tokenizer, image_seq_length: int, start_image_token: str = "<img>",
-                 end_image_token: str = "</img>", image_token: str = "<IMG_CONTEXT>"):
+    def __init__(self, image_processor, tokenizer, image_seq_length: int):
         self.image_processor, self.tokenizer, self.image_seq_length = image_processor, tokenizer, image_seq_length
-        self.start_image_token, self.end_image_token, self.image_token = start_image_token, end_image_token, image_token
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        # the tokenizer's named tokens where it has them (InternVL-hf checkpoints), else their usual text
+        self.start_image_token = getattr(tokenizer, "start_image_token", None) or "<img>"
+        self.end_image_token = getattr(tokenizer, "end_image_token", None) or "</img>"
+        self.image_token = getattr(tokenizer, "context_image_token", None) or "<IMG_CONTEXT>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.chat_template = tokenizer.chat_template
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False, **kwargs):
