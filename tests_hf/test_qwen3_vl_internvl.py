@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import generate, kept_after_layers, load_ours, load_stock, make_inputs
+from conftest import IMAGE_SIZES, QUESTIONS, generate, image, kept_after_layers, load_ours, load_stock, make_inputs
 from llava_fitprune.core.recipe import Recipe
 from reference_hf import reference_fitprune
 
@@ -70,7 +70,6 @@ def test_internvl_with_a_llama_language_model_prunes_as_the_reference(tmp_path):
 
 def test_fit_refuses_qwen3_vl_in_one_line(tiny_paths):
     from llava_fitprune.adapters.hf.calibration import calibration_samples
-    from conftest import IMAGE_SIZES, QUESTIONS, image
 
     model, processor = load_ours(tiny_paths["qwen3"])
     with pytest.raises(NotImplementedError, match="fit cannot calibrate Qwen3-VL yet"):
@@ -84,8 +83,6 @@ def test_lmms_eval_model_answers_as_the_direct_api(tiny_paths, tmp_path, name, l
     direct API one by one, and each sample's record of its own drops."""
     from lmms_eval.api.instance import Instance
     from lmms_eval.models import get_model
-
-    from conftest import IMAGE_SIZES, QUESTIONS, image
 
     recipe = Recipe([10, 20, 5, 0], num_visual_tokens=64)
     recipe.save(tmp_path / "recipe.json")
