@@ -1,8 +1,10 @@
 """An independent, deliberately plain FitPrune for transformers' VLMs (batch 1, eager, Python lists):
 the method notes, literally, on the stock model's weights. None of llava_fitprune's code is used.
 
-The stock VLM itself is run once to read what it hands its text model (the merged embeddings and
-the position ids: 1-D, or Qwen2.5-VL's 3-D M-RoPE ids); from there every layer is recomputed here.
+The stock VLM itself is run once to read what it hands its text model (the merged embeddings, the
+position ids: 1-D, or Qwen2.5-VL's / Qwen3-VL's 3-D M-RoPE ids, and Qwen3-VL's DeepStack features);
+from there every layer is recomputed here. Qwen3-VL: q/k RMSNorms before the rotary, and after layer
+l < len(DeepStack) each kept visual token's row gets the DeepStack row of its original position.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ def _attend(layer, h, cos, sin, past_k=None, past_v=None):
     q = a.q_proj(x).view(n, H, hd).transpose(0, 1)
     k = a.k_proj(x).view(n, KV, hd).transpose(0, 1)
     v = a.v_proj(x).view(n, KV, hd).transpose(0, 1)
+    if hasattr(a, "q_norm"):  # Qwen3: per-head RMSNorm of q and k
+        q, k = a.q_norm(q), a.k_norm(k)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     if past_k is not None:
         k, v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
@@ -38,9 +42,12 @@ def _attend(layer, h, cos, sin, past_k=None, past_v=None):
 
 
 @torch.no_grad()
-def reference_fitprune(stock, inputs, visual_token_id, drop_per_layer, max_new_tokens):
+def reference_fitprune(stock, inputs, visual_token_id, drop_per_layer, max_new_tokens, deepstack_rows="position"):
     """inputs: processor outputs of one sample (no padding). Returns kept original positions after
-    each layer, per-layer KV lengths, greedy tokens, logits of each step [T, V]."""
+    each layer, per-layer KV lengths, greedy tokens, logits of each step [T, V].
+    deepstack_rows: "position" (a kept visual token gets its original position's DeepStack row) or
+    "in_order" (the k kept visual rows get the first k DeepStack rows: wrong after a drop, for tests
+    to show they tell the two apart)."""
     lm = stock.model.language_model
     seen = {}
     hook = lm.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
@@ -57,10 +64,15 @@ def reference_fitprune(stock, inputs, visual_token_id, drop_per_layer, max_new_t
         pos = pos[1:]
     cos_all, sin_all = (t[0] for t in lm.rotary_emb(h[None], pos))  # [N, hd]
     visual = set((inputs["input_ids"][0] == visual_token_id).nonzero().flatten().tolist())
+    deepstack = seen.get("deepstack_visual_embeds") or []  # per layer [V, D], rows in visual-position order
+    if deepstack:
+        ds_positions = seen["visual_pos_masks"][0].nonzero().flatten().tolist()
+        assert set(ds_positions) == visual
+        ds_row = {p: j for j, p in enumerate(ds_positions)}
 
     keep = list(range(N))
     caches, kept_after = [], []
-    for layer, d in zip(lm.layers, drop_per_layer):
+    for layer_idx, (layer, d) in enumerate(zip(lm.layers, drop_per_layer)):
         out, probs, k, v = _attend(layer, h, cos_all[keep], sin_all[keep])
         caches.append((k, v))
         rows = list(range(len(keep)))
@@ -77,6 +89,12 @@ def reference_fitprune(stock, inputs, visual_token_id, drop_per_layer, max_new_t
         h = h[rows] + layer.self_attn.o_proj(out[rows])
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         keep = [keep[i] for i in rows]
+        if layer_idx < len(deepstack):
+            kept_visual = [i for i, p in enumerate(keep) if p in visual]
+            ds = [ds_row[keep[i]] for i in kept_visual] if deepstack_rows == "position" else range(len(kept_visual))
+            h = h.clone()
+            for i, j in zip(kept_visual, ds):
+                h[i] = h[i] + deepstack[layer_idx][j]
         kept_after.append(list(keep))
     kv_lengths = [c[0].shape[1] for c in caches]
     logits = [stock.lm_head(lm.norm(h))[-1]]

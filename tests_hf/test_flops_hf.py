@@ -1,12 +1,14 @@
-"""The FLOPs model against torch's FlopCounterMode on tiny random language models of the three
+"""The FLOPs model against torch's FlopCounterMode on tiny random language models of the
 transformers-native families (llava-hf LLaVA-1.5 / NeXT-Vicuna: Llama; NeXT-Mistral: Mistral with GQA;
-Qwen2.5-VL: GQA, q/k/v biases, M-RoPE with 3-D position ids), and the named 7B shapes."""
+Qwen2.5-VL: GQA, q/k/v biases, M-RoPE with 3-D position ids; Qwen3-VL: a head_dim other than
+hidden / heads, q/k norms, interleaved M-RoPE; InternVL: Qwen2 or Llama), and the named 7B shapes."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
-                          LlavaNextForConditionalGeneration, MistralConfig, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration)
+from transformers import (InternVLConfig, InternVLForConditionalGeneration, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                          MistralConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config,
+                          Qwen3VLConfig, Qwen3VLForConditionalGeneration)
 
 from llava_fitprune.core.flops import NAMED_SHAPES, LMShape, dense_prefill_flops, prefill_report, resolve_shape
 from llava_fitprune.core.recipe import builtin_recipe
@@ -70,6 +72,44 @@ def test_qwen2_5_vl_flops_match_flop_counter_with_mrope_positions():
     assert abs(predicted - counted) / counted < 0.01, (predicted, counted)
 
 
+def test_qwen3_vl_flops_match_flop_counter_with_its_own_head_dim():
+    config = Qwen3VLConfig(
+        text_config=dict(**TINY_TEXT, num_key_value_heads=2, head_dim=24,
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 4, 4]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        image_token_id=195, video_token_id=196, vision_start_token_id=197, vision_end_token_id=198)
+    config._attn_implementation = "eager"
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    grid = torch.tensor([[1, 4, 6]])
+    n_image = int(grid.prod()) // config.vision_config.spatial_merge_size ** 2
+    ids = torch.cat([torch.randint(0, 190, (1, 5)), torch.tensor([[197] + [195] * n_image + [198]]),
+                     torch.randint(0, 190, (1, 9))], dim=1)
+    positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=(ids == 195).int(), image_grid_thw=grid)
+    assert not torch.equal(positions[1], positions[2])  # 3-D: the image's h and w differ
+    counted = _counted(model, inputs_embeds=model.get_input_embeddings()(ids), position_ids=positions)
+    shape = LMShape.from_config(config)
+    assert shape.head_dim == 24 != shape.hidden_size // shape.num_heads and "explicit_head_dim" in shape.to_dict()
+    predicted = dense_prefill_flops(shape, ids.shape[1])
+    assert abs(predicted - counted) / counted < 0.01, (predicted, counted)
+
+
+@pytest.mark.parametrize("text_class", [Qwen2Config, LlamaConfig])
+def test_internvl_flops_match_flop_counter(text_class):
+    config = InternVLConfig(text_config=text_class(**TINY_TEXT, num_key_value_heads=2),
+                            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=56, patch_size=14),
+                            image_token_id=199, image_seq_length=4)
+    config._attn_implementation = "eager"
+    model = InternVLForConditionalGeneration(config).eval()
+    ids = torch.randint(0, 190, (1, 21))  # the language model alone
+    shape = LMShape.from_config(config)
+    assert (shape.num_kv_heads, shape.num_layers) == (2, 3) and "explicit_head_dim" not in shape.to_dict()
+    counted = _counted(model, input_ids=ids)
+    predicted = dense_prefill_flops(shape, ids.shape[1])
+    assert abs(predicted - counted) / counted < 0.01, (predicted, counted)
+
+
 def test_named_shapes_against_transformers_config_classes():
     # llava-hf's config.json names only the text config's differences from LlamaConfig's defaults (its
     # vocab_size among them): those defaults are LLaVA-1.5-7B's language model.
@@ -80,6 +120,9 @@ def test_named_shapes_against_transformers_config_classes():
     qwen = NAMED_SHAPES["Qwen/Qwen2.5-VL-7B-Instruct"]
     assert Qwen2_5_VLConfig().vision_config.out_hidden_size == qwen.hidden_size
     assert qwen.head_dim * qwen.num_heads == qwen.hidden_size and qwen.num_heads % qwen.num_kv_heads == 0
+    qwen3 = NAMED_SHAPES["Qwen/Qwen3-VL-8B-Instruct"]
+    assert Qwen3VLConfig().text_config.head_dim == qwen3.head_dim and qwen3.explicit_head_dim is None
+    assert qwen3.num_heads % qwen3.num_kv_heads == 0
 
 
 def test_resolve_shape_completes_a_saved_llava_hf_config(tmp_path):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,13 @@ class LMShape:
     num_heads: int
     num_kv_heads: int
     vocab_size: int
+    # the config's head_dim where it is not hidden_size // num_heads (Qwen3-VL-4B: hidden 2560, 32 heads of
+    # 128); None otherwise, and then left out of `to_dict` (recipes' model records stay as they were)
+    explicit_head_dim: Optional[int] = None
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
     @classmethod
     def from_config(cls, config: Any) -> "LMShape":
@@ -51,7 +54,7 @@ class LMShape:
         if missing:
             raise ValueError(f"config lacks {missing}: give the full config.json of the checkpoint (or a config "
                              f"object from transformers, which fills a VLM's text-config defaults)")
-        heads = get("num_attention_heads")
+        heads, head_dim = get("num_attention_heads"), get("head_dim")
         return cls(
             num_layers=get("num_hidden_layers"),
             hidden_size=get("hidden_size"),
@@ -59,10 +62,14 @@ class LMShape:
             num_heads=heads,
             num_kv_heads=get("num_key_value_heads") or heads,
             vocab_size=get("vocab_size"),
+            explicit_head_dim=head_dim if head_dim and head_dim != get("hidden_size") // heads else None,
         )
 
     def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+        out = asdict(self)
+        if out["explicit_head_dim"] is None:
+            del out["explicit_head_dim"]
+        return out
 
 
 _SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
@@ -115,6 +122,10 @@ for _hf_id, _original in [("llava-hf/llava-1.5-7b-hf", "llava-v1.5-7b"), ("llava
 # out here because transformers' defaults (Qwen2_5_VLTextConfig) are another size's (80 layers, hidden
 # 8192); its Qwen2_5_VLVisionConfig default out_hidden_size, the LM width the 7B's merger projects to, is 3584.
 NAMED_SHAPES["Qwen/Qwen2.5-VL-7B-Instruct"] = LMShape(28, 3584, 18944, 28, 4, 152064)
+# Qwen/Qwen3-VL-8B-Instruct's config.json, text_config: num_hidden_layers 36, hidden_size 4096,
+# intermediate_size 12288, num_attention_heads 32, num_key_value_heads 8, head_dim 128 (= 4096 / 32),
+# vocab_size 151936 (Qwen3VLTextConfig's defaults are another size's: 32 layers, intermediate 22016).
+NAMED_SHAPES["Qwen/Qwen3-VL-8B-Instruct"] = LMShape(36, 4096, 12288, 32, 8, 151936)
 
 
 def resolve_shape(config: "str | os.PathLike | dict | Any") -> LMShape:

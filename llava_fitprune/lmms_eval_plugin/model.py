@@ -211,3 +211,13 @@ class FitPruneLlavaNextHF(FitPruneHF):
 class FitPruneQwen2_5_VL(FitPruneHF):
     model_types = ("qwen2_5_vl",)
     default_pretrained = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+class FitPruneQwen3VL(FitPruneHF):
+    model_types = ("qwen3_vl",)
+    default_pretrained = "Qwen/Qwen3-VL-8B-Instruct"
+
+
+class FitPruneInternVL(FitPruneHF):
+    model_types = ("internvl",)
+    default_pretrained = "OpenGVLab/InternVL3-8B-hf"

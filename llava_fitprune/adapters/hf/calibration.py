@@ -43,6 +43,8 @@ def text_model_inputs(model, inputs: dict) -> dict:
 @torch.no_grad()
 def calibration_samples(model, processor, items: Sequence[tuple[Any, str]], question_ids=None) -> list[CalibrationSample]:
     """items: (image, question) pairs, asked with the processor's chat template, one image each."""
+    if model.fitprune_fit_refusal:
+        raise NotImplementedError(model.fitprune_fit_refusal)
     text_model = model.fitprune_text_model
     samples = []
     for n, (image, question) in enumerate(items):

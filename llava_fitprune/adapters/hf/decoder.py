@@ -96,6 +96,7 @@ class PruningTextModelMixin:
                 prune = plan.initial_state(visual, valid, None)
                 state.selector.prepare(prune, plan)
         padded = plan.padded if plan is not None else attention_mask is not None and not bool(valid.all())
+        after_layer = self.fitprune_after_layer(kwargs)  # a family's per-layer additions (Qwen3-VL's DeepStack)
         trace = PruneTrace(plan.visual_entering, plan.real_entering) if plan is not None else None
 
         hidden_states = inputs_embeds
@@ -109,6 +110,8 @@ class PruningTextModelMixin:
                 valid = prune.valid
                 cos, sin = _gather_rows(cos, index), _gather_rows(sin, index)
                 trace.dropped_positions.append(record.positions())
+                if after_layer is not None:
+                    hidden_states = after_layer(layer_idx, hidden_states, prune)
                 continue
             if trace is not None:
                 trace.dropped_positions.append(None)
@@ -118,6 +121,8 @@ class PruningTextModelMixin:
                                           cache=cache, layer_idx=layer_idx)
             hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=(cos, sin),
                                   cache=cache, use_cache=use_cache, **kwargs)
+            if after_layer is not None:
+                hidden_states = after_layer(layer_idx, hidden_states, prune)
 
         hidden_states = self.norm(hidden_states)
         if prefill:
@@ -125,6 +130,13 @@ class PruningTextModelMixin:
                 trace.final_positions, trace.final_valid = prune.orig_pos, prune.valid
             state.last_trace = trace  # decode steps keep the prefill's trace
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+    def fitprune_after_layer(self, kwargs: dict):
+        """Pop this family's extra text-model inputs from `kwargs`; return the step applied to the
+        hidden states after each layer, `step(layer_idx, hidden_states [B, N_l, D], prune) -> [B, N_l, D]`
+        (`prune`: the PruneState whose `orig_pos` [B, N_l] names each row's original position; None while
+        the rows are the original ones), or None. The generic text model has none."""
+        return None
 
     def fitprune_position_ids(self, position_ids, past: int, batch: int, length: int, device) -> torch.Tensor:
         """The position ids the stock forward would give the rotary embedding (1-D rope)."""

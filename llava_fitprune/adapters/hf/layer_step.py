@@ -1,4 +1,5 @@
-"""One transformers-5.x decoder layer (Llama, Qwen2 / Qwen2.5-VL text) that drops visual tokens.
+"""One transformers-5.x decoder layer (Llama, Qwen2 / Qwen2.5-VL text, Qwen3-VL text with its q/k norms)
+that drops visual tokens.
 
 The same step as the LLaVA adapter's `pruning_layer_forward` on 5.x modules: attention once, the
 scores read from the rows that need them (the blocked head-max kernels of `adapters/llava/layer_step`),
@@ -41,6 +42,8 @@ def pruning_layer_forward(layer: nn.Module, layer_idx: int, hidden_states: torch
     q = attn.q_proj(x).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
     k = attn.k_proj(x).view(B, N, KV, hd).transpose(1, 2)  # [B, KV, N, hd]
     v = attn.v_proj(x).view(B, N, KV, hd).transpose(1, 2)  # [B, KV, N, hd]
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3 (Qwen3-VL): RMSNorm over head_dim before the rotary
+        q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = rotary_function(attn)(q, k, *cos_sin)
     if cache is not None:
         k, v = cache.update(k, v, layer_idx)  # a prefill: the layer's cache was empty

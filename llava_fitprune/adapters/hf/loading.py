@@ -5,9 +5,11 @@ from typing import Optional
 
 import torch
 
+from .internvl import InternVLImageTextProcessor, InternVLPruningMixin, check_config as check_internvl
 from .llava import LlavaPruningMixin
 from .model import attach
 from .qwen2_5_vl import QwenImageTextProcessor, QwenPruningMixin, QwenTextPruningMixin
+from .qwen3_vl import Qwen3VLPruningMixin, Qwen3VLTextPruningMixin
 from ...core.recipe import Recipe
 from ...core.saved_method import selector_from_config
 
@@ -16,18 +18,28 @@ MODEL_TYPES = {
     "llava": (LlavaPruningMixin, None),
     "llava_next": (LlavaPruningMixin, None),
     "qwen2_5_vl": (QwenPruningMixin, QwenTextPruningMixin),
+    "qwen3_vl": (Qwen3VLPruningMixin, Qwen3VLTextPruningMixin),
+    "internvl": (InternVLPruningMixin, None),
 }
+# model_type -> a check of the config that refuses (one line) what the pruning loop cannot serve
+CONFIG_CHECKS = {"internvl": check_internvl}
+
+
+def check_supported(config, name: str = "this model") -> None:
+    """One line (ValueError) when `config` is not a model the pruning loop serves; before any weights."""
+    if config.model_type not in MODEL_TYPES:
+        raise ValueError(f"{name}: model type {config.model_type!r} is not supported by the transformers "
+                         f"backend; supported: {sorted(MODEL_TYPES)}")
+    if config.model_type in CONFIG_CHECKS:
+        CONFIG_CHECKS[config.model_type](config)
 
 
 def enable_pruning(model: torch.nn.Module) -> torch.nn.Module:
     """Give a loaded stock model (one of MODEL_TYPES) `set_pruning` and `fitprune_last`; dense until set."""
     from .decoder import PruningTextModelMixin
 
-    model_type = model.config.model_type
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"model type {model_type!r} is not supported by the transformers backend; "
-                         f"supported: {sorted(MODEL_TYPES)}")
-    vlm, text = MODEL_TYPES[model_type]
+    check_supported(model.config)
+    vlm, text = MODEL_TYPES[model.config.model_type]
     return attach(model, vlm, text or PruningTextModelMixin)
 
 
@@ -37,14 +49,20 @@ def load_processor(pretrained: str, model_type: str):
     try:
         return AutoProcessor.from_pretrained(pretrained)
     except (AttributeError, ImportError, ValueError, OSError):
-        if model_type != "qwen2_5_vl":
+        if model_type not in ("qwen2_5_vl", "qwen3_vl", "internvl"):
             raise
-    # Qwen2.5-VL's processor needs torchvision (its video processor): images and text without it
-    from transformers import AutoTokenizer
+    # these processors need torchvision (their video processors): images and text without it
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    if model_type == "internvl":
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        return InternVLImageTextProcessor(GotOcr2ImageProcessorPil.from_pretrained(pretrained), tokenizer,
+                                          AutoConfig.from_pretrained(pretrained).image_seq_length)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    return QwenImageTextProcessor(Qwen2VLImageProcessorPil.from_pretrained(pretrained),
-                                  AutoTokenizer.from_pretrained(pretrained))
+    return QwenImageTextProcessor(Qwen2VLImageProcessorPil.from_pretrained(pretrained), tokenizer)
 
 
 def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[float] = None,
@@ -54,9 +72,7 @@ def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[f
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(pretrained)
-    if config.model_type not in MODEL_TYPES:
-        raise ValueError(f"{pretrained}: model type {config.model_type!r} is not supported by the transformers "
-                         f"backend; supported: {sorted(MODEL_TYPES)}")
+    check_supported(config, pretrained)
     saved = None  # (recipe, selector) a checkpoint saved by our save_pretrained records, checked before the weights
     if getattr(config, "fitprune_recipe", None) is not None:
         saved = (Recipe.from_dict(config.fitprune_recipe, source=f"{pretrained} config.fitprune_recipe"),

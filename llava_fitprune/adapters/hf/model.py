@@ -60,6 +60,7 @@ class FitPruneVLMMixin:
     """Put before a transformers `...ForConditionalGeneration` class on one instance (see `attach`)."""
 
     fitprune_visual_token_ids: tuple[int, ...] = ()
+    fitprune_fit_refusal: Optional[str] = None  # why `fit` (core/fit_runner.py) cannot calibrate this family
 
     @property
     def fitprune_text_model(self):
