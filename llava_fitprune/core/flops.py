@@ -115,6 +115,14 @@ for _hf_id, _original in [("llava-hf/llava-1.5-7b-hf", "llava-v1.5-7b"), ("llava
 # out here because transformers' defaults (Qwen2_5_VLTextConfig) are another size's (80 layers, hidden
 # 8192); its Qwen2_5_VLVisionConfig default out_hidden_size, the LM width the 7B's merger projects to, is 3584.
 NAMED_SHAPES["Qwen/Qwen2.5-VL-7B-Instruct"] = LMShape(28, 3584, 18944, 28, 4, 152064)
+# Qwen/Qwen2-VL-7B-Instruct's language model has the same sizes (Qwen2-7B's: its config.json's top level
+# reads the same numbers; transformers' Qwen2VLVisionConfig default hidden_size, the width its merger
+# projects to, is 3584).
+NAMED_SHAPES["Qwen/Qwen2-VL-7B-Instruct"] = NAMED_SHAPES["Qwen/Qwen2.5-VL-7B-Instruct"]
+# llava-hf/llava-onevision-qwen2-7b-ov-hf: lmms-lab's checkpoint on Qwen/Qwen2-7B-Instruct (those sizes, 152064
+# rows) converted by transformers' models/llava_onevision/convert_llava_onevision_weights_to_hf.py, which adds
+# <image> and <video> and pads to a multiple of 64 rows as llava-hf's other conversions do: 152128.
+NAMED_SHAPES["llava-hf/llava-onevision-qwen2-7b-ov-hf"] = llava_hf_shape(NAMED_SHAPES["Qwen/Qwen2-VL-7B-Instruct"])
 
 
 def resolve_shape(config: "str | os.PathLike | dict | Any") -> LMShape:

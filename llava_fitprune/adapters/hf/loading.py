@@ -5,9 +5,11 @@ from typing import Optional
 
 import torch
 
+from . import llava_onevision, qwen2_5_vl
 from .llava import LlavaPruningMixin
+from .llava_onevision import OnevisionPruningMixin
 from .model import attach
-from .qwen2_5_vl import QwenImageTextProcessor, QwenPruningMixin, QwenTextPruningMixin
+from .qwen2_5_vl import QwenPruningMixin, QwenTextPruningMixin
 from ...core.recipe import Recipe
 from ...core.saved_method import selector_from_config
 
@@ -15,7 +17,16 @@ from ...core.saved_method import selector_from_config
 MODEL_TYPES = {
     "llava": (LlavaPruningMixin, None),
     "llava_next": (LlavaPruningMixin, None),
+    "llava_onevision": (OnevisionPruningMixin, None),
+    "qwen2_vl": (QwenPruningMixin, QwenTextPruningMixin),  # the same text model as Qwen2.5-VL's
     "qwen2_5_vl": (QwenPruningMixin, QwenTextPruningMixin),
+}
+# model_type -> its images-and-text processor, for where AutoProcessor cannot build the stock one
+# (transformers needs torchvision for these families' video processors): (pretrained, config) -> processor
+PROCESSOR_FALLBACKS = {
+    "llava_onevision": llava_onevision.load_image_text_processor,
+    "qwen2_vl": qwen2_5_vl.load_image_text_processor,
+    "qwen2_5_vl": qwen2_5_vl.load_image_text_processor,
 }
 
 
@@ -31,20 +42,30 @@ def enable_pruning(model: torch.nn.Module) -> torch.nn.Module:
     return attach(model, vlm, text or PruningTextModelMixin)
 
 
-def load_processor(pretrained: str, model_type: str):
+def load_processor(pretrained: str, config):
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(pretrained)
     except (AttributeError, ImportError, ValueError, OSError):
-        if model_type != "qwen2_5_vl":
+        if config.model_type not in PROCESSOR_FALLBACKS:
             raise
-    # Qwen2.5-VL's processor needs torchvision (its video processor): images and text without it
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    return PROCESSOR_FALLBACKS[config.model_type](pretrained, config)
 
-    return QwenImageTextProcessor(Qwen2VLImageProcessorPil.from_pretrained(pretrained),
-                                  AutoTokenizer.from_pretrained(pretrained))
+
+def saved_chat_template(pretrained: str):
+    """The chat template a processor saved beside the weights (chat_template.jinja, or chat_template.json's
+    "chat_template"), or None."""
+    import json
+
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(pretrained, name, _raise_exceptions_for_missing_entries=False)
+        if path is not None:
+            with open(path) as f:
+                return f.read() if name.endswith(".jinja") else json.load(f).get("chat_template")
+    return None
 
 
 def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[float] = None,
@@ -73,4 +94,4 @@ def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[f
         model.set_pruning(recipe, reduction_ratio=reduction_ratio, method=method, **method_options)
     elif saved is not None:  # saved by our save_pretrained: its pruning
         model.set_pruning(saved[0], selector=saved[1])
-    return model, load_processor(pretrained, config.model_type)
+    return model, load_processor(pretrained, config)
