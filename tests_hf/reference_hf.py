@@ -1,8 +1,9 @@
 """An independent, deliberately plain FitPrune for transformers' VLMs (batch 1, eager, Python lists):
 the method notes, literally, on the stock model's weights. None of llava_fitprune's code is used.
 
-The stock VLM itself is run once to read what it hands its text model (the merged embeddings and
-the position ids: 1-D, or Qwen2.5-VL's 3-D M-RoPE ids); from there every layer is recomputed here.
+The stock VLM itself is run once to read what it hands its text model (the merged embeddings, e.g.
+LLaVA-OneVision's anyres-max tiles, and the position ids: 1-D, or Qwen2-VL's / Qwen2.5-VL's 3-D M-RoPE
+ids); from there every layer is recomputed here (Qwen2's q/k/v biases come with the projections).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """transformers-native backend (transformers 5.x): FitPrune and the other methods on llava-hf
-LLaVA-1.5 (`LlavaForConditionalGeneration`), LLaVA-NeXT (`LlavaNextForConditionalGeneration`) and
-Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`). Install: `bash scripts/setup.sh --hf` (.venv-hf).
+LLaVA-1.5 (`LlavaForConditionalGeneration`), LLaVA-NeXT (`LlavaNextForConditionalGeneration`),
+LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`), Qwen2-VL (`Qwen2VLForConditionalGeneration`)
+and Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`). Install: `bash scripts/setup.sh --hf` (.venv-hf).
 
 Public API (stable; the lmms-eval plugin and the flops tools use it):
 
@@ -30,13 +31,14 @@ Public API (stable; the lmms-eval plugin and the flops tools use it):
 - `enable_pruning(model)` does the same to a model you loaded yourself.
 
 Each sample's visual-token count (anyres, dynamic resolution) gets the recipe scaled to it
-(`Recipe.drops_for`). Kept tokens keep their original positions (Qwen2.5-VL: their 3-D M-RoPE
+(`Recipe.drops_for`). Kept tokens keep their original positions (Qwen2-VL, Qwen2.5-VL: their 3-D M-RoPE
 positions); dropped tokens stay in the KV cache of the layer that dropped them.
 """
 from importlib import import_module
 
 _EXPORTS = {"load_pretrained": "loading", "enable_pruning": "loading", "PrefillRecord": "model",
-            "PrunedCache": "cache", "QwenImageTextProcessor": "qwen2_5_vl"}
+            "PrunedCache": "cache", "QwenImageTextProcessor": "qwen2_5_vl",
+            "OnevisionImageTextProcessor": "llava_onevision"}
 
 __all__ = sorted(_EXPORTS)
 
