@@ -56,9 +56,13 @@ def build_tokenizer(special: list[str], pad: str, eos: str, bos: str | None = No
 
 
 def _spread(model: torch.nn.Module, std: float) -> None:
+    """2-D weights ~ N(0, std); so do the language model's q/k/v biases (Qwen2), which HF's init zeroes and
+    a test would then not see."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed_tokens" not in name:
+                p.normal_(0.0, std)
+            elif "language_model" in name and name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
                 p.normal_(0.0, std)
 
 
