@@ -191,13 +191,12 @@ def test_processor_fallbacks_take_a_saved_chat_template(tiny_paths, tmp_path, na
 
     from transformers import AutoConfig
 
-    from llava_fitprune.adapters.hf.loading import PROCESSOR_FALLBACKS
+    from llava_fitprune.adapters.hf.loading import load_processor
 
     path = shutil.copytree(tiny_paths[name], tmp_path / name)
     (path / "chat_template.jinja").unlink()
     with open(path / "chat_template.json", "w") as f:
         json.dump({"chat_template": "saved: {{ messages[0]['content'][0]['text'] }}"}, f)
-    config = AutoConfig.from_pretrained(path)
-    processor = PROCESSOR_FALLBACKS[config.model_type](str(path), config)
+    processor = load_processor(str(path), AutoConfig.from_pretrained(path))
     msgs = [{"role": "user", "content": [{"type": "text", "text": "what is red"}]}]
     assert processor.apply_chat_template(msgs, tokenize=False) == "saved: what is red"

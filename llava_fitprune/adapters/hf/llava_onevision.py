@@ -36,16 +36,14 @@ class OnevisionImageTextProcessor(LlavaOnevisionProcessor):
                          chat_template=chat_template, vision_aspect_ratio=vision_aspect_ratio, **kwargs)
 
 
-def load_image_text_processor(pretrained: str, config):
+def load_image_text_processor(pretrained: str, config, chat_template=None):
     """The images-and-text processor of a LLaVA-OneVision checkpoint without torchvision. Its settings are
     the model's (`config`): tokens per tile (SigLIP: (image_size / patch_size)^2, no CLS), the feature
-    strategy and `vision_aspect_ratio`; the chat template is the checkpoint's (chat_template.jinja /
-    .json, or the tokenizer's)."""
+    strategy and `vision_aspect_ratio`; the chat template is `chat_template` (the one the checkpoint's
+    processor saved), else the tokenizer's."""
     from transformers import AutoTokenizer
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import \
         LlavaOnevisionImageProcessorPil
-
-    from .loading import saved_chat_template
 
     vision = config.vision_config
     tokenizer = AutoTokenizer.from_pretrained(pretrained)
@@ -54,4 +52,4 @@ def load_image_text_processor(pretrained: str, config):
         num_image_tokens=(vision.image_size // vision.patch_size) ** 2,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         vision_aspect_ratio=config.vision_aspect_ratio,
-        chat_template=saved_chat_template(pretrained) or tokenizer.chat_template)
+        chat_template=chat_template or tokenizer.chat_template)

@@ -22,7 +22,8 @@ MODEL_TYPES = {
     "qwen2_5_vl": (QwenPruningMixin, QwenTextPruningMixin),
 }
 # model_type -> its images-and-text processor, for where AutoProcessor cannot build the stock one
-# (transformers needs torchvision for these families' video processors): (pretrained, config) -> processor
+# (transformers needs torchvision for these families' video processors):
+# (pretrained, config, saved chat template or None) -> processor
 PROCESSOR_FALLBACKS = {
     "llava_onevision": llava_onevision.load_image_text_processor,
     "qwen2_vl": qwen2_5_vl.load_image_text_processor,
@@ -50,7 +51,7 @@ def load_processor(pretrained: str, config):
     except (AttributeError, ImportError, ValueError, OSError):
         if config.model_type not in PROCESSOR_FALLBACKS:
             raise
-    return PROCESSOR_FALLBACKS[config.model_type](pretrained, config)
+    return PROCESSOR_FALLBACKS[config.model_type](pretrained, config, saved_chat_template(pretrained))
 
 
 def saved_chat_template(pretrained: str):

@@ -79,14 +79,12 @@ class QwenImageTextProcessor:
         return self.tokenizer.decode(*args, **kwargs)
 
 
-def load_image_text_processor(pretrained: str, config) -> QwenImageTextProcessor:
-    """`QwenImageTextProcessor` from a checkpoint's image processor and tokenizer (its chat template: the
-    tokenizer's, or a saved chat_template.jinja / .json)."""
+def load_image_text_processor(pretrained: str, config, chat_template=None) -> QwenImageTextProcessor:
+    """`QwenImageTextProcessor` from a checkpoint's image processor and tokenizer; the chat template is
+    `chat_template` (the one the checkpoint's processor saved), else the tokenizer's."""
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from .loading import saved_chat_template
-
     tokenizer = AutoTokenizer.from_pretrained(pretrained)
-    tokenizer.chat_template = saved_chat_template(pretrained) or tokenizer.chat_template
+    tokenizer.chat_template = chat_template or tokenizer.chat_template
     return QwenImageTextProcessor(Qwen2VLImageProcessorPil.from_pretrained(pretrained), tokenizer)
