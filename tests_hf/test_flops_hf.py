@@ -35,10 +35,9 @@ def test_llava_family_flops_match_flop_counter(family):
         "llava_onevision": (Qwen2Config, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration)}[family]
     kv_heads = TINY_TEXT["num_attention_heads"] if text_class is LlamaConfig else 2
     text = text_class(**TINY_TEXT, num_key_value_heads=kv_heads)
-    vision_type = "siglip_vision_model" if family == "llava_onevision" else "clip_vision_model"
-    tiny_vision = {k: v for k, v in TINY_CLIP.items() if not (vision_type.startswith("siglip") and k == "projection_dim")}
-    config = config_class(text_config=text, vision_config={"model_type": vision_type, **tiny_vision},
-                          image_token_id=TINY_TEXT["vocab_size"] - 1)
+    vision = ({"model_type": "siglip_vision_model", **{k: v for k, v in TINY_CLIP.items() if k != "projection_dim"}}
+              if family == "llava_onevision" else {"model_type": "clip_vision_model", **TINY_CLIP})
+    config = config_class(text_config=text, vision_config=vision, image_token_id=TINY_TEXT["vocab_size"] - 1)
     config._attn_implementation = "eager"
     model = model_class(config).eval()
     n = 23
