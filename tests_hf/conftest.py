@@ -1,5 +1,6 @@
 """Fixtures of the transformers-native backend's suite (run with .venv-hf: `.venv-hf/bin/python -m pytest -q tests_hf`):
-tiny random llava-hf, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL and InternVL checkpoints built offline, and their inputs."""
+tiny random llava-hf, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and InternVL checkpoints
+built offline, and their inputs."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,20 +9,23 @@ import torch
 
 torch.set_num_threads(2)
 
-MODELS = ("llava", "next", "qwen", "qwen3", "internvl")
+MODELS = ("llava", "next", "onevision", "qwen2vl", "qwen", "qwen3", "internvl")
 QUESTIONS = ("what is the colour of the shape?", "how many red circle are there? answer with a single word")
 IMAGE_SIZES = ((100, 150), (160, 90))  # (height, width): anyres and dynamic resolution give different counts
 
 
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory):
-    from llava_fitprune.adapters.hf.tiny import build_tiny_llava_hf, build_tiny_qwen2_5_vl
+    from llava_fitprune.adapters.hf.tiny import (build_tiny_llava_hf, build_tiny_llava_onevision, build_tiny_qwen2_5_vl,
+                                                 build_tiny_qwen2_vl)
     from llava_fitprune.adapters.hf.tiny_internvl import build_tiny_internvl
     from llava_fitprune.adapters.hf.tiny_qwen3_vl import build_tiny_qwen3_vl
 
     root = tmp_path_factory.mktemp("hf_ckpt")
     return {"llava": build_tiny_llava_hf(str(root / "llava-hf-tiny")),
             "next": build_tiny_llava_hf(str(root / "llava-next-tiny"), next_anyres=True),
+            "onevision": build_tiny_llava_onevision(str(root / "llava-onevision-tiny")),
+            "qwen2vl": build_tiny_qwen2_vl(str(root / "qwen2_vl-tiny")),
             "qwen": build_tiny_qwen2_5_vl(str(root / "qwen2_5_vl-tiny")),
             "qwen3": build_tiny_qwen3_vl(str(root / "qwen3_vl-tiny")),
             "internvl": build_tiny_internvl(str(root / "internvl-tiny"))}

@@ -1,9 +1,10 @@
 """An independent, deliberately plain FitPrune for transformers' VLMs (batch 1, eager, Python lists):
 the method notes, literally, on the stock model's weights. None of llava_fitprune's code is used.
 
-The stock VLM itself is run once to read what it hands its text model (the merged embeddings, the
-position ids: 1-D, or Qwen2.5-VL's / Qwen3-VL's 3-D M-RoPE ids, and Qwen3-VL's DeepStack features);
-from there every layer is recomputed here. Qwen3-VL: q/k RMSNorms before the rotary, and after layer
+The stock VLM itself is run once to read what it hands its text model (the merged embeddings, e.g.
+LLaVA-OneVision's anyres-max tiles, and the position ids: 1-D, or Qwen2-VL's / Qwen2.5-VL's / Qwen3-VL's 3-D
+M-RoPE ids, and Qwen3-VL's DeepStack features); from there every layer is recomputed here (Qwen2's q/k/v
+biases come with the projections). Qwen3-VL: q/k RMSNorms before the rotary, and after layer
 l < len(DeepStack) each kept visual token's row gets the DeepStack row of its original position.
 """
 from __future__ import annotations

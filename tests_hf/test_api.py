@@ -179,3 +179,24 @@ def test_save_pretrained_records_the_pruning_and_load_restores_it(tiny_paths, tm
     model.set_pruning(RECIPE, selector=OracleSelector(list(dropped)))
     with pytest.raises(ValueError, match="cannot save a model pruning with the 'oracle' selector"):
         model.save_pretrained(tmp_path / "oracle")
+
+
+@pytest.mark.parametrize("name", ["onevision", "qwen2vl"])
+def test_processor_fallbacks_take_a_saved_chat_template(tiny_paths, tmp_path, name):
+    """The images-and-text processors made where AutoProcessor cannot (no torchvision) take the chat
+    template a hub checkpoint's processor saved in chat_template.json (the tokenizer reads only its own
+    chat_template.jinja, removed here)."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    from llava_fitprune.adapters.hf.loading import load_processor
+
+    path = shutil.copytree(tiny_paths[name], tmp_path / name)
+    (path / "chat_template.jinja").unlink()
+    with open(path / "chat_template.json", "w") as f:
+        json.dump({"chat_template": "saved: {{ messages[0]['content'][0]['text'] }}"}, f)
+    processor = load_processor(str(path), AutoConfig.from_pretrained(path))
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "what is red"}]}]
+    assert processor.apply_chat_template(msgs, tokenize=False) == "saved: what is red"

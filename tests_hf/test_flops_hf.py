@@ -1,16 +1,19 @@
-"""The FLOPs model against torch's FlopCounterMode on tiny random language models of the
-transformers-native families (llava-hf LLaVA-1.5 / NeXT-Vicuna: Llama; NeXT-Mistral: Mistral with GQA;
-Qwen2.5-VL: GQA, q/k/v biases, M-RoPE with 3-D position ids; Qwen3-VL: a head_dim other than
-hidden / heads, q/k norms, interleaved M-RoPE; InternVL: Qwen2 or Llama), and the named 7B shapes."""
+"""The FLOPs model against torch's FlopCounterMode on tiny random language models of the transformers-native
+families (llava-hf LLaVA-1.5 / NeXT-Vicuna: Llama; NeXT-Mistral: Mistral with GQA; LLaVA-OneVision: Qwen2 with
+GQA and q/k/v biases; Qwen2-VL / Qwen2.5-VL: GQA, q/k/v biases, M-RoPE with 3-D position ids; Qwen3-VL: a
+head_dim other than hidden / heads, q/k norms, interleaved M-RoPE; InternVL: Qwen2 or Llama), and the named
+7B shapes."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (InternVLConfig, InternVLForConditionalGeneration, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                          MistralConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config,
-                          Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+                          LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, MistralConfig,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
 
-from llava_fitprune.core.flops import NAMED_SHAPES, LMShape, dense_prefill_flops, prefill_report, resolve_shape
+from llava_fitprune.core.flops import (NAMED_SHAPES, LMShape, dense_prefill_flops, llava_hf_shape, prefill_report,
+                                       resolve_shape)
 from llava_fitprune.core.recipe import builtin_recipe
 
 TINY_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=200)
@@ -25,16 +28,18 @@ def _counted(model, **inputs) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next_vicuna", "llava_next_mistral"])
+@pytest.mark.parametrize("family", ["llava", "llava_next_vicuna", "llava_next_mistral", "llava_onevision"])
 def test_llava_family_flops_match_flop_counter(family):
-    if family == "llava_next_mistral":
-        text = MistralConfig(**TINY_TEXT, num_key_value_heads=2)
-    else:
-        text = LlamaConfig(**TINY_TEXT)
-    config_class, model_class = ((LlavaConfig, LlavaForConditionalGeneration) if family == "llava"
-                                 else (LlavaNextConfig, LlavaNextForConditionalGeneration))
-    config = config_class(text_config=text, vision_config={"model_type": "clip_vision_model", **TINY_CLIP},
-                          image_token_id=TINY_TEXT["vocab_size"] - 1)
+    text_class, config_class, model_class = {
+        "llava": (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration),
+        "llava_next_vicuna": (LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration),
+        "llava_next_mistral": (MistralConfig, LlavaNextConfig, LlavaNextForConditionalGeneration),
+        "llava_onevision": (Qwen2Config, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration)}[family]
+    kv_heads = TINY_TEXT["num_attention_heads"] if text_class is LlamaConfig else 2
+    text = text_class(**TINY_TEXT, num_key_value_heads=kv_heads)
+    vision = ({"model_type": "siglip_vision_model", **{k: v for k, v in TINY_CLIP.items() if k != "projection_dim"}}
+              if family == "llava_onevision" else {"model_type": "clip_vision_model", **TINY_CLIP})
+    config = config_class(text_config=text, vision_config=vision, image_token_id=TINY_TEXT["vocab_size"] - 1)
     config._attn_implementation = "eager"
     model = model_class(config).eval()
     n = 23
@@ -46,17 +51,26 @@ def test_llava_family_flops_match_flop_counter(family):
     assert abs(predicted - counted) / counted < 0.01, (predicted, counted)
 
 
-def test_qwen2_5_vl_flops_match_flop_counter_with_mrope_positions():
+QWEN_VISION = {  # the vision tower projects to the LM width (64): Qwen2.5-VL's out_hidden_size, Qwen2-VL's hidden_size
+    "qwen2_5_vl": dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                       spatial_merge_size=2, window_size=56, fullatt_block_indexes=[0]),
+    "qwen2_vl": dict(depth=1, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14,
+                     spatial_merge_size=2)}
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_flops_match_flop_counter_with_mrope_positions(family):
+    config_class, model_class = {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+                                 "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}[family]
     head_dim = TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"]
-    config = Qwen2_5_VLConfig(
+    config = config_class(
         text_config=dict(**TINY_TEXT, num_key_value_heads=2,
                          rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=14, spatial_merge_size=2, window_size=56, fullatt_block_indexes=[0]),
+        vision_config=QWEN_VISION[family],
         image_token_id=195, video_token_id=196, vision_start_token_id=197, vision_end_token_id=198)
     assert sum(config.get_text_config().rope_parameters["mrope_section"]) * 2 == head_dim
     config._attn_implementation = "eager"
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     grid = torch.tensor([[1, 4, 6]])  # t, h, w patches: 4 * 6 / merge 2x2 = 6 image tokens
     n_image = int(grid.prod()) // config.vision_config.spatial_merge_size ** 2
     ids = torch.cat([torch.randint(0, 190, (1, 5)), torch.tensor([[197] + [195] * n_image + [198]]),
@@ -123,6 +137,11 @@ def test_named_shapes_against_transformers_config_classes():
     qwen3 = NAMED_SHAPES["Qwen/Qwen3-VL-8B-Instruct"]
     assert Qwen3VLConfig().text_config.head_dim == qwen3.head_dim and qwen3.explicit_head_dim is None
     assert qwen3.num_heads % qwen3.num_kv_heads == 0
+    assert NAMED_SHAPES["Qwen/Qwen2-VL-7B-Instruct"] == qwen  # both: Qwen2-7B's language model
+    assert Qwen2VLConfig().vision_config.hidden_size == qwen.hidden_size
+    # transformers' OneVision conversion: Qwen2-7B-Instruct plus <image> and <video>, padded to 64 rows
+    onevision = NAMED_SHAPES["llava-hf/llava-onevision-qwen2-7b-ov-hf"]
+    assert onevision == llava_hf_shape(qwen) and onevision.vocab_size == 152128
 
 
 def test_resolve_shape_completes_a_saved_llava_hf_config(tmp_path):

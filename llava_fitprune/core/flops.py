@@ -126,6 +126,14 @@ NAMED_SHAPES["Qwen/Qwen2.5-VL-7B-Instruct"] = LMShape(28, 3584, 18944, 28, 4, 15
 # intermediate_size 12288, num_attention_heads 32, num_key_value_heads 8, head_dim 128 (= 4096 / 32),
 # vocab_size 151936 (Qwen3VLTextConfig's defaults are another size's: 32 layers, intermediate 22016).
 NAMED_SHAPES["Qwen/Qwen3-VL-8B-Instruct"] = LMShape(36, 4096, 12288, 32, 8, 151936)
+# Qwen/Qwen2-VL-7B-Instruct's language model has the same sizes (Qwen2-7B's: its config.json's top level
+# reads the same numbers; transformers' Qwen2VLVisionConfig default hidden_size, the width its merger
+# projects to, is 3584).
+NAMED_SHAPES["Qwen/Qwen2-VL-7B-Instruct"] = NAMED_SHAPES["Qwen/Qwen2.5-VL-7B-Instruct"]
+# llava-hf/llava-onevision-qwen2-7b-ov-hf: lmms-lab's checkpoint on Qwen/Qwen2-7B-Instruct (those sizes, 152064
+# rows) converted by transformers' models/llava_onevision/convert_llava_onevision_weights_to_hf.py, which adds
+# <image> and <video> and pads to a multiple of 64 rows as llava-hf's other conversions do: 152128.
+NAMED_SHAPES["llava-hf/llava-onevision-qwen2-7b-ov-hf"] = llava_hf_shape(NAMED_SHAPES["Qwen/Qwen2-VL-7B-Instruct"])
 
 
 def resolve_shape(config: "str | os.PathLike | dict | Any") -> LMShape:

@@ -1,5 +1,5 @@
-"""lmms-eval models for the transformers-native backend (llava-hf LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL,
-Qwen3-VL, InternVL).
+"""lmms-eval models for the transformers-native backend (llava-hf LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision,
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL).
 
 `pip install` of this package registers them with lmms-eval (>= 0.6) through the entry-point group
 `lmms_eval.models` (setup.py), which lmms-eval's model registry (`lmms_eval/models/registry_v2.py`,
@@ -17,6 +17,8 @@ from __future__ import annotations
 MODEL_CLASSES: dict[str, str] = {
     "fitprune_llava_hf": "FitPruneLlavaHF",
     "fitprune_llava_next_hf": "FitPruneLlavaNextHF",
+    "fitprune_llava_onevision": "FitPruneLlavaOnevision",
+    "fitprune_qwen2_vl": "FitPruneQwen2_VL",
     "fitprune_qwen2_5_vl": "FitPruneQwen2_5_VL",
     "fitprune_qwen3_vl": "FitPruneQwen3VL",
     "fitprune_internvl": "FitPruneInternVL",

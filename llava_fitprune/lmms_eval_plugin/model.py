@@ -208,6 +208,16 @@ class FitPruneLlavaNextHF(FitPruneHF):
     default_pretrained = "llava-hf/llava-v1.6-vicuna-7b-hf"
 
 
+class FitPruneLlavaOnevision(FitPruneHF):
+    model_types = ("llava_onevision",)
+    default_pretrained = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+
+
+class FitPruneQwen2_VL(FitPruneHF):
+    model_types = ("qwen2_vl",)
+    default_pretrained = "Qwen/Qwen2-VL-7B-Instruct"
+
+
 class FitPruneQwen2_5_VL(FitPruneHF):
     model_types = ("qwen2_5_vl",)
     default_pretrained = "Qwen/Qwen2.5-VL-7B-Instruct"

@@ -1,5 +1,6 @@
 """transformers-native backend (transformers 5.x): FitPrune and the other methods on llava-hf
 LLaVA-1.5 (`LlavaForConditionalGeneration`), LLaVA-NeXT (`LlavaNextForConditionalGeneration`),
+LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`), Qwen2-VL (`Qwen2VLForConditionalGeneration`),
 Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`), Qwen3-VL (`Qwen3VLForConditionalGeneration`) and
 InternVL (`InternVLForConditionalGeneration`, Qwen2 or Llama language model). Install: `bash scripts/setup.sh --hf` (.venv-hf).
 
@@ -31,15 +32,16 @@ Public API (stable; the lmms-eval plugin and the flops tools use it):
 - `enable_pruning(model)` does the same to a model you loaded yourself.
 
 Each sample's visual-token count (anyres, dynamic resolution) gets the recipe scaled to it
-(`Recipe.drops_for`). Kept tokens keep their original positions (Qwen2.5-VL: their 3-D M-RoPE
-positions); dropped tokens stay in the KV cache of the layer that dropped them. Qwen3-VL's DeepStack
+(`Recipe.drops_for`). Kept tokens keep their original positions (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: their 3-D
+M-RoPE positions); dropped tokens stay in the KV cache of the layer that dropped them. Qwen3-VL's DeepStack
 additions follow the kept rows (qwen3_vl.py).
 """
 from importlib import import_module
 
 _EXPORTS = {"load_pretrained": "loading", "enable_pruning": "loading", "PrefillRecord": "model",
             "PrunedCache": "cache", "QwenImageTextProcessor": "qwen2_5_vl",
-            "InternVLImageTextProcessor": "internvl"}
+            "InternVLImageTextProcessor": "internvl",
+            "OnevisionImageTextProcessor": "llava_onevision"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -73,3 +73,15 @@ class InternVLImageTextProcessor:
 
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
+
+
+def load_image_text_processor(pretrained: str, config, chat_template=None) -> InternVLImageTextProcessor:
+    """`InternVLImageTextProcessor` from a checkpoint's image processor (GotOcr2's, PIL) and tokenizer; the chat
+    template is `chat_template` (the one the checkpoint's processor saved), else the tokenizer's."""
+    from transformers import AutoTokenizer
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    tokenizer.chat_template = chat_template or tokenizer.chat_template
+    return InternVLImageTextProcessor(GotOcr2ImageProcessorPil.from_pretrained(pretrained), tokenizer,
+                                      config.image_seq_length)

@@ -5,10 +5,12 @@ from typing import Optional
 
 import torch
 
-from .internvl import InternVLImageTextProcessor, InternVLPruningMixin, check_config as check_internvl
+from . import internvl, llava_onevision, qwen2_5_vl
+from .internvl import InternVLPruningMixin, check_config as check_internvl
 from .llava import LlavaPruningMixin
+from .llava_onevision import OnevisionPruningMixin
 from .model import attach
-from .qwen2_5_vl import QwenImageTextProcessor, QwenPruningMixin, QwenTextPruningMixin
+from .qwen2_5_vl import QwenPruningMixin, QwenTextPruningMixin
 from .qwen3_vl import Qwen3VLPruningMixin, Qwen3VLTextPruningMixin
 from ...core.recipe import Recipe
 from ...core.saved_method import selector_from_config
@@ -17,6 +19,8 @@ from ...core.saved_method import selector_from_config
 MODEL_TYPES = {
     "llava": (LlavaPruningMixin, None),
     "llava_next": (LlavaPruningMixin, None),
+    "llava_onevision": (OnevisionPruningMixin, None),
+    "qwen2_vl": (QwenPruningMixin, QwenTextPruningMixin),  # the same text model as Qwen2.5-VL's
     "qwen2_5_vl": (QwenPruningMixin, QwenTextPruningMixin),
     "qwen3_vl": (Qwen3VLPruningMixin, Qwen3VLTextPruningMixin),
     "internvl": (InternVLPruningMixin, None),
@@ -34,6 +38,18 @@ def check_supported(config, name: str = "this model") -> None:
         CONFIG_CHECKS[config.model_type](config)
 
 
+# model_type -> its images-and-text processor, for where AutoProcessor cannot build the stock one
+# (transformers needs torchvision for these families' video processors):
+# (pretrained, config, saved chat template or None) -> processor
+PROCESSOR_FALLBACKS = {
+    "llava_onevision": llava_onevision.load_image_text_processor,
+    "qwen2_vl": qwen2_5_vl.load_image_text_processor,
+    "qwen2_5_vl": qwen2_5_vl.load_image_text_processor,
+    "qwen3_vl": qwen2_5_vl.load_image_text_processor,  # the same image processor and text interface
+    "internvl": internvl.load_image_text_processor,
+}
+
+
 def enable_pruning(model: torch.nn.Module) -> torch.nn.Module:
     """Give a loaded stock model (one of MODEL_TYPES) `set_pruning` and `fitprune_last`; dense until set."""
     from .decoder import PruningTextModelMixin
@@ -43,26 +59,30 @@ def enable_pruning(model: torch.nn.Module) -> torch.nn.Module:
     return attach(model, vlm, text or PruningTextModelMixin)
 
 
-def load_processor(pretrained: str, model_type: str):
+def load_processor(pretrained: str, config):
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(pretrained)
     except (AttributeError, ImportError, ValueError, OSError):
-        if model_type not in ("qwen2_5_vl", "qwen3_vl", "internvl"):
+        if config.model_type not in PROCESSOR_FALLBACKS:
             raise
-    # these processors need torchvision (their video processors): images and text without it
-    from transformers import AutoConfig, AutoTokenizer
+    return PROCESSOR_FALLBACKS[config.model_type](pretrained, config, saved_chat_template(pretrained))
 
-    tokenizer = AutoTokenizer.from_pretrained(pretrained)
-    if model_type == "internvl":
-        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-        return InternVLImageTextProcessor(GotOcr2ImageProcessorPil.from_pretrained(pretrained), tokenizer,
-                                          AutoConfig.from_pretrained(pretrained).image_seq_length)
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+def saved_chat_template(pretrained: str):
+    """The chat template a processor saved beside the weights (chat_template.jinja, or chat_template.json's
+    "chat_template"), or None."""
+    import json
 
-    return QwenImageTextProcessor(Qwen2VLImageProcessorPil.from_pretrained(pretrained), tokenizer)
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(pretrained, name, _raise_exceptions_for_missing_entries=False)
+        if path is not None:
+            with open(path) as f:
+                return f.read() if name.endswith(".jinja") else json.load(f).get("chat_template")
+    return None
 
 
 def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[float] = None,
@@ -89,4 +109,4 @@ def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[f
         model.set_pruning(recipe, reduction_ratio=reduction_ratio, method=method, **method_options)
     elif saved is not None:  # saved by our save_pretrained: its pruning
         model.set_pruning(saved[0], selector=saved[1])
-    return model, load_processor(pretrained, config.model_type)
+    return model, load_processor(pretrained, config)

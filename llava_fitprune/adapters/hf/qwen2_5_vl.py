@@ -1,11 +1,13 @@
-"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): the visual tokens are the image (and video)
-placeholders; M-RoPE position ids are 3-D ([3, B, N]: temporal, height, width). The stock model
-computes them (and its rope deltas for decoding) before the text model; the pruning loop turns them
-into (cos, sin) rows once and gathers those rows with the kept tokens, so kept tokens keep their
-3-D positions. GQA is the text model's own (`num_key_value_heads`).
+"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) and Qwen2-VL (`Qwen2VLForConditionalGeneration`,
+whose text model in transformers 5.24 is Qwen2.5-VL's line for line: rotary embedding, attention, decoder
+layer, position-id preamble): the visual tokens are the image (and video) placeholders; M-RoPE position
+ids are 3-D ([3, B, N]: temporal, height, width). The stock model computes them (and its rope deltas for
+decoding) before the text model; the pruning loop turns them into (cos, sin) rows once and gathers those
+rows with the kept tokens, so kept tokens keep their 3-D positions. GQA is the text model's own
+(`num_key_value_heads`).
 
-`QwenImageTextProcessor` stands in for `Qwen2_5_VLProcessor` where that cannot be built (transformers
-needs torchvision for its video processor): images and text only, the same outputs.
+`QwenImageTextProcessor` stands in for `Qwen2_5_VLProcessor` / `Qwen2VLProcessor` where those cannot be
+built (transformers needs torchvision for their video processor): images and text only, the same outputs.
 """
 from __future__ import annotations
 
@@ -75,3 +77,14 @@ class QwenImageTextProcessor:
 
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
+
+
+def load_image_text_processor(pretrained: str, config, chat_template=None) -> QwenImageTextProcessor:
+    """`QwenImageTextProcessor` from a checkpoint's image processor and tokenizer; the chat template is
+    `chat_template` (the one the checkpoint's processor saved), else the tokenizer's."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    tokenizer.chat_template = chat_template or tokenizer.chat_template
+    return QwenImageTextProcessor(Qwen2VLImageProcessorPil.from_pretrained(pretrained), tokenizer)
