@@ -23,6 +23,8 @@ from ..core.methods import METHOD_OPTIONS, METHODS, build_method
 from ..core.recipe import check_reduction_ratio
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+# build_method's own keys (a schedule's size where no recipe gives it: e.g. fastv's budget needs both)
+SCHEDULE_KEYS = ("num_visual_tokens", "num_text_tokens")
 # lmms-eval passes max_batch_size with --batch_size auto (refused below); it is accepted and unused.
 IGNORED_KEYS = ("max_batch_size",)
 
@@ -44,7 +46,7 @@ class ModelArgs:
     batch_size: int = 1
     attn_implementation: Optional[str] = None
     chat_template: Optional[str] = None
-    method_options: dict = field(default_factory=dict)
+    method_options: dict = field(default_factory=dict)  # the method's options, num_visual_tokens, num_text_tokens
 
     @property
     def prunes(self) -> bool:
@@ -135,10 +137,11 @@ def check_model_args(model_types: tuple[str, ...], default_pretrained: str, pret
     if method not in METHOD_OPTIONS:
         raise ModelArgsError(f"method={method!r} is not a pruning method: use one of {list(METHODS)}")
     options = {k: v for k, v in kwargs.items() if k not in PLUGIN_KEYS and k not in IGNORED_KEYS}
-    unknown = sorted(set(options) - set(METHOD_OPTIONS[method]))
+    unknown = sorted(set(options) - set(METHOD_OPTIONS[method]) - set(SCHEDULE_KEYS))
     if unknown:
-        raise ModelArgsError(f"unknown --model_args key(s) {unknown}: the plugin takes {list(PLUGIN_KEYS)}, and "
-                             f"method {method} the options {list(METHOD_OPTIONS[method]) or 'none'}")
+        raise ModelArgsError(f"unknown --model_args key(s) {unknown}: the plugin takes {list(PLUGIN_KEYS)}, "
+                             f"{list(SCHEDULE_KEYS)}, and method {method} the options "
+                             f"{list(METHOD_OPTIONS[method]) or 'none'}")
     if kwargs.get("recipe") is not None and kwargs.get("reduction_ratio") is not None:
         raise ModelArgsError("give recipe= or reduction_ratio=, not both")
     chat_template = kwargs.get("chat_template")
