@@ -1,5 +1,6 @@
-"""The plugin's `loglikelihood` (multiple-choice and perplexity tasks), pruned and not, on tiny llava-hf,
-LLaVA-NeXT and Qwen2.5-VL checkpoints (dense: `test_lmms_eval_plugin_args.py`):
+"""The plugin's `loglikelihood` (lmms-eval's multiple-choice tasks), pruned and not, on tiny llava-hf,
+LLaVA-NeXT and Qwen2.5-VL checkpoints (dense: `test_lmms_eval_plugin_args.py`). It returns the continuation's
+mean token loss (lmms-eval's convention, see `FitPruneHF.loglikelihood`) and whether it is greedy:
 - a zero recipe gives the stock model's one-forward log-probabilities and greedy flags;
 - every schedule (zero, pruning) gives what the pruned model's own cached decoding gives: the raw
   logits `generate` emits (adapters.hf `load_pretrained` + `generate`, one token a step) with the
@@ -50,18 +51,18 @@ def requests(lm, continuations):
 
 
 def forced_decoding(model, inputs, targets):
-    """(sum of log-probs, greedy) of `targets` [C] after `inputs`, from generate's raw per-step logits."""
+    """(mean token loss, greedy) of `targets` [C] after `inputs`, from generate's raw per-step logits."""
     start = inputs["input_ids"].shape[1]
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=len(targets), do_sample=False, return_dict_in_generate=True,
                              output_logits=True, logits_processor=LogitsProcessorList([ForceTokens(targets, start)]))
     assert out.sequences[0, start:].tolist() == targets.tolist()
     logprobs = torch.log_softmax(torch.stack(out.logits, 1)[0].float(), -1)  # [C, vocab]
-    return float(logprobs.gather(-1, targets[:, None]).sum()), bool((logprobs.argmax(-1) == targets).all())
+    return -float(logprobs.gather(-1, targets[:, None]).mean()), bool((logprobs.argmax(-1) == targets).all())
 
 
 def one_forward(model, inputs, full_ids):
-    """The stock model's one forward over prompt + continuation: (sum of log-probs, greedy)."""
+    """The stock model's one forward over prompt + continuation: (mean token loss, greedy)."""
     n = inputs["input_ids"].shape[1]
     full = {**inputs, "input_ids": full_ids, "attention_mask": torch.ones_like(full_ids)}
     if "mm_token_type_ids" in inputs:  # Qwen: the continuation is text
@@ -71,7 +72,7 @@ def one_forward(model, inputs, full_ids):
         logits = model(**full).logits[:, n - 1:-1]  # [1, C, vocab]
     logprobs = torch.log_softmax(logits.float(), -1)
     targets = full_ids[:, n:]
-    return float(logprobs.gather(-1, targets[..., None]).sum()), bool((logprobs.argmax(-1) == targets).all())
+    return -float(logprobs.gather(-1, targets[..., None]).mean()), bool((logprobs.argmax(-1) == targets).all())
 
 
 @pytest.mark.parametrize("family,kind", [("llava", "zero"), ("llava", "pruning"), ("next", "pruning"),
@@ -94,14 +95,14 @@ def test_loglikelihood_equals_the_models_own_decoding(tiny_paths, tmp_path, fami
     ours, _ = load_ours(path, **model_args)  # the direct API, apart from the plugin's model
     stock = load_stock(path)
     assert results[0][1] is True  # the greedy continuation is reported greedy
-    for text, (logprob, greedy_flag) in zip(texts, results):
+    for text, (loss, greedy_flag) in zip(texts, results):
         full_ids = lm._inputs([lm._prompt(QUESTION, 1) + text], [PICTURE])["input_ids"]
         targets = full_ids[0, n:]
-        assert len(targets) >= 1 and math.isfinite(logprob) and logprob < 0
+        assert len(targets) >= 1 and math.isfinite(loss) and loss > 0
         expected, expected_greedy = forced_decoding(ours, inputs, targets)
-        assert logprob == pytest.approx(expected, abs=1e-4) and greedy_flag == expected_greedy
+        assert loss == pytest.approx(expected, abs=1e-5) and greedy_flag == expected_greedy
         reference, reference_greedy = one_forward(stock, inputs, full_ids)
         if kind == "pruning":  # the drops change the scores
-            assert abs(logprob - reference) > 1e-3
+            assert abs(loss - reference) > 1e-3
         else:  # no drop: the stock model's one forward
-            assert logprob == pytest.approx(reference, abs=1e-4) and greedy_flag == reference_greedy
+            assert loss == pytest.approx(reference, abs=1e-5) and greedy_flag == reference_greedy

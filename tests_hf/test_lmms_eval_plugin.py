@@ -18,6 +18,7 @@ from llava_fitprune.core.recipe import Recipe
 from lmms_tiny import build_tiny_llava_hf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SLOW = os.environ.get("LLAVA_FITPRUNE_SLOW") == "1"
 TASK = "fitprune_tiny_vqa"
 TASK_YAML = """\
 task: {task}
@@ -99,15 +100,18 @@ def task_setup(tmp_path_factory):
     return {"checkpoint": checkpoint, "docs": docs, "answers": answers, "tasks": tasks, "root": root}
 
 
-def run_lmms_eval(setup, out_name, model_args="", launcher=(), batch_size=1, env=None, lmms_model="fitprune_llava_hf"):
+def run_lmms_eval(setup, out_name, model_args="", launcher=(), batch_size=1, env=None, lmms_model="fitprune_llava_hf",
+                  entry=None):
+    """lmms-eval's command line: `python run_lmms_eval.py ARGS`, or `[*launcher, *entry, ARGS]` (entry: the
+    script by default, e.g. ["-m", "lmms_eval"] for the README's accelerate line)."""
     out = setup["root"] / out_name
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(setup["root"] / "hf"),
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
     args = ["--model", lmms_model, "--model_args", f"pretrained={setup['checkpoint']}{model_args}",
             "--tasks", TASK, "--include_path", str(setup["tasks"]), "--batch_size", str(batch_size),
             "--device", "cpu", "--log_samples", "--output_path", str(out), "--verbosity", "INFO"]
-    command = [*launcher, os.path.join(HERE, "run_lmms_eval.py"), *args] if launcher else \
-        [sys.executable, os.path.join(HERE, "run_lmms_eval.py"), *args]
+    entry = list(entry or [os.path.join(HERE, "run_lmms_eval.py")])
+    command = [*launcher, *entry, *args] if launcher else [sys.executable, *entry, *args]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     # lmms-eval exits 0 after an error too: the result files below are what shows it finished
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
@@ -189,12 +193,29 @@ def test_lmms_eval_runs_the_other_families_pruned(task_setup, lmms_model, family
         assert record["prefill_tflops"] < record["dense_prefill_tflops"]
 
 
+@pytest.mark.skipif(not SLOW, reason="the accelerate test below launches through torch.distributed.run too: "
+                                     "LLAVA_FITPRUNE_SLOW=1")
 def test_lmms_eval_data_parallel_two_processes(task_setup):
     """Two processes, as `accelerate launch --num_processes 2` starts them on GPUs (torch.distributed.run,
-    one rank each); on CPU accelerate's launcher runs one process, so torch.distributed.run is called here
-    with ACCELERATE_USE_CPU (gloo). Each rank answers its shard; rank 0 logs all samples and the score."""
+    one rank each), called directly with ACCELERATE_USE_CPU (gloo). Each rank answers its shard; rank 0
+    logs all samples and the score."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
     result, logged, output = run_lmms_eval(task_setup, "parallel", launcher=launcher, batch_size=2,
+                                           env={"ACCELERATE_USE_CPU": "true"})
+    assert "data parallel: process 0 of 2" in output and "data parallel: process 1 of 2" in output
+    check_logged(task_setup, result, logged)
+
+
+def test_lmms_eval_accelerate_launch_two_processes(task_setup):
+    """The README's line, `accelerate launch --num_processes N -m lmms_eval ...`, in .venv-hf: accelerate's
+    command line imports timm when it is installed, and timm needs torchvision, which setup.sh --hf removes
+    (with timm). On GPUs accelerate adds --multi_gpu itself when it sees more than one (on CPU it would run
+    one process): here it is given, with ACCELERATE_USE_CPU (gloo), and accelerate starts the two ranks
+    through torch.distributed.run. Each rank answers its shard; rank 0 logs the same samples and score."""
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534"]
+    result, logged, output = run_lmms_eval(task_setup, "accelerate", launcher=launcher, entry=["-m", "lmms_eval"],
                                            env={"ACCELERATE_USE_CPU": "true"})
     assert "data parallel: process 0 of 2" in output and "data parallel: process 1 of 2" in output
     check_logged(task_setup, result, logged)

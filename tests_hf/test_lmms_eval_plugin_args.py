@@ -146,8 +146,8 @@ def test_dtype_auto_keeps_the_checkpoints_dtype(tiny_checkpoint, tmp_path):
     picture = Image.new("RGB", (40, 36), (0, 0, 255))
     request = Instance("loglikelihood", ("what is the colour of the square ?", " blue", lambda d: [picture], 0, "t",
                                          "test"), idx=0, metadata={"task": "t", "doc_id": 0, "repeats": 1})
-    (logprob, _), = lm.loglikelihood([request])
-    assert math.isfinite(logprob) and logprob < 0
+    (loss, _), = lm.loglikelihood([request])
+    assert math.isfinite(loss) and loss > 0
 
 
 def test_prefill_records_read_the_backend_or_count_dense():
@@ -178,8 +178,8 @@ def test_prefill_records_read_the_backend_or_count_dense():
 
 
 def test_loglikelihood_equals_the_greedy_decoding_scores(tiny_checkpoint):
-    """The plugin's one-forward log-probability of a continuation = the sum of the log-softmaxed logits
-    that cached greedy decoding emitted for the same tokens; greedy is reported as such, another is not."""
+    """Dense: the plugin's loss of a continuation = minus the mean of the log-softmaxed logits that cached
+    greedy decoding emitted for the same tokens; greedy is reported as such, another is not."""
     import torch
     from lmms_eval.api.instance import Instance
     from PIL import Image
@@ -202,9 +202,9 @@ def test_loglikelihood_equals_the_greedy_decoding_scores(tiny_checkpoint):
         return Instance("loglikelihood", (doc["question"], text, lambda d: [picture], 0, "t", "test"), idx=0,
                         metadata={"task": "t", "doc_id": 0, "repeats": 1})
 
-    other = new.clone()  # the same tokens but the last: a lower last step, so a lower sum
+    other = new.clone()  # the same tokens but the last: a less likely last step, so a higher loss
     other[-1] = next(i for i in lm.tokenizer.convert_tokens_to_ids(["yes", "no"]) if i != int(new[-1]))
-    (logprob, greedy), (other_logprob, other_greedy) = lm.loglikelihood(
+    (loss, greedy), (other_loss, other_greedy) = lm.loglikelihood(
         [request(continuation), request(" " + lm.tokenizer.decode(other))])
-    assert logprob == pytest.approx(expected, abs=1e-4) and greedy
-    assert not other_greedy and other_logprob < logprob
+    assert loss == pytest.approx(-expected / len(new), abs=1e-5) and greedy
+    assert not other_greedy and other_loss > loss

@@ -173,11 +173,18 @@ class FitPruneHF(lmms):
         return answers
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """Per request: the sum of the continuation's token log-probabilities after the prompt, and whether
-        greedy decoding gives it. The model sees what `generate_until` would: the prompt alone is prefilled
-        (and pruned, by scores of the prompt's text only), then the continuation runs through that prefill's
-        cache. A pruned prefill keeps the prompt's last row (text after the image is never dropped), which
-        predicts the continuation's first token; the continuation's own rows predict the rest."""
+        """Per request: the continuation's mean token loss after the prompt (minus its mean token
+        log-probability: lower is likelier), and whether greedy decoding gives it.
+
+        The loss, not the log-probability the base class's docstring names: lmms-eval 0.7.3 has no
+        `loglikelihood` task, and its `multiple_choice` tasks pick the choice of least value
+        (`lmms_eval/api/task.py`, "we return the actual loss ... we just use the argmin"), as its own
+        llava_hf and llava models return `outputs.loss`. A log-probability there picks the least likely choice.
+
+        The model sees what `generate_until` would: the prompt alone is prefilled (and pruned, by scores of
+        the prompt's text only), then the continuation runs through that prefill's cache. A pruned prefill
+        keeps the prompt's last row (text after the image is never dropped), which predicts the
+        continuation's first token; the continuation's own rows predict the rest."""
         results = []
         for context, target, doc_to_visual, doc_id, task, split in tqdm(
                 [r.args for r in requests], disable=(self.rank != 0), desc="Model Responding"):
@@ -194,7 +201,7 @@ class FitPruneHF(lmms):
         return results
 
     def _score_continuation(self, inputs: dict, targets: torch.Tensor) -> tuple[float, bool]:
-        """inputs: the prompt's processor outputs (batch 1); targets: [1, C] continuation ids."""
+        """(mean token loss, greedy). inputs: the prompt's processor outputs (batch 1); targets: [1, C] ids."""
         if targets.shape[1] == 0:
             return 0.0, True
         with torch.inference_mode():
@@ -204,8 +211,8 @@ class FitPruneHF(lmms):
                 step = self.model(input_ids=targets[:, :-1], cache=prefill.cache, use_cache=True)
                 logits = torch.cat([logits, step.logits], dim=1)  # [1, C, vocab]
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [1, C, vocab]
-        total = float(logprobs.gather(-1, targets[..., None]).sum())
-        return total, bool((logprobs.argmax(-1) == targets).all())
+        loss = -float(logprobs.gather(-1, targets[..., None]).mean())
+        return loss, bool((logprobs.argmax(-1) == targets).all())
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError(f"{type(self).__name__} answers single-round tasks (generate_until, loglikelihood)")
