@@ -85,13 +85,15 @@ def test_loglikelihood_equals_the_models_own_decoding(tiny_paths, tmp_path, fami
     n = inputs["input_ids"].shape[1]
     with torch.no_grad():  # the greedy continuation of this (pruned) model
         greedy = lm.model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, n:]
-    record = lm.model.fitprune_last
+    record = lm.model.fitprune_last  # generate's prefill
     if kind == "pruning":
         assert record.visual_tokens_kept[0] < record.visual_tokens[0]  # the prefill dropped tokens
     else:
-        assert record is None or record.visual_tokens_kept == record.visual_tokens
+        assert record.visual_tokens_kept == record.visual_tokens
     texts = [" " + lm.tokenizer.decode(greedy), " " + " ".join(WORDS[:2]), " " + " ".join(WORDS[2:5])]
-    results = lm.loglikelihood(requests(lm, texts))
+    out = lm.loglikelihood(requests(lm, texts))
+    results = [r.text for r in out]  # (loss, greedy) each
+    assert [r.token_counts.fitprune["visual_tokens_kept"] for r in out] == record.visual_tokens_kept * len(texts)
     ours, _ = load_ours(path, **model_args)  # the direct API, apart from the plugin's model
     stock = load_stock(path)
     assert results[0][1] is True  # the greedy continuation is reported greedy

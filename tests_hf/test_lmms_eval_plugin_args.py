@@ -146,7 +146,7 @@ def test_dtype_auto_keeps_the_checkpoints_dtype(tiny_checkpoint, tmp_path):
     picture = Image.new("RGB", (40, 36), (0, 0, 255))
     request = Instance("loglikelihood", ("what is the colour of the square ?", " blue", lambda d: [picture], 0, "t",
                                          "test"), idx=0, metadata={"task": "t", "doc_id": 0, "repeats": 1})
-    (loss, _), = lm.loglikelihood([request])
+    (loss, _), = (r.text for r in lm.loglikelihood([request]))
     assert math.isfinite(loss) and loss > 0
 
 
@@ -204,7 +204,7 @@ def test_loglikelihood_equals_the_greedy_decoding_scores(tiny_checkpoint):
 
     other = new.clone()  # the same tokens but the last: a less likely last step, so a higher loss
     other[-1] = next(i for i in lm.tokenizer.convert_tokens_to_ids(["yes", "no"]) if i != int(new[-1]))
-    (loss, greedy), (other_loss, other_greedy) = lm.loglikelihood(
-        [request(continuation), request(" " + lm.tokenizer.decode(other))])
+    (loss, greedy), (other_loss, other_greedy) = (r.text for r in lm.loglikelihood(
+        [request(continuation), request(" " + lm.tokenizer.decode(other))]))
     assert loss == pytest.approx(-expected / len(new), abs=1e-5) and greedy
     assert not other_greedy and other_loss > loss

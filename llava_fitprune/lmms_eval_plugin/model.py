@@ -172,14 +172,19 @@ class FitPruneHF(lmms):
                 input_tokens=int(mask.sum()), output_tokens=generated, fitprune=record)))
         return answers
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """Per request: the continuation's mean token loss after the prompt (minus its mean token
-        log-probability: lower is likelier), and whether greedy decoding gives it.
+    def loglikelihood(self, requests) -> list[GenerationResult]:
+        """Per request, `GenerationResult(text=(loss, greedy), token_counts=...)`: the continuation's mean
+        token loss after the prompt (minus its mean token log-probability: lower is likelier), whether greedy
+        decoding gives it, and the prefill's record (as `generate_until`'s, with the continuation's length as
+        output_tokens).
 
         The loss, not the log-probability the base class's docstring names: lmms-eval 0.7.3 has no
         `loglikelihood` task, and its `multiple_choice` tasks pick the choice of least value
-        (`lmms_eval/api/task.py`, "we return the actual loss ... we just use the argmin"), as its own
-        llava_hf and llava models return `outputs.loss`. A log-probability there picks the least likely choice.
+        (`lmms_eval/api/task.py`: "we return the actual loss ... we just use the argmin"), as its own llava_hf
+        and llava models return `outputs.loss`; a log-probability there picks the least likely choice.
+        The pair rides in a GenerationResult: lmms-eval 0.7.3's evaluator keeps a GenerationResult's text as
+        it is but turns a bare (float, bool) into its str() (`api/instance.py` unwrap_generation_output),
+        which multiple_choice cannot unpack.
 
         The model sees what `generate_until` would: the prompt alone is prefilled (and pruned, by scores of
         the prompt's text only), then the continuation runs through that prefill's cache. A pruned prefill
@@ -197,15 +202,19 @@ class FitPruneHF(lmms):
             if not torch.equal(full_ids[:, :n_prompt], inputs["input_ids"]):
                 raise ValueError(f"{task} doc {doc_id}: the continuation {continuation!r} changes how the prompt's "
                                  f"end tokenizes, so it cannot be scored after the prompt's own tokens")
-            results.append(self._score_continuation(inputs, full_ids[:, n_prompt:]))
+            targets = full_ids[:, n_prompt:]  # [1, C]
+            loss, greedy = self._score_continuation(inputs, targets)
+            record, = backend.prefill_records(self.model, inputs["input_ids"], inputs["attention_mask"])
+            results.append(GenerationResult(text=(loss, greedy), token_counts=FitPruneTokenCounts(
+                input_tokens=int(inputs["attention_mask"].sum()), output_tokens=targets.shape[1], fitprune=record)))
         return results
 
     def _score_continuation(self, inputs: dict, targets: torch.Tensor) -> tuple[float, bool]:
         """(mean token loss, greedy). inputs: the prompt's processor outputs (batch 1); targets: [1, C] ids."""
-        if targets.shape[1] == 0:
-            return 0.0, True
         with torch.inference_mode():
             prefill = self.model(**inputs, use_cache=True)
+            if targets.shape[1] == 0:
+                return 0.0, True
             logits = prefill.logits[:, -1:]  # [1, 1, vocab]: the prompt's last row
             if targets.shape[1] > 1:  # batch 1, no padding: the positions continue from the cache's length
                 step = self.model(input_ids=targets[:, :-1], cache=prefill.cache, use_cache=True)
