@@ -1,11 +1,15 @@
 """lmms-eval `lmms` models that run a pruned transformers-native VLM (llava_fitprune.adapters.hf).
 
 `--model_args pretrained=ID_OR_PATH[,reduction_ratio=0.6 | ,recipe=FILE.json][,method=fitprune]
-[,attn_implementation=sdpa][,dtype=bfloat16][,chat_template=...]`; other keys go to the method
-(e.g. fastv's options). Every generated answer carries its prefill's record in lmms-eval's logged sample
-(`token_counts[0]["fitprune"]`: method, recipe fingerprint, visual tokens entering and kept, tokens
-entering each layer, prefill TFLOPs pruned and dense); the recipe and
-method also stand in the results' `config.model_args`.
+[,attn_implementation=sdpa][,dtype=auto][,chat_template=...]`, and the method's options (e.g. fastv's);
+all checked before the weights load (`args.py`). Every answer (`generate_until`) and every scored
+continuation (`loglikelihood`) carries its prefill's record in lmms-eval's logged sample
+(`token_counts[i]["fitprune"]`: method, recipe fingerprint, visual tokens entering and kept, tokens
+entering each layer, prefill TFLOPs pruned and dense); the recipe and method also stand in the
+results' `config.model_args`.
+
+A model family is a subclass naming its `model_types` (the checkpoint config's `model_type`) and a
+`default_pretrained`, and an entry in `__init__.MODEL_CLASSES`.
 
 Data parallel: `accelerate launch --num_processes N -m lmms_eval ...` as for lmms-eval's own HF models
 (`lmms_eval/models/simple/llava_hf.py`): each process loads the model on its own device
@@ -14,8 +18,8 @@ and gathers the samples.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
