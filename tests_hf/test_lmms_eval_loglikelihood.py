@@ -76,7 +76,7 @@ def one_forward(model, inputs, full_ids):
 
 
 @pytest.mark.parametrize("family,kind", [("llava", "zero"), ("llava", "pruning"), ("next", "pruning"),
-                                         ("qwen", "zero"), ("qwen", "pruning")])
+                                         ("qwen", "pruning")])
 def test_loglikelihood_equals_the_models_own_decoding(tiny_paths, tmp_path, family, kind):
     path = tiny_paths[family]
     model_args = schedule(kind, tmp_path)

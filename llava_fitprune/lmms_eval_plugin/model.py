@@ -30,6 +30,7 @@ from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
+
 from . import backend
 from .args import ModelArgsError, check_model_args
 
