@@ -35,16 +35,22 @@ if [ "$venv" = .venv ]; then
   fi
   check="import torch, transformers, llava, llava_fitprune"
 else
-  want="$HF_PACKAGES -torchvision"
+  want="$HF_PACKAGES -torchvision-unless-it-imports -timm-with-it"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     $PIP install -q --disable-pip-version-check $HF_PACKAGES
-    # lmms-eval pulls PyPI's torchvision, built against CUDA torch: with the CPU torch it breaks
-    # `import transformers.models.llava` ("operator torchvision::nms does not exist"). Neither
-    # transformers nor lmms-eval needs it for this package.
-    $PIP uninstall -q -y torchvision 2>/dev/null || true
+    # lmms-eval pulls PyPI's torchvision, built against CUDA torch: with a CPU torch it does not import
+    # ("operator torchvision::nms does not exist") and breaks `import transformers.models.llava`; the
+    # matching CPU wheel is not on PyPI. Neither transformers nor lmms-eval needs it for this package.
+    # timm (an lmms-eval requirement none of its paths here imports) needs torchvision, and accelerate's
+    # command line imports timm whenever it is installed: `accelerate launch` would fail with "No module
+    # named 'torchvision'". So both go where torchvision does not import (a CUDA torch keeps them).
+    if ! "$venv/bin/python" -c "import torchvision" >/dev/null 2>&1; then
+      $PIP uninstall -q -y torchvision timm 2>/dev/null || true
+    fi
     echo "$want" > "$stamp"
   fi
-  check="import torch, transformers, lmms_eval, llava_fitprune, transformers.models.llava"
+  # accelerate_cli: what `accelerate launch` imports (timm, when installed)
+  check="import torch, transformers, lmms_eval, llava_fitprune, transformers.models.llava, accelerate.commands.accelerate_cli"
 fi
 # --no-deps: setup.py pins the LLaVA stack's transformers 4.37.2, which .venv-hf must not get.
 $PIP install -q --disable-pip-version-check --no-deps --no-build-isolation -e .

@@ -1,11 +1,15 @@
 """lmms-eval `lmms` models that run a pruned transformers-native VLM (llava_fitprune.adapters.hf).
 
 `--model_args pretrained=ID_OR_PATH[,reduction_ratio=0.6 | ,recipe=FILE.json][,method=fitprune]
-[,attn_implementation=sdpa][,dtype=bfloat16][,chat_template=...]`; other keys go to the method
-(e.g. fastv's options). Every generated answer carries its prefill's record in lmms-eval's logged sample
-(`token_counts[0]["fitprune"]`: method, recipe fingerprint, visual tokens entering and kept, tokens
-entering each layer, prefill TFLOPs pruned and dense); the recipe and
-method also stand in the results' `config.model_args`.
+[,attn_implementation=sdpa][,dtype=auto][,chat_template=...]`, and the method's options (e.g. fastv's);
+all checked before the weights load (`args.py`). Every answer (`generate_until`) and every scored
+continuation (`loglikelihood`) carries its prefill's record in lmms-eval's logged sample
+(`token_counts[i]["fitprune"]`: method, recipe fingerprint, visual tokens entering and kept, tokens
+entering each layer, prefill TFLOPs pruned and dense); the recipe and method also stand in the
+results' `config.model_args`.
+
+A model family is a subclass naming its `model_types` (the checkpoint config's `model_type`) and a
+`default_pretrained`, and an entry in `__init__.MODEL_CLASSES`.
 
 Data parallel: `accelerate launch --num_processes N -m lmms_eval ...` as for lmms-eval's own HF models
 (`lmms_eval/models/simple/llava_hf.py`): each process loads the model on its own device
@@ -14,8 +18,9 @@ and gathers the samples.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -25,9 +30,9 @@ from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoConfig
 
 from . import backend
+from .args import ModelArgsError, check_model_args
 
 DATA_PARALLEL_TYPES = (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.MULTI_XPU,
                        DistributedType.MULTI_NPU, DistributedType.MULTI_MLU)
@@ -45,59 +50,54 @@ class FitPruneTokenCounts(TokenCounts):
         return {**super().to_dict(), "fitprune": self.fitprune}
 
 
-def _torch_dtype(dtype: Any) -> Optional[torch.dtype]:
-    if dtype in (None, "auto") or isinstance(dtype, torch.dtype):
-        return None if dtype == "auto" else dtype
-    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-        raise ValueError(f"dtype={dtype!r} is not a torch dtype: use float32, float16, bfloat16 or auto")
-    return getattr(torch, str(dtype))
-
-
 class FitPruneHF(lmms):
     """A pruned transformers VLM as an lmms-eval model. Subclasses fix the model family."""
 
     model_types: tuple[str, ...] = ()
     default_pretrained: str = ""
 
-    def __init__(self, pretrained: Optional[str] = None, recipe: Optional[str] = None,
-                 reduction_ratio: Optional[float] = None, method: str = "fitprune", device: Optional[str] = None,
-                 dtype: Any = "auto", batch_size: Any = 1, attn_implementation: Optional[str] = None,
-                 chat_template: Optional[str] = None, max_batch_size: Any = None, **method_options) -> None:
-        # max_batch_size: lmms-eval passes it with --batch_size auto, which is refused below
+    def __init__(self, pretrained: Optional[str] = None, **model_args) -> None:
+        """`model_args`: see `args.ModelArgs` (recipe, reduction_ratio, method, device, dtype, batch_size,
+        attn_implementation, chat_template, the method's options). All are checked before the weights
+        load (`args.check_model_args`: ModelArgsError, one line)."""
         super().__init__()
-        if recipe is not None and reduction_ratio is not None:
-            raise ValueError("give recipe= or reduction_ratio=, not both")
-        if not str(batch_size).isdigit() or int(batch_size) < 1:
-            raise ValueError(f"batch_size={batch_size!r}: give a positive integer ('auto' is not supported)")
+        args, _ = check_model_args(self.model_types, self.default_pretrained, pretrained, **model_args)
         accelerator = Accelerator()
+        device = args.device
         if accelerator.num_processes > 1:
             if accelerator.distributed_type not in DATA_PARALLEL_TYPES:
-                raise ValueError(f"{accelerator.distributed_type} is not supported: launch data parallel "
-                                 f"(`accelerate launch --num_processes N`), each process holding the whole model")
+                raise ModelArgsError(f"{accelerator.distributed_type} is not supported: launch data parallel "
+                                     f"(`accelerate launch --num_processes N`), each process holding the whole model")
             device = str(accelerator.device)
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
             eval_logger.info(f"data parallel: process {self._rank} of {self._world_size} on {device}")
         elif device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.accelerator = accelerator
-        self.pretrained = pretrained or self.default_pretrained
-        model_type = AutoConfig.from_pretrained(self.pretrained).model_type  # before loading the weights
-        if model_type not in self.model_types:
-            raise ValueError(f"{self.pretrained} is a {model_type!r} checkpoint, this lmms-eval model runs "
-                             f"{self.model_types}: choose --model by the checkpoint's family")
+        self.pretrained = args.pretrained
         self._model, self.processor = backend.load(
-            self.pretrained, recipe=recipe, reduction_ratio=reduction_ratio, method=method, device=device,
-            dtype=_torch_dtype(dtype), attn_implementation=attn_implementation, **method_options)
+            args.pretrained, recipe=args.recipe, reduction_ratio=args.reduction_ratio, method=args.method,
+            device=device, dtype=args.dtype, attn_implementation=args.attn_implementation, **args.method_options)
         self._model.eval()
         self._device = torch.device(device)
-        self.batch_size_per_gpu = int(batch_size)
+        self.batch_size_per_gpu = args.batch_size
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # generation continues every row from its last column
-        if chat_template is not None:  # a processor's own template, or (Qwen without torchvision) its tokenizer's
-            self.processor.chat_template = self.tokenizer.chat_template = chat_template
+        if args.chat_template is not None:  # a processor's own template, or (Qwen without torchvision) its tokenizer's
+            self.processor.chat_template = self.tokenizer.chat_template = args.chat_template
         if getattr(self.processor, "chat_template", None) is None and self.tokenizer.chat_template is None:
-            raise ValueError(f"{self.pretrained}'s processor has no chat template: pass chat_template=... in "
-                             f"--model_args")
+            raise ModelArgsError(f"{self.pretrained}'s processor has no chat template: pass chat_template=... in "
+                                 f"--model_args")
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
+        """lmms-eval's constructor from `--model_args`. A bad argument is one line on stderr and exit status 2:
+        lmms-eval would print a traceback for an exception and exit 0 (its `cli_evaluate` catches them)."""
+        try:
+            return super().create_from_arg_string(arg_string, additional_config)
+        except ModelArgsError as e:
+            print(f"{cls.__name__}: bad --model_args: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     @property
     def model(self):
@@ -128,7 +128,9 @@ class FitPruneHF(lmms):
 
     def _inputs(self, texts: list[str], images: list[Image.Image]):
         inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        dtype = self.model.dtype  # pixel values in the weights' dtype, as lmms-eval's llava_hf passes them
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) if torch.is_tensor(v)
+                else v for k, v in inputs.items()}
 
     # -- lmms-eval's request types -----------------------------------------------------------
     def generate_until(self, requests) -> list[GenerationResult]:
@@ -175,24 +177,56 @@ class FitPruneHF(lmms):
                 input_tokens=int(mask.sum()), output_tokens=generated, fitprune=record)))
         return answers
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """Sum of the continuation's token log-probabilities after the prompt, and whether greedy decoding
-        gives it. The pruning scores read the text after the image, which here includes the continuation."""
+    def loglikelihood(self, requests) -> list[GenerationResult]:
+        """Per request, `GenerationResult(text=(loss, greedy), token_counts=...)`: the continuation's mean
+        token loss after the prompt (minus its mean token log-probability: lower is likelier), whether greedy
+        decoding gives it, and the prefill's record (as `generate_until`'s, with the continuation's length as
+        output_tokens).
+
+        The loss, not the log-probability the base class's docstring names: lmms-eval 0.7.3 has no
+        `loglikelihood` task, and its `multiple_choice` tasks pick the choice of least value
+        (`lmms_eval/api/task.py`: "we return the actual loss ... we just use the argmin"), as its own llava_hf
+        and llava models return `outputs.loss`; a log-probability there picks the least likely choice.
+        The pair rides in a GenerationResult: lmms-eval 0.7.3's evaluator keeps a GenerationResult's text as
+        it is but turns a bare (float, bool) into its str() (`api/instance.py` unwrap_generation_output),
+        which multiple_choice cannot unpack.
+
+        The model sees what `generate_until` would: the prompt alone is prefilled (and pruned, by scores of
+        the prompt's text only), then the continuation runs through that prefill's cache. A pruned prefill
+        keeps the prompt's last row (text after the image is never dropped), which predicts the
+        continuation's first token; the continuation's own rows predict the rest."""
         results = []
         for context, target, doc_to_visual, doc_id, task, split in tqdm(
                 [r.args for r in requests], disable=(self.rank != 0), desc="Model Responding"):
             continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
             images = self._visuals(doc_to_visual, task, split, doc_id)
-            prompt_ids = self._inputs([self._prompt(context, len(images))], images)["input_ids"]
-            inputs = self._inputs([self._prompt(context, len(images), continuation)], images)
-            n_prompt = prompt_ids.shape[1]
-            with torch.inference_mode():
-                logits = self.model(**inputs).logits  # [1, N, vocab]
-            targets = inputs["input_ids"][:, n_prompt:]  # [1, C]
-            logprobs = torch.log_softmax(logits[:, n_prompt - 1:-1].float(), dim=-1)  # [1, C, vocab]
-            total = float(logprobs.gather(-1, targets[..., None]).sum())
-            results.append((total, bool((logprobs.argmax(-1) == targets).all())))
+            prompt = self._prompt(context, len(images))
+            inputs = self._inputs([prompt], images)
+            full_ids = self._inputs([prompt + continuation], images)["input_ids"]  # [1, N + C]
+            n_prompt = inputs["input_ids"].shape[1]
+            if not torch.equal(full_ids[:, :n_prompt], inputs["input_ids"]):
+                raise ValueError(f"{task} doc {doc_id}: the continuation {continuation!r} changes how the prompt's "
+                                 f"end tokenizes, so it cannot be scored after the prompt's own tokens")
+            targets = full_ids[:, n_prompt:]  # [1, C]
+            loss, greedy = self._score_continuation(inputs, targets)
+            record, = backend.prefill_records(self.model, inputs["input_ids"], inputs["attention_mask"])
+            results.append(GenerationResult(text=(loss, greedy), token_counts=FitPruneTokenCounts(
+                input_tokens=int(inputs["attention_mask"].sum()), output_tokens=targets.shape[1], fitprune=record)))
         return results
+
+    def _score_continuation(self, inputs: dict, targets: torch.Tensor) -> tuple[float, bool]:
+        """(mean token loss, greedy). inputs: the prompt's processor outputs (batch 1); targets: [1, C] ids."""
+        with torch.inference_mode():
+            prefill = self.model(**inputs, use_cache=True)
+            if targets.shape[1] == 0:
+                return 0.0, True
+            logits = prefill.logits[:, -1:]  # [1, 1, vocab]: the prompt's last row
+            if targets.shape[1] > 1:  # batch 1, no padding: the positions continue from the cache's length
+                step = self.model(input_ids=targets[:, :-1], cache=prefill.cache, use_cache=True)
+                logits = torch.cat([logits, step.logits], dim=1)  # [1, C, vocab]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [1, C, vocab]
+        loss = -float(logprobs.gather(-1, targets[..., None]).mean())
+        return loss, bool((logprobs.argmax(-1) == targets).all())
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError(f"{type(self).__name__} answers single-round tasks (generate_until, loglikelihood)")

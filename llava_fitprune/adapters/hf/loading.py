@@ -98,7 +98,7 @@ def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[f
         saved = (Recipe.from_dict(config.fitprune_recipe, source=f"{pretrained} config.fitprune_recipe"),
                  selector_from_config(getattr(config, "fitprune_method", None) or "fitprune",
                                       getattr(config, "fitprune_method_options", None)))
-    if isinstance(dtype, str):
+    if isinstance(dtype, str) and dtype != "auto":  # "auto": the checkpoint's own (transformers' rule)
         dtype = getattr(torch, dtype)
     kwargs = {"dtype": dtype or torch.float32}
     if attn_implementation is not None:
