@@ -3,6 +3,8 @@ the method notes, literally, on the stock model's weights. None of llava_fitprun
 
 The stock VLM itself is run once to read what it hands its text model (the merged embeddings and
 the position ids: 1-D, or Qwen2.5-VL's 3-D M-RoPE ids); from there every layer is recomputed here.
+A sliding-window layer (the window the stock attention module uses) lets query i see key j only when
+i - j < window in the ORIGINAL sequence, whatever was dropped; the cache here keeps every key.
 """
 from __future__ import annotations
 
@@ -17,8 +19,15 @@ def _rotate(x, cos, sin):  # x: [H, n, hd]; cos, sin: [n, hd]
     return x * cos[None] + rotated * sin[None]
 
 
-def _attend(layer, h, cos, sin, past_k=None, past_v=None):
-    """h: [n, D] -> (attn output [n, H*hd], probs [H, n, K], k, v with the past prepended)."""
+def _window(layer):
+    """The sliding window the stock attention module applies (Qwen2: its own; Mistral: its config's)."""
+    a = layer.self_attn
+    return getattr(a, "sliding_window", getattr(a.config, "sliding_window", None))
+
+
+def _attend(layer, h, cos, sin, past_k=None, past_v=None, q_pos=None, k_pos=None):
+    """h: [n, D] -> (attn output [n, H*hd], probs [H, n, K], k, v with the past prepended).
+    q_pos, k_pos: original sequence positions of the queries and of all keys (for a sliding window)."""
     a, cfg = layer.self_attn, layer.self_attn.config
     n = h.shape[0]
     H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, a.head_dim
@@ -33,6 +42,9 @@ def _attend(layer, h, cos, sin, past_k=None, past_v=None):
     K = kk.shape[1]
     scores = q @ kk.transpose(1, 2) / math.sqrt(hd)
     causal = torch.arange(K)[None, :] > (torch.arange(n)[:, None] + K - n)
+    window = _window(layer)
+    if window is not None:
+        causal |= (torch.tensor(q_pos)[:, None] - torch.tensor(k_pos)[None, :]) >= window
     probs = scores.masked_fill(causal, float("-inf")).softmax(-1)
     return (probs @ vv).transpose(0, 1).reshape(n, H * hd), probs, k, v
 
@@ -59,10 +71,11 @@ def reference_fitprune(stock, inputs, visual_token_id, drop_per_layer, max_new_t
     visual = set((inputs["input_ids"][0] == visual_token_id).nonzero().flatten().tolist())
 
     keep = list(range(N))
-    caches, kept_after = [], []
+    caches, cache_pos, kept_after = [], [], []
     for layer, d in zip(lm.layers, drop_per_layer):
-        out, probs, k, v = _attend(layer, h, cos_all[keep], sin_all[keep])
+        out, probs, k, v = _attend(layer, h, cos_all[keep], sin_all[keep], q_pos=keep, k_pos=keep)
         caches.append((k, v))
+        cache_pos.append(list(keep))
         rows = list(range(len(keep)))
         if d > 0:
             M = probs.max(0).values  # [n, n] head-max
@@ -90,7 +103,8 @@ def reference_fitprune(stock, inputs, visual_token_id, drop_per_layer, max_new_t
         p = torch.full((*pos.shape[:-1], 1), next_pos + step)
         cos, sin = (t[0] for t in lm.rotary_emb(h[None], p))
         for i, layer in enumerate(lm.layers):
-            out, _, k, v = _attend(layer, h, cos, sin, *caches[i])
+            cache_pos[i].append(N + step)  # the new token's index in the sequence
+            out, _, k, v = _attend(layer, h, cos, sin, *caches[i], q_pos=[N + step], k_pos=cache_pos[i])
             caches[i] = (k, v)
             h = h + layer.self_attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))

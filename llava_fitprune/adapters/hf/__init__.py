@@ -31,7 +31,8 @@ Public API (stable; the lmms-eval plugin and the flops tools use it):
 
 Each sample's visual-token count (anyres, dynamic resolution) gets the recipe scaled to it
 (`Recipe.drops_for`). Kept tokens keep their original positions (Qwen2.5-VL: their 3-D M-RoPE
-positions); dropped tokens stay in the KV cache of the layer that dropped them.
+positions); dropped tokens stay in the KV cache of the layer that dropped them. Sliding-window layers
+(Mistral, Qwen2 `use_sliding_window`) apply the window to original positions (window.py; sdpa or eager).
 """
 from importlib import import_module
 
