@@ -32,20 +32,43 @@ def enable_pruning(model: torch.nn.Module) -> torch.nn.Module:
     return attach(model, vlm, text or PruningTextModelMixin)
 
 
-def load_processor(pretrained: str, model_type: str):
+# image tokens a vision tower adds to its patches (CLIP: the class token), for processors saved without them
+TOWER_EXTRA_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
+
+
+def fill_legacy_llava_processor(processor, config, pretrained: str):
+    """A LLaVA / LLaVA-NeXT processor saved by transformers 4.37 has no patch_size (5.x then fails with a
+    TypeError on the first image): fill patch_size, vision_feature_select_strategy and
+    num_additional_image_tokens from the model config, on this instance, or fail with one line."""
+    if getattr(processor, "patch_size", 0) is not None:
+        return processor
+    vision = config.vision_config
+    extra = TOWER_EXTRA_TOKENS.get(vision.model_type)
+    if extra is None or getattr(vision, "patch_size", None) is None:
+        raise ValueError(f"{pretrained}: its processor (saved by an older transformers) has no patch_size, and a "
+                         f"{vision.model_type!r} vision tower's cannot be inferred: add patch_size, "
+                         f"vision_feature_select_strategy and num_additional_image_tokens to its processor_config.json")
+    processor.patch_size = vision.patch_size
+    processor.vision_feature_select_strategy = (getattr(processor, "vision_feature_select_strategy", None)
+                                                or config.vision_feature_select_strategy)
+    processor.num_additional_image_tokens = extra
+    return processor
+
+
+def load_processor(pretrained: str, model_type: str, config=None):
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(pretrained)
+        processor = AutoProcessor.from_pretrained(pretrained)
     except (AttributeError, ImportError, ValueError, OSError):
         if model_type != "qwen2_5_vl":
             raise
+    else:
+        if model_type in ("llava", "llava_next") and config is not None:
+            processor = fill_legacy_llava_processor(processor, config, pretrained)
+        return processor
     # Qwen2.5-VL's processor needs torchvision (its video processor): images and text without it
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    return QwenImageTextProcessor(Qwen2VLImageProcessorPil.from_pretrained(pretrained),
-                                  AutoTokenizer.from_pretrained(pretrained))
+    return QwenImageTextProcessor.from_pretrained(pretrained)
 
 
 def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[float] = None,
@@ -71,6 +94,7 @@ def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[f
         saved = (Recipe.from_dict(config.fitprune_recipe, source=f"{pretrained} config.fitprune_recipe"),
                  selector_from_config(getattr(config, "fitprune_method", None) or "fitprune",
                                       getattr(config, "fitprune_method_options", None)))
+    processor = load_processor(pretrained, config.model_type, config)  # before the weights: its errors too
     kwargs = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -80,4 +104,4 @@ def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[f
         model.set_pruning(pruning.schedule, selector=pruning.selector)
     elif saved is not None:  # saved by our save_pretrained: its pruning
         model.set_pruning(saved[0], selector=saved[1])
-    return model, load_processor(pretrained, config.model_type)
+    return model, processor
