@@ -13,8 +13,10 @@ Public API (stable; the lmms-eval plugin and the flops tools use it):
   layer count is refused); `method`: fitprune, fastv, uniform, random (`core.methods.build_method`, whose
   options pass through `**method_options`: fastv k, r, target_reduction...). None of them: dense, or
   the pruning a checkpoint saved by `model.save_pretrained` records (recipe, method, options).
-  `dtype`: a torch dtype or its name (default float32). `attn_implementation`: "sdpa" / "eager" / any
-  registered one (layers that drop nothing use it; pruning layers compute their attention themselves).
+  `dtype`: a torch dtype or its name, or "auto" (the checkpoint's; default float32). `attn_implementation`:
+  "sdpa" / "eager" / any registered one (layers that drop nothing use it; pruning layers compute their
+  attention themselves). Every argument is checked before the weights load (load_args.py): a bad one is
+  a one-line ValueError naming it.
 - `model` is the transformers model instance (pruning is put on this instance only: its class becomes
   `FitPrune<StockClass>`, a subclass; stock classes are untouched). `model.generate(**processor_outputs,
   max_new_tokens=...)` returns what transformers returns. `model(**inputs)` likewise.
