@@ -31,6 +31,35 @@ def tiny_paths(tmp_path_factory):
             "internvl": build_tiny_internvl(str(root / "internvl-tiny"))}
 
 
+WINDOW = 16  # sliding window of the windowed variants: below their prompts (NeXT: about 200 tokens, Qwen: about 40)
+
+
+def _set_text_config(path: str, **changes) -> str:
+    import json
+    import os
+
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["text_config"].update(changes)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return path
+
+
+@pytest.fixture(scope="session")
+def window_paths(tmp_path_factory):
+    """Sliding-window variants: LLaVA-NeXT whose text model is Mistral (every layer slides), and
+    Qwen2.5-VL with use_sliding_window past max_window_layers=2 (layers 0-1 full, 2-3 sliding)."""
+    from llava_fitprune.adapters.hf.tiny import build_tiny_llava_hf, build_tiny_qwen2_5_vl
+
+    root = tmp_path_factory.mktemp("hf_window")
+    next_mistral = build_tiny_llava_hf(str(root / "llava-next-mistral-tiny"), next_anyres=True)
+    qwen = build_tiny_qwen2_5_vl(str(root / "qwen2_5_vl-window-tiny"))
+    return {"next_mistral": _set_text_config(next_mistral, model_type="mistral", sliding_window=WINDOW),
+            "qwen_window": _set_text_config(qwen, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2,
+                                            layer_types=["full_attention"] * 2 + ["sliding_attention"] * 2)}
+
+
 def image(seed: int, size):
     from PIL import Image
 

@@ -6,6 +6,8 @@ LLaVA-OneVision's anyres-max tiles, and the position ids: 1-D, or Qwen2-VL's / Q
 M-RoPE ids, and Qwen3-VL's DeepStack features); from there every layer is recomputed here (Qwen2's q/k/v
 biases come with the projections). Qwen3-VL: q/k RMSNorms before the rotary, and after layer
 l < len(DeepStack) each kept visual token's row gets the DeepStack row of its original position.
+A sliding-window layer (the window the stock attention module uses) lets query i see key j only when
+i - j < window in the ORIGINAL sequence, whatever was dropped; the cache here keeps every key.
 """
 from __future__ import annotations
 
@@ -20,8 +22,15 @@ def _rotate(x, cos, sin):  # x: [H, n, hd]; cos, sin: [n, hd]
     return x * cos[None] + rotated * sin[None]
 
 
-def _attend(layer, h, cos, sin, past_k=None, past_v=None):
-    """h: [n, D] -> (attn output [n, H*hd], probs [H, n, K], k, v with the past prepended)."""
+def _window(layer):
+    """The sliding window the stock attention module applies (Qwen2: its own; Mistral: its config's)."""
+    a = layer.self_attn
+    return getattr(a, "sliding_window", getattr(a.config, "sliding_window", None))
+
+
+def _attend(layer, h, cos, sin, past_k=None, past_v=None, q_pos=None, k_pos=None):
+    """h: [n, D] -> (attn output [n, H*hd], probs [H, n, K], k, v with the past prepended).
+    q_pos, k_pos: original sequence positions of the queries and of all keys (for a sliding window)."""
     a, cfg = layer.self_attn, layer.self_attn.config
     n = h.shape[0]
     H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, a.head_dim
@@ -38,6 +47,9 @@ def _attend(layer, h, cos, sin, past_k=None, past_v=None):
     K = kk.shape[1]
     scores = q @ kk.transpose(1, 2) / math.sqrt(hd)
     causal = torch.arange(K)[None, :] > (torch.arange(n)[:, None] + K - n)
+    window = _window(layer)
+    if window is not None:
+        causal |= (torch.tensor(q_pos)[:, None] - torch.tensor(k_pos)[None, :]) >= window
     probs = scores.masked_fill(causal, float("-inf")).softmax(-1)
     return (probs @ vv).transpose(0, 1).reshape(n, H * hd), probs, k, v
 
@@ -72,10 +84,11 @@ def reference_fitprune(stock, inputs, visual_token_id, drop_per_layer, max_new_t
         ds_row = {p: j for j, p in enumerate(ds_positions)}
 
     keep = list(range(N))
-    caches, kept_after = [], []
+    caches, cache_pos, kept_after = [], [], []
     for layer_idx, (layer, d) in enumerate(zip(lm.layers, drop_per_layer)):
-        out, probs, k, v = _attend(layer, h, cos_all[keep], sin_all[keep])
+        out, probs, k, v = _attend(layer, h, cos_all[keep], sin_all[keep], q_pos=keep, k_pos=keep)
         caches.append((k, v))
+        cache_pos.append(list(keep))
         rows = list(range(len(keep)))
         if d > 0:
             M = probs.max(0).values  # [n, n] head-max
@@ -109,7 +122,8 @@ def reference_fitprune(stock, inputs, visual_token_id, drop_per_layer, max_new_t
         p = torch.full((*pos.shape[:-1], 1), next_pos + step)
         cos, sin = (t[0] for t in lm.rotary_emb(h[None], p))
         for i, layer in enumerate(lm.layers):
-            out, _, k, v = _attend(layer, h, cos, sin, *caches[i])
+            cache_pos[i].append(N + step)  # the new token's index in the sequence
+            out, _, k, v = _attend(layer, h, cos, sin, *caches[i], q_pos=[N + step], k_pos=cache_pos[i])
             caches[i] = (k, v)
             h = h + layer.self_attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))

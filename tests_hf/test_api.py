@@ -133,21 +133,6 @@ def test_fastv_drops_what_the_stock_attention_ranks_lowest(tiny_paths):
     assert sorted(int(p) for p in dropped[1][0] if p >= 0) == sorted(expected.tolist())
 
 
-def test_sliding_window_layers_are_refused():
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from llava_fitprune.adapters.hf import enable_pruning
-
-    config = Qwen2_5_VLConfig(text_config=dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
-                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                               use_sliding_window=True, sliding_window=16, max_window_layers=2),
-                              vision_config=dict(depth=1, hidden_size=32, out_hidden_size=64, num_heads=2))
-    with torch.device("meta"):
-        model = enable_pruning(Qwen2_5_VLForConditionalGeneration(config))
-    with pytest.raises(NotImplementedError, match="full-attention layers only"):
-        model.set_pruning(RECIPE)
-
-
 @torch.no_grad()
 def test_save_pretrained_records_the_pruning_and_load_restores_it(tiny_paths, tmp_path):
     """A saved pruning model reloads with its schedule, method and options (random's seed: the same

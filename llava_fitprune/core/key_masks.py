@@ -19,12 +19,18 @@ class KeyMasks:
     def init_key_masks(self) -> None:
         self.key_masks = []  # per layer: [B, K_l] bool, True = real token
 
+    def held_keys(self, layer_idx: int, stored: torch.Tensor) -> torch.Tensor:
+        """`stored` [B, K]: what of a layer's per-key record its cache still holds. Every key here; a cache
+        whose layers drop old keys (a sliding window) cuts the record to match."""
+        return stored
+
     def extend_key_mask(self, layer_idx: int, new_mask: torch.Tensor) -> torch.Tensor:
         """Append `new_mask` [B, Q] to layer `layer_idx`'s key mask; return the whole mask [B, K_l]."""
         if len(self.key_masks) <= layer_idx:
             self.key_masks.append(new_mask)
         else:
-            self.key_masks[layer_idx] = torch.cat([self.key_masks[layer_idx], new_mask], dim=-1)
+            self.key_masks[layer_idx] = torch.cat([self.held_keys(layer_idx, self.key_masks[layer_idx]), new_mask],
+                                                  dim=-1)
         return self.key_masks[layer_idx]
 
     def reorder_key_masks(self, beam_idx: torch.LongTensor) -> None:

@@ -15,8 +15,10 @@ Public API (stable; the lmms-eval plugin and the flops tools use it):
   layer count is refused); `method`: fitprune, fastv, uniform, random (`core.methods.build_method`, whose
   options pass through `**method_options`: fastv k, r, target_reduction...). None of them: dense, or
   the pruning a checkpoint saved by `model.save_pretrained` records (recipe, method, options).
-  `dtype`: a torch dtype, its name, or "auto" (the checkpoint's own; default float32). `attn_implementation`: "sdpa" / "eager" / any
-  registered one (layers that drop nothing use it; pruning layers compute their attention themselves).
+  `dtype`: a torch dtype or its name, or "auto" (the checkpoint's; default float32). `attn_implementation`:
+  "sdpa" / "eager" / any registered one (layers that drop nothing use it; pruning layers compute their
+  attention themselves). Every argument is checked before the weights load (load_args.py): a bad one is
+  a one-line ValueError naming it.
 - `model` is the transformers model instance (pruning is put on this instance only: its class becomes
   `FitPrune<StockClass>`, a subclass; stock classes are untouched). `model.generate(**processor_outputs,
   max_new_tokens=...)` returns what transformers returns. `model(**inputs)` likewise.
@@ -34,7 +36,8 @@ Public API (stable; the lmms-eval plugin and the flops tools use it):
 Each sample's visual-token count (anyres, dynamic resolution) gets the recipe scaled to it
 (`Recipe.drops_for`). Kept tokens keep their original positions (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: their 3-D
 M-RoPE positions); dropped tokens stay in the KV cache of the layer that dropped them. Qwen3-VL's DeepStack
-additions follow the kept rows (qwen3_vl.py).
+additions follow the kept rows (qwen3_vl.py). Sliding-window layers (Mistral, Qwen2 `use_sliding_window`)
+apply the window to original positions (window.py; sdpa or eager).
 """
 from importlib import import_module
 

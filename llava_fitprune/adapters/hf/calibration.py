@@ -4,6 +4,7 @@ For each sample the stock VLM runs up to its text model (vision tower, projector
 position ids; the text model itself is not run): its layer-0 inputs, the visual mask (the
 placeholders), the text after the image, and the rotary (cos, sin) rows of every position, so the
 fit runner gives kept tokens their original positions, Qwen2.5-VL's 3-D M-RoPE ones included.
+The fit runner's attention is full causal: a model with sliding-window layers is refused.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from ...core.calibration import CalibrationError, CalibrationSample
+from .window import layer_windows
 from ...core.prefill_plan import text_after_last_image
 
 
@@ -46,6 +48,9 @@ def calibration_samples(model, processor, items: Sequence[tuple[Any, str]], ques
     if model.fitprune_fit_refusal:
         raise NotImplementedError(model.fitprune_fit_refusal)
     text_model = model.fitprune_text_model
+    if any(w is not None for w in layer_windows(text_model.config)):
+        raise CalibrationError("fit computes full causal attention, but this model has sliding-window layers: "
+                               "fit a recipe on a model without them, or prune it with an existing recipe")
     samples = []
     for n, (image, question) in enumerate(items):
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]

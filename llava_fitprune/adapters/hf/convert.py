@@ -3,7 +3,10 @@
 
 The image placeholder is a new token `<image>` with id = the old vocabulary size (as llava-hf's
 checkpoints add it): its embedding row is replaced by image features and its LM-head row is zero.
-Token ids otherwise stay the same, so both backends see the same sequence.
+Token ids otherwise stay the same, so both backends see the same sequence. The folder gets a
+`LlavaProcessor` too (the LLaVA tokenizer plus `<image>`, the tower's CLIP image processor, the patch
+size and feature strategy of the config, LLaVA's vicuna_v1 prompt as chat template), so that
+`load_pretrained(out_dir)` works; both are read before anything is written.
 """
 from __future__ import annotations
 
@@ -56,6 +59,37 @@ def _read_safetensors(folder: str) -> dict:
     return state
 
 
+# LLaVA's conv_vicuna_v1 (llava/conversation.py, llava-torch 1.2.2): "<system> USER: <image>\n<q> ASSISTANT:"
+VICUNA_V1_TEMPLATE = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions. {% for m in messages %}{% if m['role'] == 'user' %}"
+    "USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% elif m['role'] == 'assistant' %}ASSISTANT: {% for c in m['content'] %}{% if c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def build_processor(llava_dir: str, vision_dir: str, config):
+    """The llava-hf processor of a converted checkpoint (`config`: its LlavaConfig)."""
+    from transformers import AutoTokenizer, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    for folder, what in ((vision_dir, "preprocessor_config.json"), (llava_dir, "tokenizer_config.json")):
+        if not os.path.exists(os.path.join(folder, what)):
+            raise ValueError(f"{folder} has no {what}: the converted checkpoint needs it for its processor")
+    tokenizer = AutoTokenizer.from_pretrained(llava_dir)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    if image_id != config.image_token_id:
+        raise ValueError(f"{llava_dir}: its tokenizer gives <image> the id {image_id}, not the vocabulary size "
+                         f"{config.image_token_id} (a tokenizer with added tokens?)")
+    return LlavaProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(vision_dir), tokenizer=tokenizer,
+                          patch_size=config.vision_config.patch_size,
+                          vision_feature_select_strategy=config.vision_feature_select_strategy,
+                          num_additional_image_tokens=1,  # CLIP's class token
+                          chat_template=VICUNA_V1_TEMPLATE, image_token="<image>")
+
+
 def convert_llava_to_hf(llava_dir: str, vision_dir: str, out_dir: str) -> str:
     """`llava_dir`: haotian-liu checkpoint (config.json with mm_* keys, safetensors);
     `vision_dir`: its CLIP vision tower (CLIPVisionModel folder). Writes `out_dir`; returns it."""
@@ -75,6 +109,7 @@ def convert_llava_to_hf(llava_dir: str, vision_dir: str, out_dir: str) -> str:
     config = LlavaConfig(text_config=text, vision_config=CLIPVisionConfig.from_pretrained(vision_dir),
                          image_token_index=vocab, vision_feature_select_strategy="default",
                          vision_feature_layer=old["mm_vision_select_layer"], projector_hidden_act="gelu")
+    processor = build_processor(llava_dir, vision_dir, config)
     state = _read_safetensors(llava_dir)
     # the tower's weights under the names LLaVA's CLIPVisionTower gives them in a full checkpoint
     state.update({f"model.vision_tower.vision_tower.{k}": v for k, v in _read_safetensors(vision_dir).items()})
@@ -85,5 +120,6 @@ def convert_llava_to_hf(llava_dir: str, vision_dir: str, out_dir: str) -> str:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"conversion left missing {sorted(missing)} / unexpected {sorted(unexpected)} weights")
-    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)  # the weights last: a folder with them is complete
     return out_dir

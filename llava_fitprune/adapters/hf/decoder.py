@@ -4,8 +4,10 @@ text model), put on one model instance (`attach`), never on the class.
 Without a recipe the stock `forward` runs. With one, this loop replaces the stock loop only: it builds
 the rotary (cos, sin) rows once from the stock position ids (1-D or M-RoPE 3-D), and per layer a
 causal mask with transformers' own `create_causal_mask` sized to that layer's cache (`layer_idx=`)
-and that layer's key mask. Layers that drop nothing run the stock decoder layer (any registered
-attention implementation); a layer that drops tokens runs `pruning_layer_forward`.
+and that layer's key mask; a sliding-window layer's mask adds the window over the original positions
+of its keys and queries (window.py). Layers that drop nothing run the stock decoder layer (any
+registered attention implementation; sdpa or eager with sliding windows); a layer that drops tokens
+runs `pruning_layer_forward`.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .cache import PrunedCache
 from .layer_step import pruning_layer_forward
+from .window import window_causal_mask
 from ...core.prefill_plan import make_plan
 from ...core.recipe import Recipe
 from ...core.selectors import FitPruneSelector, OracleSelector, TokenSelector
@@ -41,6 +44,7 @@ class PruningState:
     recipe: Optional[Recipe] = None
     selector: TokenSelector = field(default_factory=FitPruneSelector)
     pending_visual: Optional[torch.Tensor] = None  # [B, N] bool, set by the VLM's forward for one call
+    windows: list[Optional[int]] = field(default_factory=list)  # [L] sliding window per layer, None: full
     last_trace: Optional[PruneTrace] = None
 
     @property
@@ -98,27 +102,36 @@ class PruningTextModelMixin:
         padded = plan.padded if plan is not None else attention_mask is not None and not bool(valid.all())
         after_layer = self.fitprune_after_layer(kwargs)  # a family's per-layer additions (Qwen3-VL's DeepStack)
         trace = PruneTrace(plan.visual_entering, plan.real_entering) if plan is not None else None
+        windows = state.windows or [None] * len(self.layers)
+        row_pos = None  # sliding windows: [B, n] original position of each row
+        if any(w is not None for w in windows):
+            row_pos = (torch.arange(N, device=device) + past).expand(B, N)
 
         hidden_states = inputs_embeds
         mask_key, mask = None, None
         for layer_idx, layer in enumerate(self.layers):
             key_mask = cache.extend_key_mask(layer_idx, valid) if cache is not None else valid  # [B, K_l]
+            window = windows[layer_idx]
+            key_pos = None if window is None else (  # [B, K_l] original position of each key
+                cache.extend_key_positions(layer_idx, row_pos) if cache is not None else row_pos)
             if prune is not None and layer_idx in plan.steps:
                 hidden_states, index, record = pruning_layer_forward(
                     layer, layer_idx, hidden_states, (cos, sin), key_mask, padded, cache, prune, state.selector,
-                    plan.steps[layer_idx])
+                    plan.steps[layer_idx], window=window, key_positions=key_pos)
                 valid = prune.valid
                 cos, sin = _gather_rows(cos, index), _gather_rows(sin, index)
+                row_pos = row_pos.gather(1, index) if row_pos is not None else None
                 trace.dropped_positions.append(record.positions())
                 if after_layer is not None:
                     hidden_states = after_layer(layer_idx, hidden_states, prune)
                 continue
             if trace is not None:
                 trace.dropped_positions.append(None)
-            if mask_key is not key_mask:  # rebuild only when the keys change
-                mask_key = key_mask
-                mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=key_mask,
-                                          cache=cache, layer_idx=layer_idx)
+            if mask_key is None or mask_key[0] is not key_mask or mask_key[1] != window or mask_key[2] is not key_pos:
+                mask_key = (key_mask, window, key_pos)  # rebuilt only when the keys or the window change
+                mask = (create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=key_mask,
+                                           cache=cache, layer_idx=layer_idx) if window is None else
+                        window_causal_mask(self.config, hidden_states, key_mask, key_pos, window))
             hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=(cos, sin),
                                   cache=cache, use_cache=use_cache, **kwargs)
             if after_layer is not None:

@@ -5,7 +5,8 @@ The same step as the LLaVA adapter's `pruning_layer_forward` on 5.x modules: att
 scores read from the rows that need them (the blocked head-max kernels of `adapters/llava/layer_step`),
 the dropped tokens serve as keys and values here and stay in this layer's cache, their rows leave
 before `o_proj` and the MLP. Rotary embeddings arrive as the (cos, sin) rows of the tokens present,
-so kept tokens keep their original (for M-RoPE: 3-D) positions whatever the model's rope type.
+so kept tokens keep their original (for M-RoPE: 3-D) positions whatever the model's rope type; a
+sliding-window layer masks by the original positions of its rows (window.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..llava.layer_step import TailAttention, attention_mask_4d, attention_rows, attention_rows_head_max
+from .window import window_mask_additive
 from ...core.selectors import PruneState, TokenSelector, take_rows
 
 
@@ -26,10 +28,11 @@ def rotary_function(attn: nn.Module):
 
 def pruning_layer_forward(layer: nn.Module, layer_idx: int, hidden_states: torch.Tensor,
                           cos_sin: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor, padded: bool, cache,
-                          state: PruneState, selector: TokenSelector, step):
+                          state: PruneState, selector: TokenSelector, step, window=None, key_positions=None):
     """hidden_states: [B, N, D]; cos_sin: ([B, N, hd], [B, N, hd]); key_mask: [B, N] bool (real tokens).
-    step: the plan's LayerStep (core/prefill_plan.py). Returns ([B, step.new_len, D], index [B, step.new_len],
-    DropRecord); `state` follows the kept rows."""
+    step: the plan's LayerStep (core/prefill_plan.py). A sliding layer: its `window`, and the original
+    positions of its rows `key_positions` [B, N] long. Returns ([B, step.new_len, D], index
+    [B, step.new_len], DropRecord); `state` follows the kept rows."""
     attn = layer.self_attn
     B, N, D = hidden_states.shape
     hd = attn.head_dim
@@ -49,7 +52,10 @@ def pruning_layer_forward(layer: nn.Module, layer_idx: int, hidden_states: torch
         k, v = cache.update(k, v, layer_idx)  # a prefill: the layer's cache was empty
     k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # [B, H, N, hd]
 
-    mask = attention_mask_4d(key_mask, N, 0, q.dtype, "eager", True) if padded else None  # [B, 1, N, N]
+    if window is not None:
+        mask = window_mask_additive(key_mask, key_positions, window, q.dtype)  # [B, 1, N, N]
+    else:
+        mask = attention_mask_4d(key_mask, N, 0, q.dtype, "eager", True) if padded else None  # [B, 1, N, N]
     attention = None
     if selector.needs_attention:
         out = q.new_empty(B, N, H, hd)  # filled through a [B, H, N, hd] view

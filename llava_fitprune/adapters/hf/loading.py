@@ -9,6 +9,7 @@ from . import internvl, llava_onevision, qwen2_5_vl
 from .internvl import InternVLPruningMixin, check_config as check_internvl
 from .llava import LlavaPruningMixin
 from .llava_onevision import OnevisionPruningMixin
+from .load_args import check_attn_implementation, check_device, check_dtype, check_pruning
 from .model import attach
 from .qwen2_5_vl import QwenPruningMixin, QwenTextPruningMixin
 from .qwen3_vl import Qwen3VLPruningMixin, Qwen3VLTextPruningMixin
@@ -59,14 +60,42 @@ def enable_pruning(model: torch.nn.Module) -> torch.nn.Module:
     return attach(model, vlm, text or PruningTextModelMixin)
 
 
+# image tokens a vision tower adds to its patches (CLIP: the class token), for processors saved without them
+TOWER_EXTRA_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
+
+
+def fill_legacy_llava_processor(processor, config, pretrained: str):
+    """A LLaVA / LLaVA-NeXT processor saved by transformers 4.37 has no patch_size (5.x then fails with a
+    TypeError on the first image): fill patch_size, vision_feature_select_strategy and
+    num_additional_image_tokens from the model config, on this instance, or fail with one line."""
+    if getattr(processor, "patch_size", 0) is not None:
+        return processor
+    vision = config.vision_config
+    extra = TOWER_EXTRA_TOKENS.get(vision.model_type)
+    if extra is None or getattr(vision, "patch_size", None) is None:
+        raise ValueError(f"{pretrained}: its processor (saved by an older transformers) has no patch_size, and a "
+                         f"{vision.model_type!r} vision tower's cannot be inferred: add patch_size, "
+                         f"vision_feature_select_strategy and num_additional_image_tokens to its processor_config.json")
+    processor.patch_size = vision.patch_size
+    processor.vision_feature_select_strategy = (getattr(processor, "vision_feature_select_strategy", None)
+                                                or config.vision_feature_select_strategy)
+    processor.num_additional_image_tokens = extra
+    return processor
+
+
 def load_processor(pretrained: str, config):
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(pretrained)
+        processor = AutoProcessor.from_pretrained(pretrained)
     except (AttributeError, ImportError, ValueError, OSError):
         if config.model_type not in PROCESSOR_FALLBACKS:
             raise
+    else:
+        if config.model_type in ("llava", "llava_next"):
+            processor = fill_legacy_llava_processor(processor, config, pretrained)
+        return processor
+    # these families' processors need torchvision (their video processors): images and text without it
     return PROCESSOR_FALLBACKS[config.model_type](pretrained, config, saved_chat_template(pretrained))
 
 
@@ -88,25 +117,32 @@ def saved_chat_template(pretrained: str):
 def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[float] = None,
                     method: str = "fitprune", device: str = "cpu", dtype=None,
                     attn_implementation: Optional[str] = None, **method_options):
-    """(model, processor). See the package docstring (`llava_fitprune.adapters.hf`)."""
+    """(model, processor). See the package docstring (`llava_fitprune.adapters.hf`). Every argument is
+    checked (load_args.py) before the weights load."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    config = AutoConfig.from_pretrained(pretrained)
+    dtype, device = check_dtype(dtype), check_device(device)
+    check_attn_implementation(attn_implementation)
+    try:
+        config = AutoConfig.from_pretrained(pretrained)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"pretrained {pretrained!r}: cannot read its config (give a local checkpoint folder or a hub id): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     check_supported(config, pretrained)
+    pruning = check_pruning(config, recipe, reduction_ratio, method, method_options, attn_implementation)
     saved = None  # (recipe, selector) a checkpoint saved by our save_pretrained records, checked before the weights
-    if getattr(config, "fitprune_recipe", None) is not None:
+    if pruning is None and getattr(config, "fitprune_recipe", None) is not None:
         saved = (Recipe.from_dict(config.fitprune_recipe, source=f"{pretrained} config.fitprune_recipe"),
                  selector_from_config(getattr(config, "fitprune_method", None) or "fitprune",
                                       getattr(config, "fitprune_method_options", None)))
-    if isinstance(dtype, str) and dtype != "auto":  # "auto": the checkpoint's own (transformers' rule)
-        dtype = getattr(torch, dtype)
-    kwargs = {"dtype": dtype or torch.float32}
+    processor = load_processor(pretrained, config)  # before the weights: its errors too
+    kwargs = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(pretrained, **kwargs).to(device).eval()
     enable_pruning(model)
-    if recipe is not None or reduction_ratio is not None or method != "fitprune" or method_options:
-        model.set_pruning(recipe, reduction_ratio=reduction_ratio, method=method, **method_options)
+    if pruning is not None:  # as built above: the schedule with the method's selector
+        model.set_pruning(pruning.schedule, selector=pruning.selector)
     elif saved is not None:  # saved by our save_pretrained: its pruning
         model.set_pruning(saved[0], selector=saved[1])
-    return model, load_processor(pretrained, config)
+    return model, processor

@@ -14,11 +14,12 @@ from typing import Optional
 import torch
 
 from .decoder import PruneTrace, PruningState, PruningTextModelMixin
+from .window import check_window_attention, layer_windows
 from ...core.flops import LMShape, prefill_flops
 from ...core.methods import build_method
 from ...core.recipe import Recipe
 from ...core.saved_method import refuse_unrestorable, selector_options
-from ...core.selectors import FitPruneSelector, TokenSelector
+from ...core.selectors import FitPruneSelector, OracleSelector, TokenSelector
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
 
@@ -77,10 +78,6 @@ class FitPruneVLMMixin:
         options); `set_pruning(None)` goes back to the stock model. `selector=` overrides the method's.
         Returns the schedule in use (None: dense)."""
         state: PruningState = self.fitprune_text_model.fitprune
-        layer_types = getattr(self.config.get_text_config(decoder=True), "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
-            raise NotImplementedError(f"pruning supports full-attention layers only; this model's layer types: "
-                                      f"{sorted(set(layer_types))} (e.g. use_sliding_window=False)")
         if recipe is None and reduction_ratio is None and method == "fitprune" and not method_options:
             schedule, chosen = None, FitPruneSelector()
         else:
@@ -88,7 +85,12 @@ class FitPruneVLMMixin:
                                             shape=self.fitprune_shape, **method_options)
         if schedule is not None:
             schedule.check_model(self.fitprune_shape.num_layers)
-        state.recipe, state.selector = schedule, selector or chosen
+        windows = []
+        if schedule is not None or isinstance(selector, OracleSelector):  # our loop runs: its masks must hold
+            text_config = self.fitprune_text_model.config
+            windows = layer_windows(text_config)
+            check_window_attention(windows, text_config._attn_implementation)
+        state.recipe, state.selector, state.windows = schedule, selector or chosen, windows
         state.last_trace = None
         return schedule
 

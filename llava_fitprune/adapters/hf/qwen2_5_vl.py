@@ -47,6 +47,19 @@ class QwenImageTextProcessor:
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(video_token)
 
+    @classmethod
+    def from_pretrained(cls, folder: str) -> "QwenImageTextProcessor":
+        """From a folder with Qwen2-VL's image processor and a tokenizer (what `save_pretrained` writes)."""
+        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return cls(Qwen2VLImageProcessorPil.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
+
+    def save_pretrained(self, folder: str, **kwargs) -> list[str]:
+        """The image processor's and the tokenizer's files (its chat template with them): `from_pretrained`,
+        and `load_pretrained` on a checkpoint folder, read them back."""
+        return [*self.image_processor.save_pretrained(folder, **kwargs), *self.tokenizer.save_pretrained(folder, **kwargs)]
+
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False, **kwargs):
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                   tokenize=tokenize, **kwargs)
@@ -82,9 +95,6 @@ class QwenImageTextProcessor:
 def load_image_text_processor(pretrained: str, config, chat_template=None) -> QwenImageTextProcessor:
     """`QwenImageTextProcessor` from a checkpoint's image processor and tokenizer; the chat template is
     `chat_template` (the one the checkpoint's processor saved), else the tokenizer's."""
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    tokenizer = AutoTokenizer.from_pretrained(pretrained)
-    tokenizer.chat_template = chat_template or tokenizer.chat_template
-    return QwenImageTextProcessor(Qwen2VLImageProcessorPil.from_pretrained(pretrained), tokenizer)
+    processor = QwenImageTextProcessor.from_pretrained(pretrained)
+    processor.tokenizer.chat_template = chat_template or processor.tokenizer.chat_template
+    return processor
