@@ -3,8 +3,8 @@
 `enable_fast_path(model)` changes one model instance (its `forward` and `generate`), never a class:
 inside `generate` (greedy or sampling, one beam) the prefill writes into a StaticPrunedCache sized
 for the prompt plus room for new tokens (at most `max_new_tokens`, grown by doubling: static_cache.py),
-and every one-token step runs `StaticDecoder` over fixed buffers: on CUDA replayed as a CUDA graph (captured on the first step of a cache), elsewhere
-eager or under `torch.compile`. Any other call (labels, attentions, beams, images on a decode step,
+and every one-token step runs `StaticDecoder` over fixed buffers: on CUDA replayed as a CUDA graph
+(captured on the first step of a cache), elsewhere eager or under `torch.compile`. Any other call (labels, attentions, beams, images on a decode step,
 a call with positional arguments) takes the model's own forward; the eager loop can also read and
 extend a StaticPrunedCache, so a cached second turn works on both paths. A new conversation reuses
 the buffers of the last cache only once nobody holds it (`BufferPool`): a cache you keep can always
@@ -30,7 +30,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .modeling import PruningCausalLMMixin
 from .fast_prefill import CompiledPrefill
 from .modeling_mistral import FitPruneLlavaMistralForCausalLM
-from .static_cache import DEFAULT_BUCKET, BufferPool, StaticPrunedCache, round_up
+from .static_buffers import BufferPool
+from .static_cache import DEFAULT_BUCKET, StaticPrunedCache, round_up
 from .static_decode import StaticDecoder, decode_layer, rotary_tables
 
 DECODE_MODES = ("auto", "eager", "compile", "graph")
@@ -93,7 +94,7 @@ class FastPath:
         self.compiled_prefill = (CompiledPrefill(model, config.prefill_backend, mode=config.prefill_compile_mode)
                                  if self.prefill_mode == "compile" else None)
         self.max_new_tokens: Optional[int] = None  # set while `generate` runs
-        self.pool = BufferPool()  # the newest cache's buffers, for the next conversation (static_cache.py)
+        self.pool = BufferPool()  # the newest cache's buffers, for the next conversation (static_buffers.py)
         self.stats = {"decode_compile_s": 0.0, "graph_captures": 0, "graph_capture_s": 0.0}
         self._tables: Optional[tuple] = None  # (length, cos [P, hd], sin [P, hd])
         self._graph: Optional[_Graph] = None

@@ -21,19 +21,18 @@ The eager decoder loop (modeling.py) runs on this cache unchanged: `extend_key_m
 append into the buffers (growing a layer's buffers when a call needs more room), and
 `key_cache`/`value_cache`/`key_masks` are views of the filled slots.
 
-Buffers outlive their cache in a `BufferPool` (fast_path.py holds one per model): the next
-conversation takes them over only from a cache nobody holds any more (or one whose generate call
-failed, `release`), so a cache you keep is never overwritten and can always be continued.
+Buffers outlive their cache in a `BufferPool` (static_buffers.py; fast_path.py holds one per
+model): the next conversation takes them over only from a cache nobody holds any more (or one whose
+generate call failed, `release`), so a cache you keep is never overwritten and can be continued.
 """
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from .cache import PrunedCache
+from .static_buffers import BufferSet
 
 DEFAULT_BUCKET = 64  # capacities are rounded up to this: nearby prompt lengths share buffer shapes
 
@@ -56,38 +55,6 @@ def decode_room(held: list[int], remaining: int, bucket: int, context_left: Opti
 
 class ReleasedCacheError(RuntimeError):
     pass
-
-
-@dataclass(eq=False)
-class BufferSet:
-    """One cache's buffers, which a later conversation may take over (BufferPool)."""
-    keys: list = field(default_factory=list)  # per layer: [B, KV, capacity_l, hd]
-    values: list = field(default_factory=list)
-    masks: list = field(default_factory=list)  # per layer: [B, capacity_l] bool
-    fill: Optional[torch.Tensor] = None  # [L] long: each layer's next slot, read by a compiled step
-
-
-class BufferPool:
-    """The newest cache's buffers, kept for the next conversation. `take` hands them over only when
-    that cache is gone (no reference left anywhere) or released; while someone holds it, it keeps
-    its buffers and the next conversation allocates its own."""
-
-    def __init__(self) -> None:
-        self._buffers: Optional[BufferSet] = None
-        self._owner = lambda: None  # weak reference to the cache using `_buffers`
-
-    def owner(self) -> Optional["StaticPrunedCache"]:
-        return self._owner()
-
-    def take(self) -> Optional[BufferSet]:
-        owner = self._owner()
-        if self._buffers is None or (owner is not None and not owner.released):
-            return None
-        buffers, self._buffers = self._buffers, None
-        return buffers
-
-    def keep(self, cache: "StaticPrunedCache") -> None:
-        self._buffers, self._owner = cache.buffers, weakref.ref(cache)
 
 
 class StaticPrunedCache(PrunedCache):
