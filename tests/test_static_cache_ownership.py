@@ -143,8 +143,9 @@ def test_a_batch_2_conversation_keeps_a_batch_1_cache_and_frees_what_it_cannot_r
 
 @torch.no_grad()
 def test_a_new_conversation_reuses_the_buffers_of_a_cache_nobody_holds(pruned):
-    """The buffers (and `fill`) move to the next conversation once the earlier cache is dropped: the
-    same CUDA graph key, so a graph captured in the first conversation is replayed."""
+    """The buffers (and `fill`) move to the next conversation once the earlier cache is dropped, also
+    through a `generate` that returns ids only (the eval loop): the same CUDA graph key, so a graph
+    captured in the first conversation is replayed."""
     from .test_fast_path import _step_key
 
     tok, model = pruned
@@ -154,6 +155,8 @@ def test_a_new_conversation_reuses_the_buffers_of_a_cache_nobody_holds(pruned):
         first = _gen(model, ids, images)[2].past_key_values
         key = _step_key(fast, first)
         del first
+        model.generate(ids, images=images, max_new_tokens=NEW)  # ids only: its cache is never handed out
+        assert fast.pool.owner() is None
         assert _step_key(fast, _gen(model, ids, images)[2].past_key_values) == key
     finally:
         disable_fast_path(model)
