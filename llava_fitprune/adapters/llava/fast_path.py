@@ -4,8 +4,9 @@
 inside `generate` (greedy or sampling, one beam) the prefill writes into a StaticPrunedCache sized
 for the prompt plus room for new tokens (at most `max_new_tokens`, grown by doubling: static_cache.py),
 and every one-token step runs `StaticDecoder` over fixed buffers: on CUDA replayed as a CUDA graph
-(captured on the first step of a cache), elsewhere eager or under `torch.compile`. Any other call (labels, attentions, beams, images on a decode step,
-a call with positional arguments) takes the model's own forward; the eager loop can also read and
+(captured on the first step of a cache), elsewhere eager or under `torch.compile`. Any other call
+(labels, attentions, beams, images on a decode step, a call with positional arguments) takes the
+model's own forward; the eager loop can also read and
 extend a StaticPrunedCache, so a cached second turn works on both paths. A new conversation reuses
 the buffers of the last cache only once nobody holds it (`BufferPool`): a cache you keep can always
 be continued; a cache whose `generate` call raised is released.
@@ -226,10 +227,10 @@ class FastPath:
         newest = self.pool.owner()
         try:
             return self.original_generate(*args, **kwargs)
-        except BaseException:  # e.g. a stopping criterion raised mid-decode: the cache made here is lost,
-            made = self.pool.owner()  # its buffers go to the next conversation; earlier caches stay usable
-            if made is not None and made is not newest:
-                made.release()
+        except BaseException:  # e.g. a stopping criterion raised mid-decode
+            made = self.pool.owner()
+            if made is not None and made is not newest:  # this call's cache, never handed out: released,
+                made.release()  # its buffers go to the next conversation; an earlier cache stays usable
             raise
         finally:
             self.max_new_tokens = before

@@ -7,11 +7,12 @@ slot `lengths[l]` of every layer and attends over the whole buffer under the mas
 compiled once and replayed as a CUDA graph; the pruned layers' buffers are shorter, so the smaller
 cache is a real saving in memory and in bytes read per step.
 
-The room (`decode_room`): every layer gets the same room R beyond what it holds, where R is the
-mean number of tokens a layer holds, rounded down to the bucket, less one bucket (the per-layer
-rounding up), at least one bucket, at most the tokens still to come (`max_new_tokens`) and the
-model's context still left. So the cache never reserves more than it holds (reserved slots <=
-2 x held slots, or held + 2 buckets per layer for a short prompt), whatever `max_new_tokens` says.
+The room (`decode_room`): every layer gets the same room R beyond what it holds (then its capacity
+is rounded up to the bucket), R = min(tokens still to come, max(bucket, min(M, context left))),
+where M is the mean number of tokens a layer holds, rounded down to the bucket, less one bucket
+(for the rounding up), the tokens still to come start at `max_new_tokens` and the context left is
+the model's `max_position_embeddings` minus the tokens seen. So the cache never reserves more than
+it holds (reserved slots <= max(2 x held, held + 2 buckets per layer)), whatever `max_new_tokens`.
 When a decode step finds a layer full, every layer grows at once to its held length plus a new
 room (copying): the held length about doubles per growth, so T new tokens after a prefill whose
 layers hold M tokens on average see about log2((M + T) / M) + 1 buffer shapes, each compiled or
@@ -47,7 +48,7 @@ def decode_room(held: list[int], remaining: int, bucket: int, context_left: Opti
     held: tokens each layer holds (with those being written); remaining: tokens still to come;
     context_left: the model's context length minus the tokens seen (None: no cap)."""
     mean = sum(held) // max(len(held), 1)
-    room = mean // bucket * bucket - bucket  # less one bucket: the per-layer rounding up adds < 1
+    room = mean // bucket * bucket - bucket  # less one bucket: the per-layer rounding up adds less
     if context_left is not None:
         room = min(room, context_left)
     return max(0, min(remaining, max(bucket, room)))
