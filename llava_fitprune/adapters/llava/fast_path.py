@@ -2,11 +2,14 @@
 
 `enable_fast_path(model)` changes one model instance (its `forward` and `generate`), never a class:
 inside `generate` (greedy or sampling, one beam) the prefill writes into a StaticPrunedCache sized
-for the prompt plus `max_new_tokens`, and every one-token step runs `StaticDecoder` over fixed
-buffers: on CUDA replayed as a CUDA graph (captured on the first step of a cache), elsewhere
-eager or under `torch.compile`. Any other call (labels, attentions, beams, images on a decode step,
-a call with positional arguments) takes the model's own forward; the eager loop can also read and
-extend a StaticPrunedCache, so a cached second turn works on both paths.
+for the prompt plus room for new tokens (at most `max_new_tokens`, grown by doubling: static_cache.py),
+and every one-token step runs `StaticDecoder` over fixed buffers: on CUDA replayed as a CUDA graph
+(captured on the first step of a cache), elsewhere eager or under `torch.compile`. Any other call
+(labels, attentions, beams, images on a decode step, a call with positional arguments) takes the
+model's own forward; the eager loop can also read and
+extend a StaticPrunedCache, so a cached second turn works on both paths. A new conversation reuses
+the buffers of the last cache only once nobody holds it (`BufferPool`): a cache you keep can always
+be continued; a cache whose `generate` call raised is released.
 
 The prefill: the model's forward, whose layer loop runs under `torch.compile` when the prefill mode
 is "compile" (fast_prefill.CompiledPrefill, installed for the fast path's own prefills only: no
@@ -28,6 +31,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .modeling import PruningCausalLMMixin
 from .fast_prefill import CompiledPrefill
 from .modeling_mistral import FitPruneLlavaMistralForCausalLM
+from .static_buffers import BufferPool
 from .static_cache import DEFAULT_BUCKET, StaticPrunedCache, round_up
 from .static_decode import StaticDecoder, decode_layer, rotary_tables
 
@@ -43,7 +47,7 @@ class FastPathConfig:
     decode: str = "auto"  # auto: "graph" on CUDA, "eager" elsewhere (BENCHMARKS.md: compile does not win on CPU)
     backend: str = "inductor"  # torch.compile backend for decode="compile" (tests: "eager" / "aot_eager")
     bucket: int = DEFAULT_BUCKET  # cache capacities are rounded up to this many tokens
-    reuse_buffers: bool = True  # a new conversation reuses the last cache's buffers (one CUDA graph)
+    reuse_buffers: bool = True  # a new conversation reuses the last cache's buffers once nobody holds it
     prefill: str = "auto"  # "compile", "eager" (the model's own loop) or "auto" (per device: PREFILL_AUTO)
     prefill_backend: str = "inductor"  # torch.compile backend of prefill="compile"
     # torch.compile mode of the prefill: None (inductor's default: fused kernels, launched from the host)
@@ -91,7 +95,7 @@ class FastPath:
         self.compiled_prefill = (CompiledPrefill(model, config.prefill_backend, mode=config.prefill_compile_mode)
                                  if self.prefill_mode == "compile" else None)
         self.max_new_tokens: Optional[int] = None  # set while `generate` runs
-        self.last_cache: Optional[StaticPrunedCache] = None
+        self.pool = BufferPool()  # the newest cache's buffers, for the next conversation (static_buffers.py)
         self.stats = {"decode_compile_s": 0.0, "graph_captures": 0, "graph_capture_s": 0.0}
         self._tables: Optional[tuple] = None  # (length, cos [P, hd], sin [P, hd])
         self._graph: Optional[_Graph] = None
@@ -104,19 +108,28 @@ class FastPath:
 
     # -- caches ------------------------------------------------------------------------------------
     def new_cache(self, extra_tokens: int) -> StaticPrunedCache:
-        last = self.last_cache if self.config.reuse_buffers and self.last_cache is not None \
-            and not self.last_cache.released else None
-        self.last_cache = StaticPrunedCache(extra_tokens, self.config.bucket, reuse=last)
-        return self.last_cache
+        """A cache for a new conversation, on the buffers of the last one if nobody holds that (or it
+        was released): a cache someone holds is never overwritten (BufferPool)."""
+        reuse = self.pool.take() if self.config.reuse_buffers else None
+        cache = StaticPrunedCache(extra_tokens, self.config.bucket, reuse=reuse,
+                                  context_length=getattr(self.model.config, "max_position_embeddings", None))
+        if self.config.reuse_buffers:
+            self.pool.keep(cache)
+        return cache
 
     def prefill(self, max_new_tokens: int, **forward_kwargs) -> CausalLMOutputWithPast:
         """The model's forward on a prompt (keyword arguments), caching into a new StaticPrunedCache
         with room for `max_new_tokens` more tokens."""
-        forward_kwargs.update(past_key_values=self.new_cache(max_new_tokens), use_cache=True, return_dict=True)
-        if self.compiled_prefill is None:
-            return self.original_forward(**forward_kwargs)
-        with self.compiled_prefill.installed():  # this call's layer loop only: other forwards stay eager
-            return self.original_forward(**forward_kwargs)
+        cache = self.new_cache(max_new_tokens)
+        forward_kwargs.update(past_key_values=cache, use_cache=True, return_dict=True)
+        try:
+            if self.compiled_prefill is None:
+                return self.original_forward(**forward_kwargs)
+            with self.compiled_prefill.installed():  # this call's layer loop only: other forwards stay eager
+                return self.original_forward(**forward_kwargs)
+        except BaseException:
+            cache.release()  # never returned: its buffers go to the next conversation
+            raise
 
     def _rotary(self, needed: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tables is None or self._tables[0] < needed or self._tables[1].dtype != dtype:
@@ -211,17 +224,25 @@ class FastPath:
             return self.original_generate(*args, **kwargs)
         max_new = kwargs.get("max_new_tokens") or gen.max_new_tokens or kwargs.get("max_length") or gen.max_length
         before, self.max_new_tokens = self.max_new_tokens, int(max_new)
+        newest = self.pool.owner()
         try:
             return self.original_generate(*args, **kwargs)
+        except BaseException:  # e.g. a stopping criterion raised mid-decode
+            made = self.pool.owner()
+            if made is not None and made is not newest:  # this call's cache, never handed out: released,
+                made.release()  # its buffers go to the next conversation; an earlier cache stays usable
+            raise
         finally:
             self.max_new_tokens = before
 
 
 def graph_key(input_ids: torch.Tensor, step_args: tuple) -> tuple:
-    """What a captured decode step depends on: the batch and the addresses of every tensor it reads
-    or writes besides its inputs (buffers, masks, `fill`, the rotary tables)."""
+    """What a captured decode step depends on: the batch and the addresses and shapes of every tensor
+    it reads or writes besides its inputs (buffers, masks, `fill`, the rotary tables): freed buffers'
+    addresses can come back with other shapes."""
     keys, values, masks, fill, cos, sin = step_args
-    return (tuple(input_ids.shape), str(input_ids.device), tuple(t.data_ptr() for t in (*keys, *values, *masks)),
+    return (tuple(input_ids.shape), str(input_ids.device),
+            tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in (*keys, *values, *masks)),
             fill.data_ptr(), cos.data_ptr(), sin.data_ptr())
 
 
