@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .args import LOADER_MAX_NEW_TOKENS, LONG_MAX_NEW_TOKENS
 from .io import atomic_open, read_json, score_path
+from .report_plot import plot
 
 # Column order and headings of the paper's table (LLaVA-1.5's benchmarks).
 BENCHMARKS = [("vqav2", "VQAv2"), ("gqa", "GQA"), ("vizwiz", "VizWiz"), ("sqa", "SQA-IMG"),
@@ -216,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(csv_rows(runs))
-    from .report_plot import plot
-
-    plotted = plot(runs, os.path.join(out, "report.png"))
+    plotted = plot(runs, os.path.join(out, "report.png"), BENCHMARKS)
     print(text)
     print(f"wrote {out}/report.md, report.csv" + (", report.png" if plotted else " (no local scores to plot)"))
     return 0

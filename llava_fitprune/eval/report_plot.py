@@ -7,8 +7,9 @@ PANEL_INCHES = 4.0
 MAX_COLUMNS = 3
 
 
-def plot(runs, path: str) -> bool:
-    """Write the PNG; False (and no file) when no run has a local score."""
+def plot(runs, path: str, columns: list[tuple[str, str]]) -> bool:
+    """Write the PNG; False (and no file) when no run has a local score. `columns`: the table's
+    (benchmark, heading) pairs, in the order the panels follow."""
     scored = [r for r in runs if r.score and r.score.get("score") is not None
               and r.prefill("pruned_tflops_mean") is not None]
     if not scored:
@@ -18,9 +19,7 @@ def plot(runs, path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import BENCHMARKS
-
-    heads = dict(BENCHMARKS)
+    heads = dict(columns)
     benchmarks = sorted({r.benchmark for r in scored}, key=lambda b: list(heads).index(b) if b in heads else len(heads))
     cols = min(MAX_COLUMNS, len(benchmarks))
     rows = math.ceil(len(benchmarks) / cols)
