@@ -49,7 +49,8 @@ def score_textvqa(annotation_file: str, result_file: str, score_file: str | None
     accuracy = TextVQAAccuracyEvaluator().eval_pred_list(pred_list)
     print("Samples: {}\nAccuracy: {:.2f}%\n".format(len(pred_list), PERCENT * accuracy))
     return write_score(score_file or score_path(result_file), "textvqa", "accuracy", PERCENT * accuracy,
-                       result_file, num_samples=len(pred_list))
+                       result_file, num_samples=len(pred_list),
+                       coverage={"scored": len(pred_list), "total": len(annotations), "unit": "questions"})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,4 +46,5 @@ def score_gqa(questions_file: str, predictions_file: str, score_file: str | None
         print(f"warning: {missing} of {len(questions)} questions have no prediction (counted wrong)")
     print(f"Accuracy: {accuracy:.2f}%")
     return write_score(score_file or score_path(predictions_file), "gqa", "accuracy", accuracy, predictions_file,
-                       details={"structural": per_type, "missing": missing}, num_samples=len(questions))
+                       details={"structural": per_type, "missing": missing}, num_samples=len(questions),
+                       coverage={"scored": len(questions) - missing, "total": len(questions), "unit": "questions"})
