@@ -13,7 +13,7 @@ import pytest
 from llava_fitprune.core.flops import NAMED_SHAPES, prefill_report
 from llava_fitprune.core.recipe import builtin_recipe
 from llava_fitprune.eval import report
-from llava_fitprune.eval.io import file_sha256, write_score
+from llava_fitprune.eval.io import file_sha256
 from llava_fitprune.eval.prefill import planned_visual_entering, sample_prefill, summarize
 
 SHAPE = NAMED_SHAPES["llava-v1.5-7b"]
@@ -46,8 +46,16 @@ def make_run(root: Path, run_name: str, bench: str, *, recipe=None, method="fitp
                "question_file_sha256": file_sha256(questions), **meta}
     Path(f"{answers}.meta.json").write_text(json.dumps(sidecar))
     if score is not None:
-        write_score(f"{answers}.score.json", bench, "accuracy", score, str(answers), coverage=coverage)
+        write_score_file(answers, bench, score, coverage)
     return answers
+
+
+def write_score_file(answers: Path, bench: str, score: float, coverage: dict | None = None) -> None:
+    """A score file in the documented format 2 (docs/report.md), as a scorer leaves it."""
+    Path(f"{answers}.score.json").write_text(json.dumps(
+        {"format": "llava-fitprune.eval-score", "version": 2, "benchmark": bench, "metric": "accuracy",
+         "score": score, "answers_file": str(answers), "answers_sha256": file_sha256(answers),
+         "source": {"kind": "scorer"}, "coverage": coverage, "details": {}}))
 
 
 def run_report(root: Path, out: Path, *extra) -> tuple[dict, str]:
@@ -70,7 +78,7 @@ def test_edited_question_file_then_regenerated_answers_show_stale_then_failed(tm
     questions = root / "textvqa" / "questions.jsonl"  # edited in place: the rerun is refused, the score is old
     questions.write_text(questions.read_text().replace("q0", "q0 edited"))
     rows, md = run_report(root, tmp_path / "r1")
-    assert rows["tiny-dense"]["TextVQA"] == report.STALE
+    assert rows["tiny-dense"]["TextVQA"] == "stale"
     assert f"the question file {questions} changed since these answers were generated" in md
 
     # the user deletes the chunk and regenerates; the new merge differs, the scorer fails (no annotation)
@@ -78,12 +86,12 @@ def test_edited_question_file_then_regenerated_answers_show_stale_then_failed(tm
     answers.write_text(answers.read_text().replace('"a0"', '"a new answer"'))
     Path(f"{answers}.meta.json").write_text(json.dumps(dict(meta, question_file_sha256=file_sha256(questions))))
     rows, md = run_report(root, tmp_path / "r2")
-    assert rows["tiny-dense"]["TextVQA"] == report.LOCAL_SCORE_FAILED
+    assert rows["tiny-dense"]["TextVQA"] == "failed"
     assert "the score file is of other answers" in md and "rerun its score step" in md
     rows_csv = list(csv.DictReader(open(tmp_path / "r2" / "report.csv")))
     assert rows_csv[0]["status"] == "failed" and rows_csv[0]["score"] == ""
 
-    write_score(f"{answers}.score.json", "textvqa", "accuracy", 40.0, str(answers))  # the score step reruns
+    write_score_file(answers, "textvqa", 40.0)  # the score step reruns
     rows, _ = run_report(root, tmp_path / "r3")
     assert rows["tiny-dense"]["TextVQA"] == "40.0"
 
@@ -94,7 +102,7 @@ def test_score_files_without_the_answers_hash_are_not_shown(tmp_path):
     Path(f"{answers}.score.json").write_text(json.dumps({"format": "llava-fitprune.eval-score", "score": 61.0,
                                                          "metric": "accuracy", "benchmark": "gqa"}))
     rows, md = run_report(root, tmp_path / "out")
-    assert rows["old"]["GQA"] == report.STALE and "records no answers sha256" in md
+    assert rows["old"]["GQA"] == "stale" and "records no answers sha256" in md
 
 
 def test_scorers_record_the_answers_hash_and_coverage(tmp_path):
@@ -154,7 +162,7 @@ def test_set_score_is_validated_then_written_and_shown(tmp_path, capsys):
     assert (rows["tiny-dense"]["VQAv2"], rows["tiny-dense"]["MME"]) == ("78.5", "1510.7")
     answers.write_text(answers.read_text().replace('"a0"', '"b"'))  # regenerated: the server score is old
     rows, md = run_report(root, tmp_path / "out2")
-    assert rows["tiny-dense"]["VQAv2"] == report.STALE and "resubmit these answers" in md
+    assert rows["tiny-dense"]["VQAv2"] == "stale" and "resubmit these answers" in md
 
 
 def write_reviews(path: Path, qids, pairs) -> Path:
@@ -163,9 +171,29 @@ def write_reviews(path: Path, qids, pairs) -> Path:
     return path
 
 
-def test_importers_read_each_graders_result_file(tmp_path, capsys):
-    from llava_fitprune.eval.convert.xlsx import write_xlsx
+def excel_sheet(path: Path, header: list, row: list) -> None:
+    """A one-row .xlsx as Excel and pandas write it: strings in xl/sharedStrings.xml, the sheet named by the
+    workbook's relationships (not sheet1.xml)."""
+    import zipfile
 
+    from llava_fitprune.eval.convert import xlsx
+
+    strings = [v for v in header + row if isinstance(v, str)]
+    cell = lambda ref, v: (f'<c r="{ref}" t="s"><v>{strings.index(v)}</v></c>' if isinstance(v, str)
+                           else f'<c r="{ref}"><v>{v}</v></c>')
+    rows = "".join(f'<row r="{r}">' + "".join(cell(f"{xlsx.column_name(c)}{r}", v) for c, v in enumerate(vals))
+                   + "</row>" for r, vals in ((1, header), (2, row)))
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("[Content_Types].xml", xlsx.CONTENT_TYPES)
+        z.writestr("_rels/.rels", xlsx.ROOT_RELS)
+        z.writestr("xl/workbook.xml", xlsx.WORKBOOK)
+        z.writestr("xl/_rels/workbook.xml.rels", xlsx.WORKBOOK_RELS.replace("sheet1.xml", "data.xml"))
+        z.writestr("xl/worksheets/data.xml", f'<worksheet xmlns="{xlsx.NS}"><sheetData>{rows}</sheetData></worksheet>')
+        z.writestr("xl/sharedStrings.xml", f'<sst xmlns="{xlsx.NS}">'
+                   + "".join(f"<si><t>{t}</t></si>" for t in strings) + "</sst>")
+
+
+def test_importers_read_each_graders_result_file(tmp_path, capsys):
     root = tmp_path / "eval"
     for bench in ("vqav2", "vizwiz", "mmbench", "mmbench_cn", "mmvet", "llavabench"):
         make_run(root, "r", bench, n=4)
@@ -176,7 +204,7 @@ def test_importers_read_each_graders_result_file(tmp_path, capsys):
                                                   {"test-standard": {"overall": 78.9}}]))
     (files / "vizwiz.json").write_text(json.dumps([{"test-dev": {"overall": 50.04, "unanswerable": 70.1}}]))
     (files / "mmb.csv").write_text("split,Overall,AR,CP\ndev,0.643,0.7,0.6\n")
-    write_xlsx(str(files / "mmbcn.xlsx"), ["split", "Overall"], [["dev", 58.3]])
+    excel_sheet(files / "mmbcn.xlsx", ["split", "Overall"], ["dev", 0.583])
     (files / "mmvet.csv").write_text(",rec,ocr,know,gen,spat,math,total,std,runs\nllava,32.9,21.2,17.3,19.0,"
                                      "24.8,7.7,31.1,0.0,[31.1]\n")
     write_reviews(files / "reviews.jsonl", [0, 1, 2, 3], [[8, 6], [8, 7], [6, 6], [10, 5]])
