@@ -120,6 +120,21 @@ def test_scorers_record_the_answers_hash_and_coverage(tmp_path):
     assert score["answers_sha256"] == file_sha256(answers) and score["version"] == 2
     assert score["coverage"]["scored"] == score["coverage"]["total"] > 0
 
+    from llava_fitprune.eval import score as score_cli
+    from llava_fitprune.eval.convert.convert_gqa_for_eval import convert as convert_gqa
+
+    synthetic.build(str(tmp_path / "eval"), n=2, only=["gqa"])
+    gqa = tmp_path / "eval" / "gqa" / "data"
+    mine, other = tmp_path / "gqa-mine.jsonl", tmp_path / "gqa-other.jsonl"
+    for path, text in ((mine, "Yes"), (other, "No")):
+        path.write_text("".join(json.dumps({"question_id": q, "text": text}) + "\n" for q in ("20000", "20001")))
+    convert_gqa(str(other), str(gqa / "testdev_balanced_predictions.json"))  # another run's predictions
+    args = ["gqa", "--data-dir", str(gqa), "--score-file", f"{mine}.score.json"]
+    assert score_cli.main(args) == 1 and not Path(f"{mine}.score.json").exists()
+    convert_gqa(str(mine), str(gqa / "testdev_balanced_predictions.json"))
+    assert score_cli.main(args) == 0
+    assert json.loads(Path(f"{mine}.score.json").read_text())["answers_sha256"] == file_sha256(mine)
+
     results = tmp_path / "mme"  # MME with one perception task of ten
     results.mkdir()
     (results / "existence.txt").write_text("0.jpg\tIs it red?\tYes\tYes\n0.jpg\tIs it blue?\tNo\tYes\n")

@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from .io import EvalInputError, read_json, read_jsonl, require_answers, score_path, write_score
+from .io import SCORE_SUFFIX, EvalInputError, read_json, read_jsonl, require_answers, score_path, write_score
 from .score_pope import score_pope
 from .score_gqa import score_gqa
 from .score_sqa import score_sqa
@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             questions = args.questions or os.path.join(args.data_dir, f"{args.tier}_questions.json")
             predictions = args.predictions or os.path.join(args.data_dir, f"{args.tier}_predictions.json")
-            score_gqa(questions, predictions, args.score_file)
+            described = (args.score_file[: -len(SCORE_SUFFIX)]  # the merged answers of <answers>.score.json
+                         if args.score_file and args.score_file.endswith(SCORE_SUFFIX) else None)
+            score_gqa(questions, predictions, args.score_file,
+                      described if described and os.path.isfile(described) else None)
     except EvalInputError as e:
         print(f"score {args.benchmark}: {e}", file=sys.stderr)
         return 1
