@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -100,19 +101,36 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+SCORE_SUFFIX = ".score.json"
+SCORE_FORMAT = "llava-fitprune.eval-score"
+SCORE_VERSION = 2  # 2: answers_sha256, scored_at, source, coverage
+
+
 def meta_path(answers_file: str) -> str:
     return f"{answers_file}.meta.json"
 
 
 def score_path(answers_file: str) -> str:
-    return f"{answers_file}.score.json"
+    return f"{answers_file}{SCORE_SUFFIX}"
 
 
 def write_score(score_file: str, benchmark: str, metric: str, score: float | None, answers_file: str | None,
-                details: dict | None = None, num_samples: int | None = None) -> dict:
-    """The score sidecar the report reads: one headline number plus whatever details the scorer has."""
-    data = {"format": "llava-fitprune.eval-score", "benchmark": benchmark, "metric": metric, "score": score,
-            "num_samples": num_samples, "answers_file": None if answers_file is None else os.fspath(answers_file),
-            "details": details or {}}
+                details: dict | None = None, num_samples: int | None = None, coverage: dict | None = None,
+                source: dict | None = None) -> dict:
+    """The score sidecar the report reads: one headline number plus whatever details the scorer has.
+
+    It records the sha256 of the answers it describes: `<answers>` for a score file named
+    `<answers>.score.json` (GQA scores its converted predictions into the merged answers' score
+    file), else `answers_file`. The report shows the score only while the answers still hash to it.
+    `coverage` ({"scored", "total", "unit"}) says when the score covers part of the benchmark."""
+    scored = os.fspath(answers_file) if answers_file is not None else None
+    described = score_file[: -len(SCORE_SUFFIX)] if score_file.endswith(SCORE_SUFFIX) else scored
+    if described is None or not os.path.isfile(described):
+        described = scored
+    data = {"format": SCORE_FORMAT, "version": SCORE_VERSION, "benchmark": benchmark, "metric": metric,
+            "score": score, "num_samples": num_samples, "answers_file": described,
+            "answers_sha256": file_sha256(described) if described and os.path.isfile(described) else None,
+            "scored_file": scored, "scored_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "source": source or {"kind": "scorer"}, "coverage": coverage, "details": details or {}}
     write_json(score_file, data)
     return data

@@ -42,6 +42,7 @@ def _column_means(rows: Sequence[Sequence[int]]) -> Optional[list[float]]:
 def summarize(answers: Iterable[dict], shape: LMShape) -> dict:
     """Mean prefill TFLOPs (dense and pruned) per sample and mean tokens entering each layer."""
     dense, pruned, text, visual, seq, measured = [], [], [], [], [], []
+    visual_macs = [0, 0]  # dense, pruned: the paper's visual-only convention
     for a in answers:
         p = (a.get("metadata") or {}).get("prefill")
         if not p:
@@ -51,6 +52,8 @@ def summarize(answers: Iterable[dict], shape: LMShape) -> dict:
         rep = prefill_report(shape, p["text_tokens"], p["visual_tokens"], drops)
         dense.append(rep.dense_flops / TERA)
         pruned.append(rep.pruned_flops / TERA)
+        visual_macs[0] += rep.dense_visual_macs
+        visual_macs[1] += rep.pruned_visual_macs
         text.append(p["text_tokens"])
         visual.append(ve)
         seq.append(rep.schedule)
@@ -61,6 +64,7 @@ def summarize(answers: Iterable[dict], shape: LMShape) -> dict:
         "dense_tflops_mean": _mean(dense),
         "pruned_tflops_mean": _mean(pruned),
         "reduction": (1.0 - total_pruned / total_dense) if total_dense else None,
+        "visual_only_reduction": (1.0 - visual_macs[1] / visual_macs[0]) if visual_macs[0] else None,
         "text_tokens_mean": _mean(text),
         "visual_tokens_entering_mean": _column_means(visual),
         "seq_len_entering_mean": _column_means(seq),

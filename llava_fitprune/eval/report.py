@@ -1,12 +1,14 @@
 """`llava-fitprune report [ROOT]`: every finished eval run under ROOT as the paper's table and a plot.
 
-    llava-fitprune report playground/data/eval [--out playground/data/eval/report]
+    llava-fitprune report playground/data/eval [--out playground/data/eval/report] [--basis-text-tokens N]
+    llava-fitprune report ROOT --set-score RUN BENCH VALUE      (a server's or GPT-4's score, by hand)
+    llava-fitprune report ROOT --import-score RUN BENCH FILE    (read from the grader's result file)
 
-Finds the merged answers files (`*.meta.json` with `kind: merged, complete: true`), reads their
-scores (`<answers>.score.json`, written by the local evaluators the scripts run) and writes
-report.md (benchmark columns, one row per distinct run: run name (CKPT), model, method, budget,
-conversation template, batch size, max_new_tokens; with prefill TFLOPs), report.csv (one line per
-run and benchmark) and report.png (score against TFLOPs per benchmark).
+Finds the merged answers files (`*.meta.json` with `kind: merged, complete: true`) and their scores
+(`<answers>.score.json`), shows a score only while it is of these answers (the score file records
+their sha256) and of the question file they answer, and writes report.md (the paper's columns, one row
+per run, TFLOPs on one basis per model, Avg and Δ vs dense), report.csv (one line per run and benchmark)
+and report.png (score against prefill TFLOPs per benchmark). docs/report.md describes it all.
 """
 from __future__ import annotations
 
@@ -14,192 +16,94 @@ import argparse
 import csv
 import os
 import sys
-from dataclasses import dataclass
 
-from .args import LOADER_MAX_NEW_TOKENS, LONG_MAX_NEW_TOKENS
-from .io import atomic_open, read_json, score_path
+from .benchmarks import BENCHMARKS, BY_KEY, LOCALLY_SCORED  # noqa: F401  (the table's columns, re-exported)
+from .io import EvalInputError, atomic_open
+from .report_plot import plot
+from .report_runs import LOCAL_SCORE_FAILED, NO_LOCAL_SCORE, STALE, Run, find_runs, latest_per_cell  # noqa: F401
+from .report_table import CSV_FIELDS, csv_rows, markdown, model_bases
+from .score_import import check_importer, import_score, parse_value, set_score
 
-# Column order and headings of the paper's table (LLaVA-1.5's benchmarks).
-BENCHMARKS = [("vqav2", "VQAv2"), ("gqa", "GQA"), ("vizwiz", "VizWiz"), ("sqa", "SQA-IMG"),
-              ("textvqa", "TextVQA"), ("pope", "POPE"), ("mme", "MME"), ("mmbench", "MMB"),
-              ("mmbench_cn", "MMB-CN"), ("seed", "SEED-IMG"), ("llavabench", "LLaVA-W"), ("mmvet", "MM-Vet")]
-NO_LOCAL_SCORE = "sub"  # answers are ready for the benchmark's server or GPT grader
-LOCAL_SCORE_FAILED = "failed"  # the script scores it locally, but no score is there
-LOCALLY_SCORED = {"gqa", "sqa", "textvqa", "pope", "mme", "seed"}
-# Each eval module's own max_new_tokens default (args.py): one script run mixes them, so they are one run.
-DEFAULT_MAX_NEW_TOKENS = {"model_vqa_loader": LOADER_MAX_NEW_TOKENS, "model_vqa": LONG_MAX_NEW_TOKENS,
-                          "model_vqa_science": LONG_MAX_NEW_TOKENS, "model_vqa_mmbench": LONG_MAX_NEW_TOKENS}
-CSV_FIELDS = ["run", "model", "method", "budget", "recipe_fingerprint", "conv_mode", "batch_size", "max_new_tokens",
-              "benchmark", "metric", "score", "num_answers", "dense_tflops", "pruned_tflops", "reduction",
-              "wall_time_s", "attn_implementation", "dtype", "answers_file"]
+PROG = "llava-fitprune report"
 
 
-@dataclass
-class Run:
-    meta: dict
-    answers_file: str
-    score: dict | None
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), exit status 2."""
 
-    @property
-    def benchmark(self) -> str:
-        return self.meta.get("benchmark") or "unknown"
-
-    @property
-    def method(self) -> str:
-        return self.meta.get("method", "fitprune") if self.meta.get("recipe") else "dense"
-
-    @property
-    def run_name(self) -> str:
-        """The scripts' CKPT: recorded by the merge, else read off LLaVA's layout (<CKPT>.jsonl, <CKPT>/merge.jsonl)."""
-        if self.meta.get("run_name"):
-            return self.meta["run_name"]
-        stem = os.path.splitext(os.path.basename(self.answers_file))[0]
-        return os.path.basename(os.path.dirname(self.answers_file)) if stem == "merge" else stem
-
-    @property
-    def budget(self) -> str:
-        """What set the amount pruned: the --reduction-ratio flag, the recipe file, the method's own options."""
-        recipe = self.meta.get("recipe")
-        if not recipe:
-            return "0"
-        if self.meta.get("reduction_ratio") is not None:
-            return f"{self.meta['reduction_ratio']:g}"
-        if recipe.get("reduction_ratio") is not None:  # a FitPrune recipe made for a ratio
-            return f"{recipe['reduction_ratio']:g}"
-        if self.meta.get("recipe_file"):
-            return os.path.basename(self.meta["recipe_file"])
-        provenance = recipe.get("provenance") or {}
-        if "fastv_k" in provenance:
-            return f"K={provenance['fastv_k']} R={provenance['fastv_r']:g}"
-        return str(self.meta.get("recipe_fingerprint"))
-
-    @property
-    def max_new_tokens(self):
-        """None where the module's own default ran (modules differ: 128 for short answers, 1024 else)."""
-        value = self.meta.get("max_new_tokens")
-        return None if value == DEFAULT_MAX_NEW_TOKENS.get(self.meta.get("module")) else value
-
-    @property
-    def settings(self) -> str:
-        text = f"{self.meta.get('conv_mode')}, batch {self.meta.get('batch_size')}"
-        return text + (f", max_new_tokens {self.max_new_tokens}" if self.max_new_tokens is not None else "")
-
-    @property
-    def row_key(self) -> tuple:
-        return (self.run_name, self.meta.get("model_name", "?"), self.method, self.budget,
-                self.meta.get("recipe_fingerprint"), self.settings)
-
-    def prefill(self, key: str):
-        return (self.meta.get("prefill") or {}).get(key)
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def find_runs(root: str) -> tuple[list[Run], list[str]]:
-    """Finished merged runs under `root`, and notes about what was skipped."""
-    runs, notes = [], []
-    for folder, _, files in os.walk(root):
-        for name in sorted(files):
-            if not name.endswith(".meta.json"):
-                continue
-            path = os.path.join(folder, name)
-            try:
-                meta = read_json(path, "eval sidecar")
-            except ValueError as e:
-                notes.append(f"skipped {path}: {e}")
-                continue
-            if meta.get("format") != "llava-fitprune.eval-meta" or meta.get("kind") != "merged":
-                continue
-            answers = path[: -len(".meta.json")]
-            if not meta.get("complete"):
-                notes.append(f"skipped {answers}: not complete (rerun its script)")
-                continue
-            spath = score_path(answers)
-            runs.append(Run(meta, answers, read_json(spath, "score file") if os.path.exists(spath) else None))
-    return runs, notes
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("root", nargs="?", default="playground/data/eval", help="folder searched for results")
+    p.add_argument("--out", default=None, help="output folder (default: ROOT/report)")
+    p.add_argument("--basis-text-tokens", type=int, default=None, metavar="N",
+                   help="text tokens of the common prompt TFLOPs are computed at (default: per model, the mean "
+                        "prompt length over its benchmarks)")
+    p.add_argument("--set-score", nargs=3, action="append", default=[], metavar=("RUN", "BENCH", "VALUE"),
+                   help="record a score (percent; MME: perception points) for RUN's BENCH answers; repeatable")
+    p.add_argument("--import-score", nargs=3, action="append", default=[], metavar=("RUN", "BENCH", "FILE"),
+                   help="read RUN's BENCH score from the grader's result file (formats: docs/report.md); repeatable")
+    return p
 
 
-def latest_per_cell(runs: list[Run], notes: list[str] | None = None) -> dict:
-    """{row_key: {benchmark: run}}, one row per distinct run; should one run have two merged files for
-    a benchmark (e.g. moved folders), the later merge is shown and `notes` says so."""
-    table: dict = {}
-    for run in sorted(runs, key=lambda r: r.meta.get("merged_at", "")):
-        cells = table.setdefault(run.row_key, {})
-        if run.benchmark in cells and notes is not None:
-            notes.append(f"{run.run_name} {run.benchmark}: {cells[run.benchmark].answers_file} is superseded by "
-                         f"the later {run.answers_file}")
-        cells[run.benchmark] = run
-    return table
+def find_answers(runs: list[Run], run: str, bench: str) -> Run:
+    """The merged answers that RUN (a run name, or an answers file) has for BENCH."""
+    if bench not in BY_KEY:
+        raise EvalInputError(f"unknown benchmark {bench!r}: choose from {', '.join(BY_KEY)}")
+    named = [r for r in runs if r.run_name == run or os.path.abspath(r.answers_file) == os.path.abspath(run)]
+    if not named:
+        known = sorted({r.run_name for r in runs})
+        raise EvalInputError(f"unknown run {run!r}: the finished runs here are {', '.join(known) or 'none'}")
+    mine = [r for r in named if r.benchmark == bench]
+    if not mine:
+        has = sorted({r.benchmark for r in named})
+        raise EvalInputError(f"run {run!r} has no finished {bench} answers (it has {', '.join(has)}): run "
+                             f"scripts/v1_5/eval/{bench}.sh first")
+    rows = latest_per_cell(mine)
+    if len(rows) > 1:
+        files = [cells[bench].answers_file for cells in rows.values()]
+        raise EvalInputError(f"run {run!r} has {len(files)} {bench} runs with other settings ({', '.join(files)}): "
+                             f"give the answers file as RUN")
+    return next(iter(rows.values()))[bench]
 
 
-def row_tflops(cells: dict) -> tuple[float | None, float | None]:
-    pruned = [r.prefill("pruned_tflops_mean") for r in cells.values() if r.prefill("pruned_tflops_mean") is not None]
-    reduction = [r.prefill("reduction") for r in cells.values() if r.prefill("reduction") is not None]
-    return (sum(pruned) / len(pruned) if pruned else None, sum(reduction) / len(reduction) if reduction else None)
-
-
-def cell_text(run: Run | None) -> str:
-    if run is None:
-        return ""
-    if run.score is None or run.score.get("score") is None:
-        return LOCAL_SCORE_FAILED if run.benchmark in LOCALLY_SCORED else NO_LOCAL_SCORE
-    return f"{run.score['score']:.1f}"
-
-
-def _row_order(item) -> tuple:
-    (run_name, model, method, _, _, settings), cells = item
-    return (model, method != "dense", -(row_tflops(cells)[0] or 0.0), run_name, settings)
-
-
-def markdown(table: dict, notes: list[str]) -> str:
-    names = [b for b, _ in BENCHMARKS]
-    extra = sorted({b for cells in table.values() for b in cells} - set(names))
-    heads = [h for _, h in BENCHMARKS] + extra
-    lines = ["| Run | Model | Method | Budget | Settings | TFLOPs | Reduction | " + " | ".join(heads) + " |",
-             "|" + "---|" * (7 + len(heads))]
-    for (run_name, model, method, budget, _, settings), cells in sorted(table.items(), key=_row_order):
-        tflops, reduction = row_tflops(cells)
-        vals = [cell_text(cells.get(b)) for b in names + extra]
-        t = f"{tflops:.3g}" if tflops is not None else ""
-        r = f"{reduction:.1%}" if reduction is not None else ""
-        lines.append(f"| {run_name} | {model} | {method} | {budget} | {settings} | {t} | {r} | "
-                     + " | ".join(vals) + " |")
-    lines += ["", "Scores: GQA, TextVQA accuracy; SQA-IMG accuracy on questions with an image; POPE F1 (mean of "
-              "its three splits); MME perception score; SEED-IMG accuracy on image questions. "
-              f"`{NO_LOCAL_SCORE}`: answers are ready to submit (VQAv2, VizWiz, MMBench servers) or to grade with "
-              "GPT-4 (LLaVA-W, MM-Vet). "
-              f"`{LOCAL_SCORE_FAILED}`: the local scorer failed or did not run (see the script's output; rerun its "
-              "score step). Budget: the --reduction-ratio, the recipe's ratio or file, or the method's own "
-              "options. Settings: "
-              "conversation template, batch size, and max_new_tokens where not the module's default.",
-              "TFLOPs: language-model prefill per sample (llava_fitprune.core.flops), the mean over this row's "
-              "benchmarks; Reduction: FLOPs removed relative to the dense prefill of the same inputs."]
-    if notes:
-        lines += ["", "Notes:"] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
-
-
-def csv_rows(runs: list[Run]) -> list[dict]:
-    out = []
-    for r in runs:
-        s = r.score or {}
-        out.append({"run": r.run_name, "model": r.meta.get("model_name"), "method": r.method, "budget": r.budget,
-                    "recipe_fingerprint": r.meta.get("recipe_fingerprint"), "conv_mode": r.meta.get("conv_mode"),
-                    "max_new_tokens": r.meta.get("max_new_tokens"), "benchmark": r.benchmark,
-                    "metric": s.get("metric"), "score": s.get("score"), "num_answers": r.meta.get("num_answers"),
-                    "dense_tflops": r.prefill("dense_tflops_mean"), "pruned_tflops": r.prefill("pruned_tflops_mean"),
-                    "reduction": r.prefill("reduction"), "wall_time_s": r.meta.get("wall_time_s"),
-                    "batch_size": r.meta.get("batch_size"), "attn_implementation": r.meta.get("attn_implementation"),
-                    "dtype": r.meta.get("dtype"), "answers_file": r.answers_file})
-    return out
+def record_scores(root: str, sets: list, imports: list) -> list[str]:
+    """Every score checked first, then each written atomically; the lines to print."""
+    runs, _ = find_runs(root)
+    plans = []
+    for run, bench, value in sets:
+        target = find_answers(runs, run, bench)
+        plans.append((target, bench, parse_value(bench, value), {"kind": "set-score"}, None, None))
+    for run, bench, path in imports:
+        check_importer(bench)
+        target = find_answers(runs, run, bench)
+        score, details, coverage = import_score(bench, path, target.answers_file)
+        plans.append((target, bench, score, {"kind": "import", "file": os.path.abspath(path)}, details, coverage))
+    lines = []
+    for target, bench, score, source, details, coverage in plans:
+        set_score(bench, score, target.answers_file, source, details, coverage)
+        lines.append(f"{target.run_name} {bench}: {BY_KEY[bench].metric} {score:g} -> {target.answers_file}.score.json")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="llava-fitprune report", description=__doc__.splitlines()[0])
-    p.add_argument("root", nargs="?", default="playground/data/eval", help="folder searched for results")
-    p.add_argument("--out", default=None, help="output folder (default: ROOT/report)")
+    p = build_parser()
     args = p.parse_args(argv)
     if not os.path.isdir(args.root):
-        print(f"report: {args.root} is not a folder", file=sys.stderr)
+        print(f"{PROG}: error: {args.root} is not a folder", file=sys.stderr)
         return 2
+    if args.basis_text_tokens is not None and args.basis_text_tokens < 0:
+        p.error(f"--basis-text-tokens {args.basis_text_tokens}: a token count is >= 0")
+    if args.set_score or args.import_score:
+        try:
+            lines = record_scores(args.root, args.set_score, args.import_score)
+        except EvalInputError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+        print("\n".join(lines) + f"\nrun `{PROG} {args.root}` to see the table")
+        return 0
     runs, notes = find_runs(args.root)
     if not runs:
         print(f"report: no finished runs under {args.root} (run scripts/v1_5/eval/*.sh first)", file=sys.stderr)
@@ -209,16 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join(args.root, "report")
     os.makedirs(out, exist_ok=True)
     table = latest_per_cell(runs, notes)
-    text = markdown(table, notes)
+    notes += [r.note for cells in table.values() for r in cells.values() if r.note]
+    bases = model_bases(runs, args.basis_text_tokens)
+    text = markdown(table, notes, bases, args.basis_text_tokens is not None)
     with atomic_open(os.path.join(out, "report.md")) as f:
         f.write(text)
     with atomic_open(os.path.join(out, "report.csv"), newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
-        writer.writerows(csv_rows(runs))
-    from .report_plot import plot
-
-    plotted = plot(runs, os.path.join(out, "report.png"))
+        writer.writerows(csv_rows(runs, bases))
+    plotted = plot([r for cells in table.values() for r in cells.values()], os.path.join(out, "report.png"),
+                   BENCHMARKS)
     print(text)
     print(f"wrote {out}/report.md, report.csv" + (", report.png" if plotted else " (no local scores to plot)"))
     return 0

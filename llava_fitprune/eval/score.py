@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from .io import EvalInputError, read_json, read_jsonl, require_answers, score_path, write_score
+from .io import SCORE_SUFFIX, EvalInputError, read_json, read_jsonl, require_answers, score_path, write_score
 from .score_pope import score_pope
 from .score_gqa import score_gqa
 from .score_sqa import score_sqa
@@ -49,7 +49,8 @@ def score_textvqa(annotation_file: str, result_file: str, score_file: str | None
     accuracy = TextVQAAccuracyEvaluator().eval_pred_list(pred_list)
     print("Samples: {}\nAccuracy: {:.2f}%\n".format(len(pred_list), PERCENT * accuracy))
     return write_score(score_file or score_path(result_file), "textvqa", "accuracy", PERCENT * accuracy,
-                       result_file, num_samples=len(pred_list))
+                       result_file, num_samples=len(pred_list),
+                       coverage={"scored": len(pred_list), "total": len(annotations), "unit": "questions"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             questions = args.questions or os.path.join(args.data_dir, f"{args.tier}_questions.json")
             predictions = args.predictions or os.path.join(args.data_dir, f"{args.tier}_predictions.json")
-            score_gqa(questions, predictions, args.score_file)
+            described = (args.score_file[: -len(SCORE_SUFFIX)]  # the merged answers of <answers>.score.json
+                         if args.score_file and args.score_file.endswith(SCORE_SUFFIX) else None)
+            score_gqa(questions, predictions, args.score_file,
+                      described if described and os.path.isfile(described) else None)
     except EvalInputError as e:
         print(f"score {args.benchmark}: {e}", file=sys.stderr)
         return 1

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .io import EvalInputError, read_json, require_answers, score_path, write_score
+from .convert.convert_gqa_for_eval import predictions_of
+from .io import SCORE_SUFFIX, EvalInputError, read_json, read_jsonl, require_answers, score_path, write_score
 
 PERCENT = 100.0
 
@@ -16,9 +17,15 @@ def _norm(text) -> str:
     return str(text).strip().lower()
 
 
-def score_gqa(questions_file: str, predictions_file: str, score_file: str | None) -> dict:
+def score_gqa(questions_file: str, predictions_file: str, score_file: str | None,
+              answers_file: str | None = None) -> dict:
+    """`answers_file`: the merged answers the predictions were converted from (the score file is theirs);
+    the predictions must be exactly their conversion, since the score file records the answers' sha256."""
     questions = read_json(questions_file, "GQA questions file")
     predictions = read_json(predictions_file, "GQA predictions file")
+    if answers_file is not None and predictions != predictions_of(read_jsonl(answers_file, "answers file")):
+        raise EvalInputError(f"{predictions_file} is not the conversion of {answers_file} (another run's, or older "
+                             f"answers): run convert_gqa_for_eval --src {answers_file} first")
     if not isinstance(questions, dict) or not isinstance(predictions, list):
         raise EvalInputError(f"expected {questions_file} to map question ids to questions and {predictions_file} "
                              f"to be a list of {{questionId, prediction}}")
@@ -46,4 +53,5 @@ def score_gqa(questions_file: str, predictions_file: str, score_file: str | None
         print(f"warning: {missing} of {len(questions)} questions have no prediction (counted wrong)")
     print(f"Accuracy: {accuracy:.2f}%")
     return write_score(score_file or score_path(predictions_file), "gqa", "accuracy", accuracy, predictions_file,
-                       details={"structural": per_type, "missing": missing}, num_samples=len(questions))
+                       details={"structural": per_type, "missing": missing}, num_samples=len(questions),
+                       coverage={"scored": len(questions) - missing, "total": len(questions), "unit": "questions"})

@@ -81,4 +81,5 @@ def score_pope(annotation_dir: str, question_file: str, result_file: str, score_
           f"mean accuracy {PERCENT * mean_acc:.2f}")
     return write_score(score_file or score_path(result_file), "pope", "f1", PERCENT * mean_f1, result_file,
                        details={"accuracy": PERCENT * mean_acc, "categories": per_category},
-                       num_samples=len(answers))
+                       num_samples=len(answers),
+                       coverage={"scored": len(answers), "total": len(questions), "unit": "questions"})

@@ -33,6 +33,9 @@ def score_sqa(base_dir: str, result_file: str, output_file: str, output_result: 
     img_total = img_correct + sum(1 for x in incorrect if x["is_multimodal"])
     total = len(correct) + len(incorrect)
     img_acc = PERCENT * img_correct / img_total if img_total else 0.0
+    split_ids = {str(i) for i in read_json(os.path.join(base_dir, "pid_splits.json"), "ScienceQA split file")[split]}
+    answered = {str(r.get("question_id")) for r in read_jsonl(result_file, "answers file")} & split_ids
     return write_score(score_file or score_path(result_file), "sqa", "img_accuracy", img_acc, result_file,
                        details={"accuracy": PERCENT * len(correct) / total if total else 0.0,
-                                "img_questions": img_total}, num_samples=total)
+                                "img_questions": img_total}, num_samples=total,
+                       coverage={"scored": len(answered), "total": len(split_ids), "unit": "questions"})

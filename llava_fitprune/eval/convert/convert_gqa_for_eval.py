@@ -12,9 +12,12 @@ import sys
 from ..io import EvalInputError, read_jsonl, write_json
 
 
+def predictions_of(rows: list[dict]) -> list[dict]:
+    return [{"questionId": r["question_id"], "prediction": r["text"].rstrip(".").lower()} for r in rows]
+
+
 def convert(src: str, dst: str) -> list[dict]:
-    predictions = [{"questionId": r["question_id"], "prediction": r["text"].rstrip(".").lower()}
-                   for r in read_jsonl(src, "answers file")]
+    predictions = predictions_of(read_jsonl(src, "answers file"))
     write_json(dst, predictions, indent=None)
     return predictions
 

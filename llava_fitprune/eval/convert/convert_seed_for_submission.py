@@ -57,6 +57,9 @@ def convert(annotation_file: str, result_file: str, upload_file: str, score_file
         shown = "n/a (no questions)" if split[kind]["accuracy"] is None else f"{split[kind]['accuracy']:.2f}%"
         print(f"{kind} accuracy: {shown}")
     missing = [q["question_id"] for q in questions if _qid(q["question_id"]) not in results]
+    images = [q for q in questions if q["data_type"] == "image"]
+    coverage = {"scored": sum(_qid(q["question_id"]) in results for q in images), "total": len(images),
+                "unit": "image questions"}
     if missing:
         print(f"warning: {len(missing)} questions have no answer (counted wrong, uploaded empty), e.g. {missing[:5]}")
     os.makedirs(os.path.dirname(os.path.abspath(upload_file)), exist_ok=True)
@@ -67,7 +70,7 @@ def convert(annotation_file: str, result_file: str, upload_file: str, score_file
     details = {"accuracy": overall["accuracy"], "video_accuracy": split["video"]["accuracy"],
                "per_type": overall["per_type"], "missing": len(missing)}
     return write_score(score_file or score_path(result_file), "seed", "img_accuracy", split["image"]["accuracy"],
-                       result_file, details=details, num_samples=overall["count"])
+                       result_file, details=details, num_samples=overall["count"], coverage=coverage)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.score_file:
         questions = sum(s["questions"] for t in out.values() for s in t["tasks"].values())
+        perception = EVAL_TYPES["Perception"]
         write_score(args.score_file, "mme", "perception", out["Perception"]["total"], args.answers_file,
-                    details={"cognition": out["Cognition"]["total"], **out}, num_samples=questions)
+                    details={"cognition": out["Cognition"]["total"], **out}, num_samples=questions,
+                    coverage={"scored": len(perception) - len(out["Perception"]["missing"]), "total": len(perception),
+                              "unit": "perception tasks"})
     return 0
 
 

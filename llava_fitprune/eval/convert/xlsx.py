@@ -63,21 +63,47 @@ def write_xlsx(path: str, header: list[str], rows: list[list]) -> None:
 
 
 def read_xlsx(path: str) -> list[dict]:
-    """Rows of a sheet written by `write_xlsx`, as dicts keyed by the header (for checks and tests)."""
+    """Rows of the first sheet, as dicts keyed by the header: sheets written by `write_xlsx`, and by Excel,
+    LibreOffice or pandas (shared strings, formula strings)."""
     import xml.etree.ElementTree as ET
 
     with zipfile.ZipFile(path) as z:
-        root = ET.fromstring(z.read("xl/worksheets/sheet1.xml"))
+        root = ET.fromstring(z.read(_first_sheet(z)))
+        shared = []
+        if "xl/sharedStrings.xml" in z.namelist():
+            for si in ET.fromstring(z.read("xl/sharedStrings.xml")).iter(f"{{{NS}}}si"):
+                shared.append("".join(t.text or "" for t in si.iter(f"{{{NS}}}t")))
     table = []
     for row in root.iter(f"{{{NS}}}row"):
         cells = {}
         for c in row.iter(f"{{{NS}}}c"):
             col = re.match(r"[A-Z]+", c.get("r")).group(0)
+            v = c.find(f"{{{NS}}}v")
             if c.get("t") == "inlineStr":
                 cells[col] = "".join(t.text or "" for t in c.iter(f"{{{NS}}}t"))
+            elif v is None or v.text is None:
+                cells[col] = None
+            elif c.get("t") == "s":
+                cells[col] = shared[int(v.text)]
+            elif c.get("t") in ("str", "e", "b"):
+                cells[col] = v.text
             else:
-                v = c.find(f"{{{NS}}}v").text
-                cells[col] = float(v) if "." in v else int(v)
+                cells[col] = float(v.text) if any(ch in v.text for ch in ".eE") else int(v.text)
         table.append(cells)
     header = table[0]
     return [{header[col]: row.get(col) for col in header} for row in table[1:]]
+
+
+def _first_sheet(z: zipfile.ZipFile) -> str:
+    """The first sheet's part: the workbook's first <sheet>, through the workbook's relationships."""
+    import xml.etree.ElementTree as ET
+
+    names = z.namelist()
+    if "xl/workbook.xml" in names and "xl/_rels/workbook.xml.rels" in names:
+        sheet = next(ET.fromstring(z.read("xl/workbook.xml")).iter(f"{{{NS}}}sheet"), None)
+        rid = sheet.get(f"{{{REL}}}id") if sheet is not None else None
+        for rel in ET.fromstring(z.read("xl/_rels/workbook.xml.rels")):
+            if rel.get("Id") == rid:
+                target = rel.get("Target").lstrip("/")
+                return target if target.startswith("xl/") else f"xl/{target}"
+    return "xl/worksheets/sheet1.xml"
