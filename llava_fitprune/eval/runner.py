@@ -94,6 +94,20 @@ def check_method(args) -> None:
         raise EvalInputError(f"--method {args.method} needs a budget: give --reduction-ratio or --recipe")
 
 
+def check_llava_checkpoint(args, model_name: str) -> None:
+    """The builder's rule (a name or a config.json that says llava), as one line before anything loads."""
+    from ..adapters.llava.builder import llava_kind
+
+    path = os.path.expanduser(args.model_path)
+    try:
+        llava_kind(path, model_name)
+    except ValueError as e:
+        raise EvalInputError(f"--model-path {e}") from None
+    except OSError as e:  # a hub id whose config.json cannot be fetched
+        raise EvalInputError(f"--model-path {args.model_path}: cannot read its config.json ({' '.join(str(e).split())})"
+                             f": pass a local checkpoint folder, or check the id and the network") from None
+
+
 def prefill_metadata(sample, row: int, trace, recipe, num_layers: int, num_patches: int, batch_size: int) -> dict:
     """Text and visual tokens of one sample, and the visual tokens entering each layer: from the
     pruning model's trace when it tells (per row, or a batch of one), else from the recipe."""
@@ -177,6 +191,7 @@ def run(args, module: str, make_items: Callable[[object], list[Item]], auto_mmta
         args.conv_mode = args.conv_mode + "_mmtag"
         print(f"It seems that this is a plain model, but it is not using a mmtag prompt, "
               f"auto switching to {args.conv_mode}.")
+    check_llava_checkpoint(args, model_name)
     config = run_config(args, module, model_name)
     if already_complete(answers_file, len(items), config):
         return 0
