@@ -17,7 +17,6 @@ import pytest
 
 from llava_fitprune.core.recipe import Recipe
 from llava_fitprune.eval import synthetic
-from llava_fitprune.eval.answers import NEUTRAL_WHY
 from llava_fitprune.eval.io import EvalInputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +136,8 @@ def test_default_attention_after_an_explicit_one_is_told_once_the_model_loads(ti
 
 
 def test_batch_size_or_compile_reuses_the_answers_and_says_why(finished, tiny_dir, data, tmp_path, capsys):
+    from llava_fitprune.eval.answers import NEUTRAL_WHY
+
     answers = changed_copy(finished, tmp_path)
     before = answers.read_text()
     recipe = ["--recipe", str(finished.parent / "r.json")]
