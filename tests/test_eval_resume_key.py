@@ -200,3 +200,25 @@ def test_limit_through_extra_args_merges_a_partial_run(tiny_dir, tmp_path, monke
     assert merge.main(["--partial", "--out", str(merged), *chunks]) == 0
     meta = json.loads(Path(f"{merged}.meta.json").read_text())
     assert meta["complete"] and "partial" not in meta and meta["num_answers"] == 4
+
+
+def test_device_type_is_in_the_key_and_version_1_sidecars_still_resume(finished, tiny_dir, data, tmp_path, capsys):
+    """A sidecar from a CUDA run is not continued on the CPU; one written before this key existed
+    (version 1: no device_type, recipe sha256 or requested attention) is told from the loaded model."""
+    answers = changed_copy(finished, tmp_path)
+    recipe = ["--recipe", str(finished.parent / "r.json")]
+    sidecar = Path(f"{answers}.meta.json")
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps(dict(meta, device_type="cuda", device="cuda:0")))
+    with pytest.raises(EvalInputError, match=r"\(device_type: 'cuda' -> 'cpu'\)"):
+        run(*argv(tiny_dir, data, answers, *recipe))
+    old = {k: v for k, v in meta.items() if k not in ("device_type", "recipe_file_sha256",
+                                                      "attn_implementation_requested")}
+    sidecar.write_text(json.dumps(dict(old, version=1)))
+    capsys.readouterr()
+    assert run(*argv(tiny_dir, data, answers, *recipe)) == 0
+    assert f"{answers} is complete (2 answers); nothing to do" in capsys.readouterr().out
+    assert json.loads(sidecar.read_text())["version"] == 2
+    sidecar.write_text(json.dumps(dict(old, version=1, device="cuda:0")))
+    with pytest.raises(EvalInputError, match=r"device_type: 'cuda' -> 'cpu'"):
+        run(*argv(tiny_dir, data, answers, *recipe))
