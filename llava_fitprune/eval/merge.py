@@ -23,8 +23,9 @@ from .io import EvalInputError, atomic_open, meta_path, require_answers, write_j
 from .prefill import summarize
 
 PARTIAL_STATUS = 3
-PER_CHUNK_KEYS = ("stopped_at_limit", "chunk_idx", "num_questions", "num_answers", "wall_time_s", "sessions", "started_at",
-                  "updated_at", "finished_at", "prefill", "model_load_s", "device", "images_converted_to_rgb")
+PER_CHUNK_KEYS = ("chunk_idx", "num_questions", "num_answers", "wall_time_s", "sessions", "started_at",
+                  "updated_at", "finished_at", "prefill", "model_load_s", "device", "images_converted_to_rgb",
+                  "stopped_at_limit")
 
 
 def check_chunks(chunks: list[str], partial: bool = False) -> list[dict]:
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--benchmark", default=None, help="benchmark name recorded for the report")
     p.add_argument("--run-name", default=None, help="the run's name (the scripts' CKPT), one report row per run")
     p.add_argument("--partial", action="store_true",
-                   help=f"also merge chunks that stopped at --limit: the result is marked partial (exit {PARTIAL_STATUS})")
+                   help=f"also merge chunks that stopped at --limit: the result is marked partial "
+                        f"(exit {PARTIAL_STATUS})")
     args = p.parse_args(argv)
     try:
         meta = merge(args.chunks, args.out, args.benchmark, args.run_name, args.partial)
