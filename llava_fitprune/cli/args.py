@@ -12,13 +12,11 @@ import argparse
 import contextlib
 import math
 import os
-import re
 import sys
 import tempfile
 from typing import Iterable, NoReturn
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: the only non-path form a model may take
 
 
 class Parser(argparse.ArgumentParser):
@@ -133,16 +131,11 @@ def check_attn(parser, name: str, values, device: str | None) -> None:
 
 def check_model_path(parser, name: str, path: str | None) -> None:
     """A local checkpoint folder with config.json, or a Hugging Face id `org/name` (checked at download)."""
-    if path is None:
-        return
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            fail(parser, name, path, "this folder has no config.json: pass a LLaVA checkpoint folder")
-        return
-    if os.path.exists(path):
-        fail(parser, name, path, "is a file: pass the checkpoint's folder")
-    if not _HUB_ID.fullmatch(path) or path.startswith(("./", "../", "~")):
-        fail(parser, name, path, "no such folder: pass a LLaVA checkpoint folder or a Hugging Face id (org/name)")
+    from .adapters.llava.model_path import model_path_problem
+
+    problem = None if path is None else model_path_problem(path)
+    if problem:
+        fail(parser, name, path, problem)
 
 
 def check_conv_mode(parser, name: str, mode: str | None) -> None:

@@ -19,11 +19,21 @@ from .io import EvalInputError, meta_path, write_json
 from .prefill import summarize
 
 META_FORMAT = "llava-fitprune.eval-meta"
-META_VERSION = 1
-# Settings that change the answers: a resumed run must match the run it continues.
+META_VERSION = 2  # 2: device_type, recipe_file_sha256, attn_implementation_requested
+# Settings that change the answers: a resumed run must match the run it continues (the attention
+# implementation and dtype as the model resolved them; the device type, whose kernels round differently).
 RESUME_KEYS = ("model_path", "model_base", "module", "method", "reduction_ratio", "recipe", "conv_mode",
                "temperature", "top_p", "num_beams", "max_new_tokens", "num_chunks", "chunk_idx",
-               "question_file_name", "question_file_sha256", "single_pred_prompt", "all_rounds", "lang")
+               "question_file_name", "question_file_sha256", "image_folder", "single_pred_prompt", "all_rounds",
+               "lang", "device_type", "dtype", "attn_implementation")
+# Known only once the model is loaded; before, the recipe is compared as given (file and content) and the
+# attention implementation where it was asked for (`check_before_loading`).
+LOADED_KEYS = ("recipe", "attn_implementation")
+GIVEN_KEYS = ("recipe_file", "recipe_file_sha256")
+# Settings that do not change the answers, so answers written with other values are kept.
+NEUTRAL_KEYS = ("batch_size", "compile")
+NEUTRAL_WHY = ("the batch size and --compile do not change answers (batched == one-by-one and compiled == eager "
+               "are tested: tests/test_equivalence.py, tests/test_fast_path.py)")
 
 
 def answer_key(record: dict) -> str:
@@ -76,6 +86,8 @@ def read_meta(answers_file: str) -> Optional[dict]:
         raise EvalInputError(f"{path} is not valid JSON ({e}); delete it and {answers_file} to start over") from None
     if meta.get("format") != META_FORMAT:
         raise EvalInputError(f"{path} is not an llava-fitprune eval sidecar (format {meta.get('format')!r})")
+    if meta.get("version", 1) < 2 and meta.get("device") and "device_type" not in meta:
+        meta["device_type"] = str(meta["device"]).split(":")[0]  # version 1 kept the model's device, e.g. cuda:0
     return meta
 
 
@@ -88,7 +100,8 @@ def require_sidecar(answers_file: str, meta: Optional[dict]) -> None:
 
 
 class AnswerFile:
-    """Usage: `done = af.open()`; `af.write(record)` per answer; `af.checkpoint()` per batch; `af.finish()`."""
+    """Usage: `done = af.open()`; `af.write(record)` per answer; `af.checkpoint()` per batch; `af.finish()`
+    (or `af.stop_at_limit(n)`)."""
 
     def __init__(self, path: str, config: dict, keys: list[str], lm_shape: LMShape):
         self.path = os.path.expanduser(path)
@@ -96,6 +109,7 @@ class AnswerFile:
         self.keys = keys  # one per question of this chunk, in order
         self.shape = lm_shape
         self.meta: dict = {}
+        self.old_meta: dict = {}  # the sidecar found by `open` (the earlier sessions' settings)
         self._file = None
         self._t0 = time.time()
         self._previous_wall = 0.0
@@ -110,6 +124,7 @@ class AnswerFile:
         rows = read_answers(self.path, repair=True) if os.path.exists(self.path) else []
         if old_meta is not None:
             self._check_same_run(old_meta)
+            self.old_meta = old_meta
             self._previous_wall = float(old_meta.get("wall_time_s") or 0.0)
         done = Counter(answer_key(r) for r in rows)
         unknown = done - Counter(self.keys)
@@ -118,8 +133,9 @@ class AnswerFile:
                                  f"this chunk (e.g. {next(iter(unknown))}): it belongs to another question file or "
                                  f"chunking; delete it to start over")
         self.num_answers = len(rows)
-        if rows:
-            print(f"[resume] {self.path}: {len(rows)} of {len(self.keys)} answers already written")
+        if 0 < len(rows) < len(self.keys):
+            print(f"[resume] {self.path}: {len(rows)} of {len(self.keys)} answers already written"
+                  f"{reuse_note(old_meta or {}, self.config)}")
         self.meta = {"format": META_FORMAT, "version": META_VERSION, "kind": "chunk", "complete": False,
                      **self.config, "lm_shape": self.shape.to_dict(), "num_questions": len(self.keys),
                      "num_answers": self.num_answers, "sessions": int((old_meta or {}).get("sessions", 0)) + 1,
@@ -141,6 +157,11 @@ class AnswerFile:
     def checkpoint(self) -> None:
         self.meta.update(num_answers=self.num_answers, wall_time_s=self._wall(), updated_at=_now())
         write_json(meta_path(self.path), self.meta)
+
+    def stop_at_limit(self, limit: int) -> None:
+        """Leave the file incomplete on purpose (--limit): `merge --partial` may take it, marked partial."""
+        self.meta["stopped_at_limit"] = limit
+        self.checkpoint()
 
     def finish(self) -> dict:
         """Summarise the whole file (earlier sessions included) and mark it complete."""
@@ -166,8 +187,31 @@ def check_same_run(path: str, old: dict, config: dict, keys) -> None:
                    != config.get("question_file_sha256"))
         what = f"the question file {config.get('question_file')} changed since" if changed else "other settings"
         raise EvalInputError(
-            f"{path} was written with {what} ({'; '.join(diffs)}); continuing would mix runs. "
-            f"Delete {path} and its .meta.json, or write to another --answers-file")
+            f"{path} was written with {what} ({'; '.join(diffs)}); continuing would mix answers of two runs: "
+            f"rerun with the earlier settings, delete {path} and its .meta.json, or write to another --answers-file "
+            f"(the scripts: another CKPT)")
+
+
+def check_before_loading(path: str, old: dict, config: dict) -> bool:
+    """`check_same_run` on what is known before the model loads; return whether that is every
+    answer-changing setting (else only the loaded model can tell: an attention implementation left to
+    its default after an explicit one, or a sidecar from an older version that lacks a key)."""
+    keys = [k for k in RESUME_KEYS if k not in LOADED_KEYS] + list(GIVEN_KEYS)
+    seen = dict(config)
+    requested = config.get("attn_implementation_requested")
+    if requested is not None:  # compared with what the earlier run resolved
+        seen["attn_implementation"] = requested
+        keys.append("attn_implementation")
+    check_same_run(path, old, seen, [k for k in keys if k in old])
+    default_both = requested is None and "attn_implementation_requested" in old and \
+        old["attn_implementation_requested"] is None
+    return all(k in old for k in keys) and (requested is not None or default_both)
+
+
+def reuse_note(old: dict, config: dict) -> str:
+    """'' or why answers written with another batch size or --compile are kept."""
+    changed = [f"{k} {old[k]!r} -> {config.get(k)!r}" for k in NEUTRAL_KEYS if k in old and old[k] != config.get(k)]
+    return f"; reusing its answers although {', '.join(changed)}: {NEUTRAL_WHY}" if changed else ""
 
 
 def _norm(value):

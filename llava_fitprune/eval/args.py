@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from .io import EvalInputError
 
@@ -57,9 +58,30 @@ def build_parser(description: str, question_file: str = "tables/question.jsonl",
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """The flags alone, before any file is read: one line naming the flag and the fix."""
     if args.batch_size < 1:
         raise EvalInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_chunks < 1 or not (0 <= args.chunk_idx < args.num_chunks):
         raise EvalInputError(f"--chunk-idx {args.chunk_idx} must be in [0, --num-chunks {args.num_chunks})")
     if args.max_new_tokens < 1:
         raise EvalInputError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_beams < 1:
+        raise EvalInputError(f"--num_beams must be >= 1 (1: greedy or sampling, no beam search), got {args.num_beams}")
+    if not args.temperature >= 0:  # also NaN; a negative one would silently decode greedily
+        raise EvalInputError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise EvalInputError(f"--top_p must be in (0, 1], got {args.top_p}; leave it out for no nucleus sampling")
+    if args.limit is not None and args.limit < 0:
+        raise EvalInputError(f"--limit must be >= 0 (questions to answer in this session), got {args.limit}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise EvalInputError(f"--num-workers must be >= 0 (0: load images in this process), got {args.num_workers}")
+
+
+def check_model_path(args: argparse.Namespace) -> None:
+    """The checkpoint exists (or is a hub id), before the question file is read or anything loads."""
+    from ..adapters.llava.model_path import model_path_problem
+
+    for flag, path in (("--model-path", args.model_path), ("--model-base", args.model_base)):
+        problem = None if path is None else model_path_problem(os.path.expanduser(path))
+        if problem:
+            raise EvalInputError(f"{flag} {path}: {problem}")

@@ -5,6 +5,10 @@
 Each chunk's `.meta.json` must say `complete: true`; otherwise the merge stops and names the chunk.
 The merged file gets its own sidecar: the chunks' settings, summed answers, prefill statistics
 recomputed over all answers, and `complete: true` last.
+
+`--partial` also takes chunks that stopped at `--limit` (and only those): the merged sidecar then says
+`complete: false, partial: true` (the report skips it, nothing should score it) and the exit status is
+PARTIAL_STATUS (3), so a script can tell a partial merge from a whole one.
 """
 from __future__ import annotations
 
@@ -18,11 +22,13 @@ from .answers import META_FORMAT, META_VERSION, RESUME_KEYS, converted_images, r
 from .io import EvalInputError, atomic_open, meta_path, require_answers, write_json
 from .prefill import summarize
 
+PARTIAL_STATUS = 3
 PER_CHUNK_KEYS = ("chunk_idx", "num_questions", "num_answers", "wall_time_s", "sessions", "started_at",
-                  "updated_at", "finished_at", "prefill", "model_load_s", "device", "images_converted_to_rgb")
+                  "updated_at", "finished_at", "prefill", "model_load_s", "device", "images_converted_to_rgb",
+                  "stopped_at_limit")
 
 
-def check_chunks(chunks: list[str]) -> list[dict]:
+def check_chunks(chunks: list[str], partial: bool = False) -> list[dict]:
     metas = []
     for path in chunks:
         if not os.path.exists(path):
@@ -31,7 +37,7 @@ def check_chunks(chunks: list[str]) -> list[dict]:
         if meta is None:
             raise EvalInputError(f"chunk {path} has no {os.path.basename(meta_path(path))}: it was not written by "
                                  f"llava_fitprune, so its completeness is unknown")
-        if not meta.get("complete"):
+        if not meta.get("complete") and not (partial and meta.get("stopped_at_limit") is not None):
             raise EvalInputError(
                 f"chunk {path} is incomplete ({meta.get('num_answers')} of {meta.get('num_questions')} answers): "
                 f"its run was interrupted or failed; rerun the same command to resume it (after fixing the input, "
@@ -59,11 +65,13 @@ def concatenate(chunks: list[str], out: str) -> None:
             f.write(data if not data or data.endswith(b"\n") else data + b"\n")
 
 
-def merge(chunks: list[str], out: str, benchmark: str | None = None, run_name: str | None = None) -> dict:
+def merge(chunks: list[str], out: str, benchmark: str | None = None, run_name: str | None = None,
+          partial: bool = False) -> dict:
+    """`partial`: chunks that stopped at --limit may be merged too; the result then says `partial: true`."""
     if not chunks:
         raise EvalInputError("no chunk files given to merge")
     t0 = time.time()
-    metas = check_chunks(chunks)
+    metas = check_chunks(chunks, partial)
     rows = [r for path in chunks for r in read_answers(path)]  # every line parses
     require_answers(rows, f"the chunks of {out}")
     if os.path.exists(meta_path(out)):
@@ -84,6 +92,10 @@ def merge(chunks: list[str], out: str, benchmark: str | None = None, run_name: s
         merge_s=time.time() - t0,
     )
     write_json(meta_path(out), meta)
+    if any(not m.get("complete") for m in metas):  # stopped at --limit: stays incomplete
+        meta["partial"] = True
+        write_json(meta_path(out), meta)
+        return meta
     meta["complete"] = True  # written last: the merged file is whole
     write_json(meta_path(out), meta)
     return meta
@@ -95,12 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the merged answers file")
     p.add_argument("--benchmark", default=None, help="benchmark name recorded for the report")
     p.add_argument("--run-name", default=None, help="the run's name (the scripts' CKPT), one report row per run")
+    p.add_argument("--partial", action="store_true",
+                   help=f"also merge chunks that stopped at --limit: the result is marked partial "
+                        f"(exit {PARTIAL_STATUS})")
     args = p.parse_args(argv)
     try:
-        meta = merge(args.chunks, args.out, args.benchmark, args.run_name)
+        meta = merge(args.chunks, args.out, args.benchmark, args.run_name, args.partial)
     except EvalInputError as e:
         print(f"merge: {e}", file=sys.stderr)
         return 1
+    if meta.get("partial"):
+        print(f"merged {len(args.chunks)} chunk(s) into {args.out}: {meta['num_answers']} of {meta['num_questions']} "
+              f"answers (partial: --limit)")
+        return PARTIAL_STATUS
     print(f"merged {len(args.chunks)} chunk(s) into {args.out}: {meta['num_answers']} answers")
     return 0
 

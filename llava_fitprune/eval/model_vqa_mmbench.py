@@ -12,12 +12,12 @@ from .args import LONG_MAX_NEW_TOKENS, build_parser
 from .io import EvalInputError
 from .mmbench_tsv import ALL_OPTIONS, get_options, is_none, parse_index, read_tsv
 from .runner import cli, get_chunk, run
-from .samples import Item
+from .samples import Item, b64_image_error, open_b64_image
 
 SINGLE_PRED_PROMPT = {"en": "Answer with the option's letter from the given choices directly.", "cn": "请直接回答选项字母。"}
 
 
-def make_row_items(row: dict, args) -> list[Item]:
+def make_row_items(row: dict, args, source: str | None = None) -> list[Item]:
     options = get_options(row)
     option_chars = ALL_OPTIONS[: len(options)]
     items = []
@@ -33,7 +33,7 @@ def make_row_items(row: dict, args) -> list[Item]:
         record = {"question_id": parse_index(row["index"]), "round_id": round_idx, "prompt": cur_prompt}
         items.append(Item(record=record,
                           text=qs, image_b64=row["image"],
-                          extra={"options": list(options), "option_char": list(option_chars)},
+                          extra={"options": list(options), "option_char": list(option_chars)}, source=source,
                           convert_rgb=False))  # LLaVA's load_image_from_base64 keeps the image's mode
         options = options[1:] + options[:1]  # rotate, as LLaVA does
         option_chars = option_chars[1:] + option_chars[:1]
@@ -44,16 +44,31 @@ def require_image_cells(rows: list[dict], path: str) -> None:
     """Every MMBench question has an image; a row without one would be answered text-only, silently."""
     for line, row in enumerate(rows, 2):  # line 1 is the header
         if is_none(row.get("image")):
-            raise EvalInputError(f"{path} line {line} (index {row.get('index')}) has no image cell: every MMBench "
-                                 f"question has an image; restore the row's base64 image or remove the row")
+            raise EvalInputError(f"{row_source(path, line, row)} has no image cell: every MMBench question has an "
+                                 f"image; restore the row's base64 image or remove the row")
+
+
+def row_source(path: str, line: int, row: dict) -> str:
+    return f"{path} line {line} (index {row.get('index')})"
+
+
+def require_decodable_images(rows: list[tuple[int, dict]], path: str) -> None:
+    """Each (line, row)'s base64 image opens (its header: a cell cut short inside the pixels is caught
+    when the image loads, named the same way), before the model loads."""
+    for line, row in rows:
+        try:
+            open_b64_image(row["image"])
+        except Exception as e:  # noqa: BLE001 - any decoding failure is bad input
+            raise b64_image_error(row_source(path, line, row), e) from None
 
 
 def make_items(args) -> list[Item]:
     path = os.path.expanduser(args.question_file)
     _, rows = read_tsv(path)
     require_image_cells(rows, path)
-    rows = get_chunk(rows, args.num_chunks, args.chunk_idx, path)
-    return [item for row in rows for item in make_row_items(row, args)]
+    lines = get_chunk(list(enumerate(rows, 2)), args.num_chunks, args.chunk_idx, path)  # line 1 is the header
+    require_decodable_images(lines, path)
+    return [item for line, row in lines for item in make_row_items(row, args, row_source(path, line, row))]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,9 +11,10 @@ from tqdm import tqdm
 
 from ..core.flops import LMShape
 from ..core.recipe import RecipeError
-from .answers import RESUME_KEYS, AnswerFile, answer_key, check_same_run, read_meta, require_sidecar
-from .args import check_args
+from .answers import AnswerFile, answer_key, check_before_loading, read_meta, require_sidecar, reuse_note
+from .args import check_args, check_model_path
 from .io import EvalInputError, file_sha256
+from .loading import resolve_device
 from .prefill import planned_visual_entering, sample_prefill
 from .samples import EvalDataset, Item, check_images, collate, make_batches, pad_batch
 
@@ -93,6 +94,20 @@ def check_method(args) -> None:
         raise EvalInputError(f"--method {args.method} needs a budget: give --reduction-ratio or --recipe")
 
 
+def check_llava_checkpoint(args, model_name: str) -> None:
+    """The builder's rule (a name or a config.json that says llava), as one line before anything loads."""
+    from ..adapters.llava.builder import llava_kind
+
+    path = os.path.expanduser(args.model_path)
+    try:
+        llava_kind(path, model_name)
+    except ValueError as e:
+        raise EvalInputError(f"--model-path {e}") from None
+    except OSError as e:  # a hub id whose config.json cannot be fetched
+        raise EvalInputError(f"--model-path {args.model_path}: cannot read its config.json ({' '.join(str(e).split())})"
+                             f": pass a local checkpoint folder, or check the id and the network") from None
+
+
 def prefill_metadata(sample, row: int, trace, recipe, num_layers: int, num_patches: int, batch_size: int) -> dict:
     """Text and visual tokens of one sample, and the visual tokens entering each layer: from the
     pruning model's trace when it tells (per row, or a batch of one), else from the recipe."""
@@ -114,8 +129,14 @@ def prefill_metadata(sample, row: int, trace, recipe, num_layers: int, num_patch
 
 
 def run_config(args, module: str, model_name: str) -> dict:
+    """The run's settings as known before the model loads (`run` adds what the loaded model tells)."""
+    from ..adapters.llava.builder import device_and_dtype
+
+    device, dtype = device_and_dtype(resolve_device(args.device), args.dtype)  # the loader's defaults
+    recipe_file = os.path.expanduser(args.recipe) if args.recipe is not None else None
     return {"module": module, "model_path": args.model_path, "model_base": args.model_base, "model_name": model_name,
             "method": args.method, "reduction_ratio": args.reduction_ratio, "recipe_file": args.recipe,
+            "recipe_file_sha256": file_sha256(recipe_file) if recipe_file and os.path.isfile(recipe_file) else None,
             "conv_mode": args.conv_mode, "temperature": args.temperature, "top_p": args.top_p,
             "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "num_chunks": args.num_chunks,
             "chunk_idx": args.chunk_idx, "question_file": args.question_file,
@@ -123,18 +144,33 @@ def run_config(args, module: str, model_name: str) -> dict:
             "question_file_sha256": file_sha256(os.path.expanduser(args.question_file)),
             "image_folder": args.image_folder,
             "single_pred_prompt": args.single_pred_prompt, "all_rounds": args.all_rounds, "lang": args.lang,
-            "batch_size": args.batch_size, "device": args.device, "compile": getattr(args, "compile", False)}
+            "batch_size": args.batch_size, "device": args.device, "device_type": torch.device(device).type,
+            "dtype": str(dtype).replace("torch.", ""), "attn_implementation_requested": args.attn_implementation,
+            "compile": getattr(args, "compile", False)}
 
 
 def already_complete(answers_file: str, num_questions: int, config: dict) -> bool:
-    """Whether a finished file from the same settings is there; a file from other settings is an
-    error. Checked before the model loads (the recipe itself is compared once it is resolved)."""
+    """Whether a finished file from the same settings is there, told before the model loads; a file
+    from other settings is an error (what only the loaded model tells is compared once it is loaded)."""
     meta = read_meta(answers_file)
     require_sidecar(answers_file, meta)
     if meta is None:
         return False
-    check_same_run(answers_file, meta, config, [k for k in RESUME_KEYS if k != "recipe"] + ["recipe_file"])
-    return bool(meta.get("complete") and meta.get("num_answers") == num_questions)
+    known = check_before_loading(answers_file, meta, config)
+    if known and meta.get("complete") and meta.get("num_answers") == num_questions:
+        print(f"{answers_file} is complete ({num_questions} answers); nothing to do{reuse_note(meta, config)}")
+        return True
+    return False
+
+
+def compile_note(model) -> str | None:
+    """A line when --compile compiles nothing on this device (the fast path's per-device "auto")."""
+    fast = getattr(model, "fast_path", None)
+    if fast is None or fast.prefill_mode == "compile" or fast.mode in ("compile", "graph"):
+        return None
+    return (f"--compile on {model.device.type}: nothing is compiled here (prefill {fast.prefill_mode}, decode "
+            f"{fast.mode}: the fast path compiles on CUDA only, see fast_path.py); the answers are the same, and its "
+            f"static KV cache is used")
 
 
 def run(args, module: str, make_items: Callable[[object], list[Item]], auto_mmtag: bool = False) -> int:
@@ -146,6 +182,7 @@ def run(args, module: str, make_items: Callable[[object], list[Item]], auto_mmta
 
     check_args(args)
     check_method(args)
+    check_model_path(args)
     items = make_items(args)
     check_images(items, args.image_folder)
     answers_file = os.path.expanduser(args.answers_file)
@@ -154,12 +191,15 @@ def run(args, module: str, make_items: Callable[[object], list[Item]], auto_mmta
         args.conv_mode = args.conv_mode + "_mmtag"
         print(f"It seems that this is a plain model, but it is not using a mmtag prompt, "
               f"auto switching to {args.conv_mode}.")
+    check_llava_checkpoint(args, model_name)
     config = run_config(args, module, model_name)
     if already_complete(answers_file, len(items), config):
-        print(f"{answers_file} is complete ({len(items)} answers); nothing to do")
         return 0
 
     (tokenizer, model, image_processor, _), load_s = timed_load(args, model_name)
+    note = compile_note(model)
+    if note:
+        print(note)
     recipe = used_recipe(model, args)
     config.update(recipe=recipe.to_dict() if recipe is not None else None,
                   recipe_fingerprint=recipe.fingerprint() if recipe is not None else None,
@@ -169,11 +209,13 @@ def run(args, module: str, make_items: Callable[[object], list[Item]], auto_mmta
     out = AnswerFile(answers_file, config, [answer_key(it.record) for it in items], LMShape.from_config(model.config))
     done = out.open()
     pending = [it for it in items if not _consume(done, answer_key(it.record))]
+    if items and not pending:  # the earlier run's attention implementation was known only once the model loaded
+        print(f"{answers_file} is complete ({len(items)} answers); nothing to do{reuse_note(out.old_meta, config)}")
     if args.limit is not None:
         pending = pending[: args.limit]
     generate_all(args, pending, out, tokenizer, model, image_processor, recipe, model_name, len(items))
     if out.num_answers < len(items):
-        out.checkpoint()
+        out.stop_at_limit(args.limit)
         print(f"stopped after --limit {args.limit}: {out.num_answers} of {len(items)} answers; rerun to continue")
         return 0
     meta = out.finish()

@@ -25,6 +25,7 @@ class Item:
     image_path: Optional[str] = None
     image_b64: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    source: Optional[str] = None  # where the question is, for errors: e.g. "mmbench.tsv line 3 (index 1001)"
     # LLaVA's model_vqa_loader / model_vqa convert every image to RGB; model_vqa_science and
     # model_vqa_mmbench pass the file's own mode (a palette PNG pads differently): each module says.
     convert_rgb: bool = True
@@ -43,11 +44,9 @@ class Item:
         qid = self.record.get("question_id")
         if self.image_b64 is not None:
             try:
-                return self._decoded(Image.open(io.BytesIO(base64.b64decode(self.image_b64))))
+                return self._decoded(open_b64_image(self.image_b64))
             except Exception as e:  # noqa: BLE001 - any decoding failure is bad input
-                raise EvalInputError(f"question {qid}: its base64 image does not decode ({type(e).__name__}: {e}); "
-                                     f"replace the row's image cell with a base64 PNG or JPEG, or remove the "
-                                     f"row") from None
+                raise b64_image_error(self.source or f"question {qid}", e) from None
         try:
             return self._decoded(Image.open(self.image_path))
         except FileNotFoundError:
@@ -57,6 +56,16 @@ class Item:
             raise EvalInputError(f"image file {self.image_path} (question {qid}) cannot be read: {e}; replace "
                                  f"the file (a readable image) or remove question {qid} from the question "
                                  f"file") from None
+
+
+def open_b64_image(text: str) -> Image.Image:
+    """A base64 image cell opened as LLaVA's `load_image_from_base64` opens it (lazily: pixels on load)."""
+    return Image.open(io.BytesIO(base64.b64decode(text)))
+
+
+def b64_image_error(where: str, error: Exception) -> EvalInputError:
+    return EvalInputError(f"{where}: its base64 image does not decode ({type(error).__name__}: {error}); replace the "
+                          f"row's image cell with a base64 PNG or JPEG, or remove the row")
 
 
 def process_like_stock(image: Image.Image, image_processor, model_config) -> tuple[torch.Tensor, bool]:

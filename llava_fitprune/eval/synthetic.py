@@ -221,11 +221,28 @@ DEFAULT_QUESTIONS = 4
 
 def build(root: str, n: int = DEFAULT_QUESTIONS, only: list[str] | None = None) -> str:
     """Write the synthetic benchmarks under `root` (e.g. playground/data/eval)."""
-    for name in only or list(BENCHMARKS):
-        if name not in BENCHMARKS:
-            raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
+    names = only or list(BENCHMARKS)
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:  # before anything is written
+        raise ValueError(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
+    if n < 1:
+        raise ValueError(f"the number of questions must be >= 1, got {n}")
+    for name in names:
         BENCHMARKS[name](root, n if name not in ("pope", "mme") else max(1, n // 2))
     return root
+
+
+def writable_folder_problem(root: str) -> str | None:
+    """Why nothing can be written under `root` (made if missing), or None."""
+    import tempfile
+
+    try:
+        os.makedirs(root, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        return f"cannot write there ({e.strerror or e}): pass a folder you can write to"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-questions", type=int, default=DEFAULT_QUESTIONS)
     p.add_argument("--only", nargs="*", default=None, help=f"some of {sorted(BENCHMARKS)}")
     args = p.parse_args(argv)
-    build(args.root, args.num_questions, args.only)
+    unknown = sorted(set(args.only or []) - set(BENCHMARKS))
+    problem = (f"--only {' '.join(unknown)}: unknown benchmark(s): choose from {', '.join(sorted(BENCHMARKS))}"
+               if unknown else f"--num-questions {args.num_questions}: must be >= 1" if args.num_questions < 1
+               else None)
+    folder = None if problem else writable_folder_problem(args.root)
+    if problem or folder:
+        print(f"error: {problem or f'{args.root}: {folder}'}", file=sys.stderr)
+        return 2
+    try:
+        build(args.root, args.num_questions, args.only)
+    except OSError as e:  # e.g. the disk filled up half-way
+        print(f"error: {args.root}: writing the benchmarks failed ({e}): free space or pick another folder, then "
+              f"rerun (the files are rewritten)", file=sys.stderr)
+        return 2
     print(f"wrote synthetic benchmarks under {args.root}")
     return 0
 

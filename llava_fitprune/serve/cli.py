@@ -9,6 +9,7 @@ answer is followed by the prefill's visual tokens per layer and its TFLOPs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -69,6 +70,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> str | None:
+    """What is wrong with the flags, as one line, before the model loads; None when nothing is."""
+    from llava.conversation import conv_templates
+
+    from ..adapters.llava.model_path import model_path_problem
+
+    for flag, path in (("--model-path", args.model_path), ("--model-base", args.model_base)):
+        problem = None if path is None else model_path_problem(path)
+        if problem:
+            return f"{flag} {path}: {problem}"
+    remote = args.image_file.startswith(("http://", "https://"))
+    if not remote and not os.path.isfile(args.image_file):
+        return f"--image-file {args.image_file}: not found: pass an image file or an http(s) URL"
+    if args.conv_mode is not None and args.conv_mode not in conv_templates:
+        return f"--conv-mode {args.conv_mode}: unknown conversation template: choose from {', '.join(conv_templates)}"
+    if not args.temperature >= 0:
+        return f"--temperature {args.temperature}: must be >= 0 (0: greedy)"
+    if args.max_new_tokens < 1:
+        return f"--max-new-tokens {args.max_new_tokens}: must be >= 1"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
     from llava.conversation import SeparatorStyle, conv_templates
@@ -81,11 +104,23 @@ def main(argv: list[str] | None = None) -> int:
     from ..eval.runner import PrefillTracer
 
     args = build_parser().parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     model_name = get_model_name_from_path(args.model_path)
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit,
-        device=resolve_device(args.device), recipe=args.recipe, reduction_ratio=args.reduction_ratio,
-        method=args.method, torch_dtype=args.dtype, attn_implementation=args.attn_implementation)
+    try:  # the builder checks the pruning flags and the checkpoint's kind before any weight is read
+        tokenizer, model, image_processor, _ = load_pretrained_model(
+            args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit,
+            device=resolve_device(args.device), recipe=args.recipe, reduction_ratio=args.reduction_ratio,
+            method=args.method, torch_dtype=args.dtype, attn_implementation=args.attn_implementation)
+    except OSError as e:  # files missing, a hub id without network
+        print(f"error: --model-path {args.model_path}: cannot load it ({' '.join(str(e).split())}): pass a local "
+              f"checkpoint folder, or check the id and the network", file=sys.stderr)
+        return 2
+    except (ValueError, NotImplementedError) as e:  # a bad pruning flag (RecipeError is a ValueError), MPT, LoRA
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
     tracer = PrefillTracer(model)
     conv_mode = infer_conv_mode(model_name)

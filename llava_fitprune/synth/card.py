@@ -155,7 +155,7 @@ commands below; everything is seeded).
   {spec['num_heads']} heads, MLP {spec['intermediate_size']}, vocab {spec['vocab_size']} (SentencePiece BPE).
 - Prompt: `vicuna_v1` (LLaVA's `llava_v1`), image aspect `{spec['image_aspect_ratio']}`.
 - Load: `llava_fitprune.load_pretrained_model("{ckpt}", None, "llava-synth", device="cpu")`
-  (the folder name has no "llava" in it: pass a model name that has), or
+  (any model name: its config.json's model_type says LLaVA), or
   `llava_fitprune.synth.model_io.load_llava(path)` for LLaVA's own class.
 
 ## Data

@@ -3,7 +3,8 @@
 Adapted from llava-torch==1.2.2.post1 llava/model/builder.py (`load_pretrained_model`, LLaVA
 branch). Changed: our model class; `recipe=`/`reduction_ratio=`/`method=`; any dtype and device
 (LLaVA's forces float16 and CUDA; with its default device_map "auto" the CLIP tower stays float32,
-here too); `mm_vision_tower` given relative to the checkpoint resolves against it. Non-LLaVA
+here too); `mm_vision_tower` given relative to the checkpoint resolves against it; a folder whose
+name lacks "llava" loads when its config.json's model_type says llava (`llava_kind`). Non-LLaVA
 language models and MPT are out of scope and raise.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from ...core.methods import check_method
 from ...core.recipe import Recipe, RecipeError, resolve_recipe
 
 
-def _device_and_dtype(device: str, torch_dtype):
+def device_and_dtype(device: str, torch_dtype):
+    """The device and torch dtype the builder uses: float16 on CUDA, float32 elsewhere, unless given."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -37,8 +39,24 @@ def _device_and_dtype(device: str, torch_dtype):
     return device, torch_dtype
 
 
+def llava_kind(model_path: str, model_name: str) -> str:
+    """What LLaVA's name rules read (llava/model/builder.py: "llava" in it, "mistral" picks that backbone,
+    "mpt" is refused): `model_name` when it says llava, else the checkpoint's config.json `model_type`
+    (llava_llama, llava_mistral, llava_fitprune, ...), so a LLaVA folder with any name (`checkpoint/`)
+    loads. Raises OSError when `model_path` has no config.json (a missing folder)."""
+    if "llava" in model_name.lower():
+        return model_name
+    from transformers import PretrainedConfig
+
+    model_type = str(PretrainedConfig.get_config_dict(model_path)[0].get("model_type") or "")
+    if "llava" not in model_type.lower():
+        raise ValueError(f"{model_path} does not look like a LLaVA checkpoint: neither its name {model_name!r} nor "
+                         f"its config.json's model_type {model_type!r} says llava; pass a LLaVA checkpoint")
+    return model_type
+
+
 def _classes(model_name: str):
-    """LLaVA picks the Mistral backbone by name (llava/model/builder.py); so do we."""
+    """LLaVA picks the Mistral backbone by name (llava/model/builder.py); so do we (`llava_kind`)."""
     if "mistral" in model_name.lower():
         return FitPruneLlavaMistralConfig, FitPruneLlavaMistralForCausalLM, True
     return FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM, False
@@ -107,11 +125,10 @@ def load_pretrained_model(
     path for this model (fast_path.py: on CUDA a compiled prefill; a static per-layer KV cache and a
     CUDA-graphed decode step; on the CPU the prefill stays eager, see fast_path.PREFILL_AUTO).
     """
-    if "llava" not in model_name.lower():
-        raise ValueError(f"model name {model_name!r} does not look like a LLaVA checkpoint (no 'llava' in it)")
-    if "mpt" in model_name.lower() or "lora" in model_name.lower():
+    kind = llava_kind(model_path, model_name)
+    if "mpt" in kind.lower() or "lora" in model_name.lower():
         raise NotImplementedError("MPT and unmerged LoRA checkpoints are not supported: merge the LoRA first")
-    device, torch_dtype = _device_and_dtype(device, torch_dtype)
+    device, torch_dtype = device_and_dtype(device, torch_dtype)
     kwargs = {"device_map": device_map if device.startswith("cuda") else {"": device}, **kwargs}
     if load_8bit:
         kwargs["load_in_8bit"] = True
@@ -128,7 +145,7 @@ def load_pretrained_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
 
-    config_class, model_class, fast_tokenizer = _classes(model_name)
+    config_class, model_class, fast_tokenizer = _classes(kind)
     config = _load_config(model_path, config_class, attn_implementation)
     keep_saved = recipe is None and reduction_ratio is None and not method_options and method in (None, "fitprune")
     _check_pruning_arguments(recipe, reduction_ratio, method, method_options, config, keep_saved,

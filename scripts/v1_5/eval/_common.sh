@@ -24,9 +24,14 @@
 #   CKPT             run name used in answer paths, named by what ran (default <model dir>-dense,
 #                    <model dir>-<method>-r<ratio>, <model dir>-<method>-<recipe name>,
 #                    <model dir>-fastv-k2-r0.5)
-#   EXTRA_ARGS       more generation flags, e.g. "--max_new_tokens 16 --attn-implementation sdpa"
+#   EXTRA_ARGS       more generation flags, e.g. "--max_new_tokens 16 --attn-implementation sdpa";
+#                    "--limit N" answers at most N more questions per chunk, merges what is answered
+#                    into a file marked partial and stops before scoring (rerun without it to finish)
 #
-# An interrupted run resumes when the same command is rerun: finished answers are kept.
+# An interrupted run resumes when the same command is rerun: finished answers are kept. A rerun with
+# other answer-changing settings (model, method, budget, template, decoding flags, question file, image
+# folder, device type, dtype, attention) is refused; BATCH_SIZE and COMPILE may change (the answers
+# stay the same).
 set -e
 
 MODEL_PATH=${MODEL_PATH:-liuhaotian/llava-v1.5-7b}
@@ -90,6 +95,10 @@ else
     DEVICE=cpu
 fi
 NUM_CHUNKS=${#GPULIST[@]}
+LIMITED=0
+for arg in $EXTRA_ARGS; do
+    case "$arg" in --limit|--limit=*) LIMITED=1 ;; esac
+done
 if [ "$DEVICE" = cpu ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
     # share the cores between the chunk processes, as torchrun does
     THREADS=$(( $(nproc) / NUM_CHUNKS ))
@@ -135,5 +144,17 @@ run_chunks() {
         echo "rerun this script to resume: finished answers are kept" >&2
         exit 1
     fi
-    $PYTHON -m llava_fitprune.eval.merge --benchmark "$benchmark" --run-name "$CKPT" --out "$merged" "${files[@]}"
+    if [ "$LIMITED" -eq 0 ]; then
+        $PYTHON -m llava_fitprune.eval.merge --benchmark "$benchmark" --run-name "$CKPT" --out "$merged" "${files[@]}"
+        return
+    fi
+    status=0  # --limit: merge what was answered; a partial merge exits 3 (llava_fitprune/eval/merge.py)
+    $PYTHON -m llava_fitprune.eval.merge --partial --benchmark "$benchmark" --run-name "$CKPT" --out "$merged" \
+        "${files[@]}" || status=$?
+    if [ "$status" -eq 3 ]; then
+        echo "--limit: $merged holds part of the answers (marked partial), not scored: rerun to answer more" \
+             "(without --limit: all of them, then the run is merged whole and scored)" >&2
+        exit 0
+    fi
+    return "$status"
 }
