@@ -131,7 +131,7 @@ def check_attn(parser, name: str, values, device: str | None) -> None:
 
 def check_model_path(parser, name: str, path: str | None) -> None:
     """A local checkpoint folder with config.json, or a Hugging Face id `org/name` (checked at download)."""
-    from .adapters.llava.model_path import model_path_problem
+    from ..adapters.llava.model_path import model_path_problem
 
     problem = None if path is None else model_path_problem(path)
     if problem:
