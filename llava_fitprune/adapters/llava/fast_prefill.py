@@ -60,7 +60,7 @@ class PrefillCompileStats:
     graphs: int = 0  # graphs the regions made (dynamo's unique graphs during these calls)
     compile_s: float = 0.0  # wall time of the calls that compiled (compilation plus one run)
     call_s: list[float] = field(default_factory=list)
-    eager_regions: list[str] = field(default_factory=list)  # regions that fell back to eager
+    eager_regions: list[str] = field(default_factory=list)  # the region whose compilation failed (then all eager)
 
 
 def _language_model(model):
@@ -79,27 +79,22 @@ def _graphs() -> int:
 
 class Region:
     """One compiled region: `fn` under `torch.compile` (fullgraph, static but for the dims marked
-    dynamic); after a failed compilation, `fn` itself, with one warning."""
+    dynamic). After a failed compilation of any region of its `owner` (a CompiledPrefill), every
+    region runs `fn` itself: the owner warns once."""
 
-    def __init__(self, fn: Callable, backend, mode=None, options: Optional[dict] = None, stats=None):
+    def __init__(self, fn: Callable, owner: "CompiledPrefill", backend, mode=None, options: Optional[dict] = None):
         self.fn = fn
-        self.name = fn.__name__
+        self.owner = owner
         self.compiled = torch.compile(fn, backend=backend, mode=mode, dynamic=False, fullgraph=True,
                                       **({"options": options} if options else {}))
-        self.failed: Optional[str] = None
-        self.stats = stats
 
     def __call__(self, *args):
-        if self.failed is not None:
+        if self.owner.failed is not None:
             return self.fn(*args)
         try:
             return self.compiled(*args)
         except Exception as e:  # noqa: BLE001 - any failure of the compiler; eager repeats a real error
-            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-            warnings.warn(f"llava_fitprune: compiling the prefill's {self.name} failed ({self.failed}); "
-                          f"it runs eagerly from now on", RuntimeWarning, stacklevel=2)
-            if self.stats is not None:
-                self.stats.eager_regions.append(self.name)
+            self.owner.fail(self.fn.__name__, e)
             return self.fn(*args)
 
 
@@ -206,11 +201,21 @@ class CompiledPrefill:
         self.eager = type(self.lm).decoder_layers.__get__(self.lm)  # the class's loop, bound to this model
         self.stats = PrefillCompileStats(backend=backend if isinstance(backend, str) else getattr(
             backend, "__name__", repr(backend)))
-        self.regions = {
-            "stock": Region(layer_regions.stock_step, backend, mode, options, self.stats),
-            "attention": Region(layer_regions.pruning_attention_step, backend, mode, options, self.stats),
-            "output": Region(layer_regions.pruning_output_step, backend, mode, options, self.stats),
-        }
+        self.failed: Optional[str] = None  # why compiling failed: every region runs eagerly then
+        self.regions = {name: Region(fn, self, backend, mode, options) for name, fn in (
+            ("stock", layer_regions.stock_step), ("attention", layer_regions.pruning_attention_step),
+            ("output", layer_regions.pruning_output_step))}
+
+    def fail(self, region: str, error: Exception) -> None:
+        """A region failed to compile (or to load from inductor's cache): warn once, run eagerly from now on."""
+        root = error
+        while root.__cause__ is not None or getattr(root, "inner_exception", None) is not None:  # the compiler's own error
+            root = root.__cause__ or root.inner_exception
+        lines = str(root).strip().splitlines()
+        self.failed = f"{region}: {type(root).__name__}: {lines[0] if lines else ''}"[:300]
+        self.stats.eager_regions.append(region)
+        warnings.warn(f"llava_fitprune: the compiled prefill failed ({self.failed}); the prefill runs eagerly "
+                      f"from now on (same results, not compiled)", RuntimeWarning, stacklevel=3)
 
     def __call__(self, hidden_states, valid, position_ids, cache, padded, plan, state, selector, trace,
                  output_attentions=False, output_hidden_states=False, use_cache=True, key_bias_hook=None):
