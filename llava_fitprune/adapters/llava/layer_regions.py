@@ -26,16 +26,19 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from ...core.selectors import take_rows
-from .layer_step import SCORE_ROWS_ONCE_DEVICES, attention_rows, tail_probs
+from .layer_step import SCORE_ROWS_ONCE_DEVICES, tail_probs
 
 # what a pruning attention step returns besides the output: nothing, the head-max map, the probabilities
 SCORES = ("none", "head_max", "probs")
+
 
 
 def _qkv(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -72,8 +75,8 @@ def pruning_attention_step(layer: nn.Module, hidden: torch.Tensor, cos: torch.Te
     """A pruning layer's attention, before the selection.
     hidden: [B, N, D]; cos, sin: [B, 1, N, hd]; mask: additive [B, 1, N, N] or None (causal);
     row_start: the first row the scores read (the same for every layer of a prefill, < N);
-    scores: one of SCORES. On SCORE_ROWS_ONCE_DEVICES with scores, rows row_start.. are computed
-    once with their probabilities; else SDPA over every row and the probabilities once more.
+    scores: one of SCORES. On SCORE_ROWS_ONCE_DEVICES (the CPU) with scores, the flash kernel's
+    log-sum-exp gives the probabilities with one exp each; else SDPA and the probabilities once more.
     returns (out [B, N, H * hd] attention output before o_proj, k, v [B, KV, N, hd],
     head-max [B, R, N] float32 / probs [B, H, R, N] float32 / None (R = N - row_start))."""
     attn = layer.self_attn
@@ -82,19 +85,30 @@ def pruning_attention_step(layer: nn.Module, hidden: torch.Tensor, cos: torch.Te
     q, k_cache, v_cache = _qkv(layer, layer.input_layernorm(hidden), cos, sin)
     k, v = repeat_kv(k_cache, H // KV), repeat_kv(v_cache, H // KV)  # [B, H, N, hd]
     r0 = row_start
-    probs = None
     if scores != "none" and q.device.type in SCORE_ROWS_ONCE_DEVICES:
-        head = F.scaled_dot_product_attention(  # rows before the image
-            q[:, :, :r0], k[:, :, :r0], v[:, :, :r0], attn_mask=None if mask is None else mask[:, :, :r0, :r0],
-            is_causal=mask is None and r0 > 1)
-        tail, probs = attention_rows(q, k, v, r0, mask)  # [B, H, R, hd], [B, H, R, N]
-        out = torch.cat([head, tail], dim=2)  # [B, H, N, hd]
+        # the CPU's flash kernel gives each row's log-sum-exp with the output: the score rows'
+        # probabilities are then one exp per element (no softmax passes, no second P @ V)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, mask is None, attn_mask=mask)  # [B, H, N, hd], [B, H, N] float32
+        probs = rows_probs(q, k, r0, mask, lse[:, :, r0:])
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, H, N, hd]
-        if scores != "none":
-            probs = tail_probs(q, k, r0, mask)
+        probs = tail_probs(q, k, r0, mask) if scores != "none" else None
     extra = None if probs is None else probs.amax(dim=1) if scores == "head_max" else probs
     return out.transpose(1, 2).reshape(B, N, H * hd), k_cache, v_cache, extra
+
+
+def rows_probs(q: torch.Tensor, k: torch.Tensor, r0: int, mask: Optional[torch.Tensor],
+               lse: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities of query rows r0..N-1 from their log-sum-exp.
+    q, k: [B, H, N, hd]; mask: additive [B, 1, N, N] or None (causal); lse: [B, H, R]
+    float32. returns probs [B, H, R, N] float32, 0 above the diagonal (R = N - r0)."""
+    N, hd = q.shape[2], q.shape[3]
+    logits = torch.matmul(q[:, :, r0:], k.transpose(2, 3)).float() / math.sqrt(hd)  # [B, H, R, N]
+    if mask is not None:
+        return torch.exp(logits + mask[:, :, r0:, :].float() - lse[..., None])
+    future = torch.arange(N, device=q.device)[None, :] > torch.arange(r0, N, device=q.device)[:, None]  # [R, N]
+    return torch.exp(logits - lse[..., None]).masked_fill(future, 0.0)
 
 
 def pruning_output_step(layer: nn.Module, out: torch.Tensor, hidden: torch.Tensor,
