@@ -238,6 +238,7 @@ print(json.dumps({"diff": float((a - b).abs().max()), "graphs": loop.stats.graph
 """
 
 
+@pytest.mark.skipif(not SLOW, reason="two inductor compilations in subprocesses (minutes): LLAVA_FITPRUNE_SLOW=1")
 def test_a_truncated_inductor_cache_entry_falls_back_to_eager(tmp_path):
     """Planted corruption: a first process compiles the stock layer step with inductor into an empty
     cache; every compiled library there is then truncated (as a killed compile leaves it); a second
