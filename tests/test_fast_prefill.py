@@ -93,14 +93,17 @@ def test_compiled_prefill_equals_eager(models, method):
     with torch._dynamo.config.patch(recompile_limit=64):
         _same(eager, compiled, embeds, visual, mask, replay)  # batched, left-padded
         for b, t in enumerate(texts):  # one by one
+            if b == 1:
+                graphs = _graphs()
             one = _batch(eager, [t], seed=1 + b)
             single = None
             if method == "oracle":
                 _, drops, _ = _run(eager, *one, None)
                 single = OracleSelector([None if d is None else torch.tensor(d) for d in drops])
             _same(eager, compiled, *one, single)
-    # one graph for the padded batch, one for batch 1 that serves its three prompt lengths
-    assert stats.compiling_calls - before == 2, stats
+    # graphs are made for the padded batch and for batch 1 (none when an earlier method made the
+    # same kinds of step): the first batch-1 length serves the other two
+    assert stats.compiling_calls - before <= 2 and _graphs() == graphs, stats
 
 
 def test_layer_loop_has_no_graph_break():
