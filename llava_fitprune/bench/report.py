@@ -16,7 +16,7 @@ COLUMNS = [
     "prefill_cpu_ms", "cpu_time_vs_oracle",
     "decode_ms_per_token", "decode_cpu_ms_per_token", "decode_gflops_per_token", "decode_speedup",
     "decode_flops_ratio",
-    "e2e_short_ms", "short_new_tokens", "e2e_ms", "compile_s", "cold_e2e_ms", "peak_mem_mb", "kv_bytes",
+    "e2e_short_ms", "short_new_tokens", "e2e_ms", "compile_s", "compile_graphs", "cold_e2e_ms", "peak_mem_mb", "kv_bytes",
     "kv_bytes_predicted", "kv_fraction", "kv_fraction_predicted",
     "new_tokens", "repeats", "load_avg", "prefill_ms_runs",
 ]
@@ -34,6 +34,7 @@ TABLE = [
     ("dec. speedup", "decode_speedup", "{:.2f}"),
     ("dec. FLOPs ratio", "decode_flops_ratio", "{:.2f}"), ("e2e short ms", "e2e_short_ms", "{:.0f}"),
     ("e2e ms", "e2e_ms", "{:.0f}"), ("compile s", "compile_s", "{:.1f}"),
+    ("graphs", "compile_graphs", "{}"),
     ("peak MB", "peak_mem_mb", "{:.0f}"), ("KV frac", "kv_fraction", "{:.3f}"),
     ("KV frac pred.", "kv_fraction_predicted", "{:.3f}"), ("load", "load_avg", "{:.2f}"),
 ]

@@ -14,7 +14,8 @@ With --compile, dense, fitprune and oracle also run on the fast path ("-fast" ro
 prefill into a static per-layer KV cache, CUDA-graphed or compiled decode; fast_path.py).
 prefill latency, decode latency per token (cached, step by step), end-to-end latency for the
 smallest and the largest --new-tokens, compile time (graph capture / compilation, in the rows'
-first runs), peak memory over a run, KV-cache bytes; FLOPs from flops.py; efficiency = speedup /
+first runs) and the graphs each row's compiled prefill made (0: it reused an earlier row's; the
+header says whether inductor's cache was cold or warm), peak memory over a run, KV-cache bytes; FLOPs from flops.py; efficiency = speedup /
 FLOPs ratio.
 Writes a Markdown table, a CSV and a latency-vs-TFLOPs plot to --out-dir.
 """
@@ -136,7 +137,7 @@ def _row_dict(spec, attn, batch, timing, shape: LMShape, dtype: torch.dtype, new
         decode_cpu_ms_per_token=timing.decode_cpu_s_per_token * _MILLI,
         decode_gflops_per_token=spec.decode_flops / _GIGA,
         e2e_ms=timing.e2e_s * _MILLI, e2e_short_ms=timing.e2e_short_s * _MILLI, short_new_tokens=min(new_tokens),
-        compile_s=row.compile_s, cold_e2e_ms=row.cold_e2e_s * _MILLI,
+        compile_s=row.compile_s, compile_graphs=row.compile_graphs, cold_e2e_ms=row.cold_e2e_s * _MILLI,
         peak_mem_mb=timing.peak_mem_bytes / _MB, kv_bytes=timing.kv_bytes,
         kv_bytes_predicted=kv_cache_bytes(shape, layers, dtype.itemsize, batch),
         new_tokens=max(new_tokens), repeats=timing.repeats, load_avg=timing.load_avg, prefill_runs=timing.prefill_runs,
@@ -153,6 +154,7 @@ class _Row:
     runs: list = field(default_factory=list)
     peak: int = 0
     compile_s: float = 0.0  # the fast path's compilation / graph capture, summed over the row's runs
+    compile_graphs: int = 0  # graphs its compiled prefill made (0: reused what an earlier row compiled)
     cold_e2e_s: float = float("nan")  # the row's first run (warm-up or not)
 
 
@@ -181,6 +183,20 @@ def _compile_seconds(runner) -> float:
     return stats["decode_compile_s"] + stats["graph_capture_s"] + runner.fast.prefill_compile_s
 
 
+def _inductor_cache_state() -> str:
+    """'; inductor cache cold/warm (DIR)': whether compiled graphs can be loaded instead of compiled."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    path = cache_dir()
+    warm = os.path.isdir(path) and any(os.scandir(path))
+    return f"; inductor cache {'warm' if warm else 'cold'} ({path})"
+
+
+def _compile_graphs(runner) -> int:
+    prefill = runner.fast.compiled_prefill if isinstance(runner, FastRunner) else None
+    return prefill.stats.graphs if prefill is not None else 0
+
+
 def run_group(lm, stock, attn: str, batch: int, specs, layout, args, shape, dtype, bar) -> list[dict]:
     """All rows of one (attention implementation, batch size), their runs taken in turns: warm-up
     runs of every row, then repeat after repeat of every row (so machine load hits all rows alike)."""
@@ -200,9 +216,10 @@ def run_group(lm, stock, attn: str, batch: int, specs, layout, args, shape, dtyp
                     positions[spec.ratio] = _dropped_positions(lm, spec.recipe, embeds, visual)
                     lm.set_pruning(None)
                 selector = OracleSelector(positions[spec.ratio])
-            compiled_before = _compile_seconds(row.runner)
+            compiled_before, graphs_before = _compile_seconds(row.runner), _compile_graphs(row.runner)
             run = run_once(row.runner, row.embeds, row.visual, selector, args.new_tokens, track_memory=i == tracked)
             row.compile_s += _compile_seconds(row.runner) - compiled_before
+            row.compile_graphs += _compile_graphs(row.runner) - graphs_before
             if i == 0:
                 row.cold_e2e_s = run.e2e_s
             if spec.base == "fitprune":
@@ -239,7 +256,8 @@ def main(argv=None) -> int:
               f"{shape.num_kv_heads}; prompt {layout.prompt_tokens} + {layout.visual_tokens} visual + "
               f"{layout.text_tokens} text; {dtype} on {device}; {' and '.join(map(str, sorted(set(args.new_tokens))))} "
               f"new tokens; {'fast path prefill ' + args.prefill + ', decode ' + args.decode + '; ' if args.compile else ''}warm-up "
-              f"{args.warmup}, median of {args.repeats}\n{machine_summary(device)}")
+              f"{args.warmup}, median of {args.repeats}{_inductor_cache_state() if args.compile else ''}\n"
+              f"{machine_summary(device)}")
     print(header)
     plan = {b: row_specs(shape, layout, recipes, args.methods, b, max(args.new_tokens), args.compile)
             for b in args.batch_size}

@@ -11,11 +11,11 @@ extend a StaticPrunedCache, so a cached second turn works on both paths. A new c
 the buffers of the last cache only once nobody holds it (`BufferPool`): a cache you keep can always
 be continued; a cache whose `generate` call raised is released.
 
-The prefill: the model's forward, whose layer loop runs under `torch.compile` when the prefill mode
-is "compile" (fast_prefill.CompiledPrefill, installed for the fast path's own prefills only: no
-graph break, dynamic sequence length). The forward allocates every layer's buffers before the loop
-(`StaticPrunedCache.prepare_prefill`, from the plan's per-layer lengths); the compiled loop caches
-into a plain PrunedCache, which the static cache then copies (`adopt_prefill`).
+The prefill: the model's forward, whose layers run through compiled regions when the prefill mode
+is "compile" (fast_prefill.CompiledPrefill, installed for the fast path's own prefills only: one
+graph per kind of layer step, dynamic lengths, drop counts as data). The forward allocates every
+layer's buffers before the loop (`StaticPrunedCache.prepare_prefill`, from the plan's per-layer
+lengths); the regions return each layer's keys and values, written eagerly into those buffers.
 """
 from __future__ import annotations
 

@@ -1,38 +1,55 @@
-"""A compiled prefill: the decoder layer loop under `torch.compile`, per model instance.
+"""A compiled prefill by regions: each kind of decoder-layer step is compiled once, for every layer.
 
-`compile_prefill(model)` replaces the `decoder_layers` method of this one model's language model
-(an instance attribute; the class and every other model are untouched) by a `CompiledPrefill`, which
-runs prefill calls through `torch.compile` and everything else (decode steps, `output_attentions`,
-`output_hidden_states`, a key-bias hook, training) through the eager loop. The fast path
-(fast_path.py) holds its own `CompiledPrefill` and installs it only while it runs a prefill; its
-static cache does not enter the graph: the graph caches into a plain PrunedCache, which the static
-cache copies into its buffers after the graph (`adopt_prefill`). Writing into the static buffers
-inside the graph compiled twice as slowly (every buffer's capacity is one more symbol) for the
-same copies.
+`CompiledPrefill(model)` (held by the fast path, fast_path.py, and installed only while one of its
+prefills runs; or `compile_prefill(model)` for every prefill of this one instance) replaces the
+model's `decoder_layers` loop, for prefills, by `regional_layers`: the same loop in Python, whose
+layers call three compiled regions (layer_regions.py):
 
-What makes one compilation serve a whole benchmark:
-- the loop reads no device value on the host: the plan (core/prefill_plan.py) is made before it, with
-  one host read, and the loop reads only the plan's host ints that do not depend on the prompt's
-  length (drop counts, the first visual row, the visual-token counts);
-- the sequence length is dynamic (its dimensions are marked, `_mark_sequence_dynamic`): lengths
-  inside the loop are derived from tensor shapes, so prompts of other lengths reuse the graph; the
-  host ints the loop reads (drop counts) stay constants (`dynamic=False`), which keeps the graph's
-  symbolic shapes simple enough for inductor to compile in minutes;
-- the rotary table length the layers see is the table's cached length, a constant.
-A new graph is made when what the loop reads changes: another recipe or number of visual tokens,
-another position of the first visual token, batch size 1 versus more, padding, another method.
-`prefill_compile_stats(model)` reports the calls and the seconds spent in calls that compiled.
+    stock_step(layer, hidden [B,N,D], cos, sin [B,1,N,hd], mask [B,1,N,N] | None) -> hidden, k, v
+    pruning_attention_step(layer, hidden, cos, sin, mask, row_start, scores) -> out [B,N,H*hd], k, v, scores
+    pruning_output_step(layer, out, hidden, index [B,n]) -> hidden [B,n,D]
+
+The interface (also for a port to another backend, e.g. adapters/hf): a region is a pure function of
+(layer module, tensors, a few host values that are the same for every layer of a prefill); it
+returns tensors and writes nothing. Everything that differs between layers or recipes is data:
+- the layer: its parameters are graph inputs (`inline_inbuilt_nn_modules`, torch's default), so one
+  graph serves the 32 layers; the guards check the parameters' shapes, dtypes and devices only;
+- lengths: the sequence dimensions (N, and n after a pruning layer) are marked dynamic
+  (`maybe_mark_dynamic`) on every call, so every layer, prompt length, ratio and recipe reuses the
+  graph; nothing else is dynamic (`dynamic=False`): widths, heads and the batch size stay constants;
+- drop counts: never enter a graph. The selector (core/selectors.py: its scores and a sort, or the
+  oracle's index) runs eagerly between the two pruning regions, from the scores the first returns,
+  and hands the second the index of the kept rows; the cache writes (`extend_key_mask`, `update`)
+  and the prune state's gathers run eagerly too, straight into a static cache (no staging copy).
+Host values that are graph constants (guards): `row_start` (the first visual row: a new prompt
+template makes new pruning graphs), `scores` (none / head_max / probs: one pruning-attention graph
+per kind of selector: random and the oracle, FitPrune and uniform, FastV), whether a mask is given
+(padding), the batch size being 1 or more, grad mode, the dtype and the device.
+So on the CPU a FitPrune model compiles 3 graphs (stock, attention with head_max, output), a switch
+to another ratio or recipe none, a switch to fastv one (its attention step), random or the oracle one.
+
+Reliability: a region whose compilation fails (an inductor error, a truncated file in inductor's
+on-disk cache, a backend that raises) runs eagerly from then on (the regions are pure, so the
+call is simply repeated eagerly), after one warning line; the answer is still produced. The first
+compiling prefill of a process holds a file lock in inductor's cache directory, so processes that
+share it (eval chunks: scripts/v1_5/eval/_common.sh) compile one after the other and all but the
+first load the graphs from the cache.
+`prefill_compile_stats(model)` reports the calls, the graphs made and the seconds spent in calls
+that compiled.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
-from .cache import PrunedCache
+from . import layer_regions
+from .layer_step import TailAttention, attention_mask_4d
 
 
 @dataclass
@@ -40,8 +57,10 @@ class PrefillCompileStats:
     backend: str
     calls: int = 0  # compiled prefill calls
     compiling_calls: int = 0  # calls that made a new graph
+    graphs: int = 0  # graphs the regions made (dynamo's unique graphs during these calls)
     compile_s: float = 0.0  # wall time of the calls that compiled (compilation plus one run)
     call_s: list[float] = field(default_factory=list)
+    eager_regions: list[str] = field(default_factory=list)  # the region whose compilation failed (then all eager)
 
 
 def _language_model(model):
@@ -58,19 +77,145 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-class CompiledPrefill:
-    """`model`'s decoder layer loop, compiled for prefills: call it as the loop (`decoder_layers`'s
-    arguments); decode steps, `output_attentions`, `output_hidden_states`, a key-bias hook and
-    training run the eager loop. Made by `compile_prefill`, or held by the fast path (fast_path.py),
-    which installs it only for its own prefills."""
+class Region:
+    """One compiled region: `fn` under `torch.compile` (fullgraph, static but for the dims marked
+    dynamic). After a failed compilation of any region of its `owner` (a CompiledPrefill), every
+    region runs `fn` itself: the owner warns once."""
 
-    def __init__(self, model, backend: str = "inductor", dynamic: bool = False, mode=None, fullgraph: bool = True,
-                 **options):
+    def __init__(self, fn: Callable, owner: "CompiledPrefill", backend, mode=None, options: Optional[dict] = None):
+        self.fn = fn
+        self.owner = owner
+        self.compiled = torch.compile(fn, backend=backend, mode=mode, dynamic=False, fullgraph=True,
+                                      **({"options": options} if options else {}))
+
+    def __call__(self, *args):
+        if self.owner.failed is not None:
+            return self.fn(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as e:  # noqa: BLE001 - any failure of the compiler; eager repeats a real error
+            self.owner.fail(self.fn.__name__, e)
+            return self.fn(*args)
+
+
+def _dynamic(t: Optional[torch.Tensor], *dims: int) -> Optional[torch.Tensor]:
+    """Mark the sequence dimensions `dims` of `t` dynamic (sizes 0 and 1 stay specialised)."""
+    if t is not None:
+        for d in dims:
+            if t.shape[d] > 1:
+                torch._dynamo.maybe_mark_dynamic(t, d)
+    return t
+
+
+def scores_kind(selector) -> str:
+    """What a pruning attention step returns for `selector` (layer_regions.SCORES)."""
+    if not selector.needs_attention:
+        return "none"
+    return "head_max" if selector.reads_head_max else "probs"
+
+
+def regional_layers(lm, regions: dict, hidden_states, valid, position_ids, cache, padded, plan, state, selector,
+                    trace, use_cache=True):
+    """`decoder_layers` of a prefill (the cache, if any, is empty), each layer through the compiled
+    regions in `regions` ({"stock", "attention", "output"}: Region or plain functions).
+    hidden_states: [B, N, D] -> ([B, N_L, D], None, None)."""
+    rope = lm.layers[0].self_attn.rotary_emb  # every layer's table is the same (RopeTable: long enough)
+    cos_table, sin_table = rope(hidden_states, seq_len=lm.rope_span.length)  # [P, hd]
+
+    def rotary(pos):  # pos: [B, N] -> cos, sin [B, 1, N, hd]
+        return _dynamic(cos_table[pos].unsqueeze(1), 2), _dynamic(sin_table[pos].unsqueeze(1), 2)
+
+    cos, sin = rotary(position_ids)
+    mask, mask_key = None, None
+    scores = scores_kind(selector)
+    for layer_idx, layer in enumerate(lm.layers):
+        N = hidden_states.shape[1]
+        key_mask = cache.extend_key_mask(layer_idx, valid) if cache is not None else valid  # [B, N]
+        if padded and mask_key is not key_mask:
+            mask_key = key_mask
+            mask = _dynamic(attention_mask_4d(key_mask, N, 0, hidden_states.dtype, "eager", True), 2, 3)
+        _dynamic(hidden_states, 1)
+        step = plan.steps.get(layer_idx) if plan is not None else None
+        if step is None:
+            hidden_states, k, v = regions["stock"](layer, hidden_states, cos, sin, mask)
+            if cache is not None and use_cache:
+                cache.update(k, v, layer_idx)
+            if plan is not None:
+                trace.records.append(None)
+            continue
+        r0 = min(state.row_start, N)
+        out, k, v, extra = regions["attention"](layer, hidden_states, cos, sin, mask, r0, scores)
+        if cache is not None and use_cache:
+            cache.update(k, v, layer_idx)
+        attention = None
+        if scores != "none":
+            attention = TailAttention(None, None, r0, None)
+            if scores == "head_max":
+                attention._head_max = extra  # [B, R, N]
+            else:
+                attention._probs = extra  # [B, H, R, N]
+        state.n_visual = step.n_visual
+        index, kept, record = selector.keep_rows(layer_idx, attention, state, hidden_states, step)  # [B, n]
+        hidden_states = regions["output"](layer, _dynamic(out, 1), hidden_states, _dynamic(index, 1))
+        state.gather(index, kept, selector.tracked)
+        valid = state.valid
+        cos, sin = rotary(state.positions)
+        trace.records.append(record)
+    return hidden_states, None, None
+
+
+@contextlib.contextmanager
+def _first_compile_lock(enabled: bool):
+    """A file lock in inductor's cache directory around a process's first compiled prefill: processes
+    sharing the cache compile one at a time, the later ones load what the first wrote."""
+    if not enabled:
+        yield
+        return
+    try:
+        import fcntl
+
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        os.makedirs(cache_dir(), exist_ok=True)
+        f = open(os.path.join(cache_dir(), "llava_fitprune-prefill.lock"), "a")
+    except (ImportError, OSError):  # no lock here (another OS, a read-only cache): compile unlocked
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class CompiledPrefill:
+    """`model`'s decoder layer loop for prefills, through compiled regions (module docstring): call it
+    as the loop (`decoder_layers`'s arguments); decode steps, `output_attentions`,
+    `output_hidden_states`, a key-bias hook and training run the eager loop. Made by
+    `compile_prefill`, or held by the fast path (fast_path.py), which installs it only for its own
+    prefills. backend, mode and `options` go to `torch.compile` for every region."""
+
+    def __init__(self, model, backend="inductor", mode=None, **options):
         self.lm = _language_model(model)
         self.eager = type(self.lm).decoder_layers.__get__(self.lm)  # the class's loop, bound to this model
-        self.compiled = torch.compile(self.eager, backend=backend, dynamic=dynamic, mode=mode, fullgraph=fullgraph,
-                                      **({"options": options} if options else {}))
-        self.stats = PrefillCompileStats(backend=backend)
+        self.stats = PrefillCompileStats(backend=backend if isinstance(backend, str) else getattr(
+            backend, "__name__", repr(backend)))
+        self.failed: Optional[str] = None  # why compiling failed: every region runs eagerly then
+        self.regions = {name: Region(fn, self, backend, mode, options) for name, fn in (
+            ("stock", layer_regions.stock_step), ("attention", layer_regions.pruning_attention_step),
+            ("output", layer_regions.pruning_output_step))}
+
+    def fail(self, region: str, error: Exception) -> None:
+        """A region failed to compile (or to load from inductor's cache): warn once, run eagerly from now on."""
+        root = error
+        while root.__cause__ is not None or getattr(root, "inner_exception", None) is not None:  # the compiler's own error
+            root = root.__cause__ or root.inner_exception
+        lines = str(root).strip().splitlines()
+        self.failed = f"{region}: {type(root).__name__}: {lines[0] if lines else ''}"[:300]
+        self.stats.eager_regions.append(region)
+        warnings.warn(f"llava_fitprune: the compiled prefill failed ({self.failed}); the prefill runs eagerly "
+                      f"from now on (same results, not compiled)", RuntimeWarning, stacklevel=3)
 
     def __call__(self, hidden_states, valid, position_ids, cache, padded, plan, state, selector, trace,
                  output_attentions=False, output_hidden_states=False, use_cache=True, key_bias_hook=None):
@@ -78,21 +223,16 @@ class CompiledPrefill:
         if not prefill or output_attentions or output_hidden_states or key_bias_hook is not None or self.lm.training:
             return self.eager(hidden_states, valid, position_ids, cache, padded, plan, state, selector, trace,
                               output_attentions, output_hidden_states, use_cache, key_bias_hook)
-        before, t0 = _graphs(), time.perf_counter()
-        target = cache
-        if hasattr(cache, "adopt_prefill"):  # a static cache: filled from a staging cache after the graph
-            cache = PrunedCache()
-            cache.padded = target.padded
-        _mark_sequence_dynamic(hidden_states.shape[1], hidden_states, valid, position_ids, state)
-        out = self.compiled(hidden_states, valid, position_ids, cache, padded, plan, state, selector, trace,
-                            False, False, use_cache, None)
-        if target is not cache:
-            target.adopt_prefill(cache)
-        seconds = time.perf_counter() - t0
+        with _first_compile_lock(self.stats.calls == 0):
+            before, t0 = _graphs(), time.perf_counter()
+            out = regional_layers(self.lm, self.regions, hidden_states, valid, position_ids, cache, padded, plan,
+                                  state, selector, trace, use_cache)
+            seconds, made = time.perf_counter() - t0, _graphs() - before
         self.stats.calls += 1
         self.stats.call_s.append(seconds)
-        if _graphs() > before:
+        if made:
             self.stats.compiling_calls += 1
+            self.stats.graphs += made
             self.stats.compile_s += seconds
         return out
 
@@ -108,39 +248,13 @@ class CompiledPrefill:
             del self.lm.decoder_layers
 
 
-def _mark_sequence_dynamic(seq_len: int, *roots) -> None:
-    """The sequence dimension (the first after the batch of size `seq_len`) of the loop's tensors, the
-    prune state's fields and what the selector prepared (e.g. the oracle's [P, B, N] index) is
-    dynamic; nothing else is (`dynamic=False`: drop counts and other host ints stay constants of the
-    graph, which keeps its symbolic shapes simple and its compilation short)."""
-    if seq_len < 2:
-        return
-    values = list(roots)
-    while values:
-        value = values.pop()
-        if isinstance(value, torch.Tensor):
-            dims = [d for d in range(1, value.dim()) if value.shape[d] == seq_len]  # after the batch
-            if dims:  # the first: [B, N, ...] (a hidden width equal to N stays static), [P, B, N]
-                torch._dynamo.maybe_mark_dynamic(value, dims[0])
-        elif isinstance(value, (tuple, list)):
-            values.extend(value)
-        elif isinstance(value, dict):
-            values.extend(value.values())
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            values.extend(getattr(value, f.name) for f in dataclasses.fields(value))
-
-
-def compile_prefill(model, backend: str = "inductor", dynamic: bool = False, mode=None, fullgraph: bool = True,
-                    **options) -> CompiledPrefill:
-    """Run `model`'s prefill layer loop under `torch.compile` from now on (this instance only).
-
-    backend, mode, dynamic, fullgraph and `options` go to `torch.compile`; fullgraph=True (the
-    default) makes a graph break inside the loop an error instead of a slow path.
-    """
+def compile_prefill(model, backend="inductor", mode=None, **options) -> CompiledPrefill:
+    """Run `model`'s prefill layers through compiled regions from now on (this instance only).
+    backend, mode and `options` go to `torch.compile`."""
     lm = _language_model(model)
     if "decoder_layers" in vars(lm):
         raise RuntimeError("compile_prefill was already applied to this model")
-    loop = CompiledPrefill(model, backend, dynamic, mode, fullgraph, **options)
+    loop = CompiledPrefill(model, backend, mode, **options)
     lm.decoder_layers = loop  # per instance: shadows the class's method for this model only
     lm.prefill_compile_stats = loop.stats
     return loop

@@ -44,7 +44,8 @@ class StaticDecoder(nn.Module):
 
     `layer_step` runs one layer (default `decode_layer`); the fast path's "compile" mode puts a
     `torch.compile`d `decode_layer` there: one compilation serves every layer (their parameters are
-    inputs of the compiled code), instead of compiling all layers unrolled."""
+    inputs of the compiled code, their cache capacities dynamic sizes), instead of compiling all
+    layers unrolled."""
 
     def __init__(self, causal_lm: nn.Module, layer_step=decode_layer):
         super().__init__()
@@ -62,6 +63,9 @@ class StaticDecoder(nn.Module):
         Returns logits [B, 1, V] float32."""
         hidden = self.embed_tokens(input_ids)  # [B, 1, D]
         for layer_idx, layer in enumerate(self.layers):
+            if key_buffers[layer_idx].shape[2] > 1:  # each layer's capacity differs (its pruned length + room):
+                for t, dim in ((key_buffers[layer_idx], 2), (value_buffers[layer_idx], 2), (key_masks[layer_idx], 1)):
+                    torch._dynamo.maybe_mark_dynamic(t, dim)  # a size, not a constant, of a compiled step
             hidden = self.layer_step(layer, hidden, position_ids, key_buffers[layer_idx], value_buffers[layer_idx],
                                   key_masks[layer_idx], fill[layer_idx:layer_idx + 1], cos, sin)
         fill.add_(1)

@@ -19,7 +19,8 @@
 #   GPUS             comma list of GPU ids, one chunk per GPU, e.g. 0,1,2,3; empty: run on the CPU
 #   CHUNKS           with GPUS empty: number of CPU chunk processes (default 1)
 #   BATCH_SIZE       questions per generate() call         (default 1)
-#   COMPILE          1: the fast path (compiled prefill on CUDA, static KV cache, CUDA-graphed decode; --compile)
+#   COMPILE          1: the fast path (compiled prefill on CUDA, static KV cache, CUDA-graphed decode; --compile);
+#                    its compile cache: TORCHINDUCTOR_CACHE_DIR (default .cache/torchinductor), shared by the chunks
 #   PYTHON           interpreter (default: the repository's .venv/bin/python when it exists, else python)
 #   CKPT             run name used in answer paths, named by what ran (default <model dir>-dense,
 #                    <model dir>-<method>-r<ratio>, <model dir>-<method>-<recipe name>,
@@ -73,7 +74,10 @@ fi
 CKPT=${CKPT:-$(basename "${MODEL_PATH%/}")-$TAG}
 RUN_ARGS=()
 case "${COMPILE:-0}" in
-    1) RUN_ARGS+=(--compile) ;;
+    1) RUN_ARGS+=(--compile)
+       # one compile cache for the run's chunk processes: the first compiled prefill holds a lock there
+       # (fast_prefill.py), so chunk 1 compiles and the others load its graphs instead of compiling too
+       export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$REPO_ROOT/.cache/torchinductor} ;;
     0|"") ;;
     *) echo "COMPILE must be 0 or 1, got '$COMPILE'" >&2; exit 2 ;;
 esac
