@@ -90,6 +90,14 @@ def projection(times: list[float], project: int) -> dict:
                 measured_total_s=sum(times), projected_s=sum(times) + (project - len(times)) * steady)
 
 
+def inductor_cache() -> str:
+    """Where inductor caches compiled graphs and whether it held anything when this run started."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    path = cache_dir()
+    return f"{'warm' if os.path.isdir(path) and any(os.scandir(path)) else 'cold'} ({path})"
+
+
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
@@ -97,6 +105,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
+    cache_state = inductor_cache()
     cfg, has_weights = load_lm_config(a.model, a.width, a.heads)
     lm = build_lm(a.model, cfg, has_weights, "sdpa", dtype, str(device), a.seed)
     stock = build_stock_lm(lm, "sdpa")
@@ -122,7 +131,7 @@ def main(argv=None) -> int:
         layout=dict(prompt_tokens=a.prompt_tokens, visual_tokens=a.visual_tokens, text_tokens=lengths,
                     text_distribution=f"uniform integer in [{a.text_min}, {a.text_max}], seed {a.seed}"),
         new_tokens=a.new_tokens, questions=a.questions, project=a.project, rows=rows,
-        projected_speedup=speedup, goal_speedup=GOAL, load_avg=os.getloadavg()[0])
+        projected_speedup=speedup, goal_speedup=GOAL, inductor_cache=cache_state, load_avg=os.getloadavg()[0])
     atomic.write_text(a.out, json.dumps(result, indent=1) + "\n")
     for name, r in rows.items():
         print(f"eval row {name}: {r['steady_s_per_question'] * 1e3:.1f} ms/question steady, first "

@@ -8,17 +8,20 @@
 #  1. b1    llava-fitprune bench, LLaVA-1.5-7B shape, bf16, sdpa, FitPrune 0.6, batch 1: stock LLaVA,
 #           dense, dense-fast, fitprune, fitprune-fast, oracle, oracle-fast (prefill, decode ms/token,
 #           end-to-end for 8 and 128 new tokens, compile s and graphs, peak memory)          limit 100 s
-#  2. b8    the same at batch 8                                                                limit  60 s
+#  2. b8    the same at batch 8 (inductor's cache warm from b1)                                 limit  50 s
 #  3. eval  scripts/eval_row.py: TextVQA-shaped batch-1 questions, 3 new tokens, stock vs
-#           fitprune-fast, a 5,000-question run projected with the compile included          limit  45 s
+#           fitprune-fast, a 5,000-question run projected with the compile included (its own,
+#           empty inductor cache: a cold compile, as a fresh eval run pays it)               limit  60 s
 #  4. hf    scripts/hf_rows.py with $PYTHON_HF (the transformers-5 stack): llava-hf LLaVA-1.5-7B
 #           shape, dense vs FitPrune 0.6, eager, batch 1                                      limit  40 s
-#  5. cuda  tests/test_cuda.py -k fast (the fast path's bf16 equivalence; smoke: collected only) limit 45 s
+#  5. cuda  tests/test_cuda.py -k fast (the fast path's bf16 equivalence; smoke: collected only) limit 40 s
 #  6. scripts/gpu_targets.py: the targets table (PASS / FAIL / not measured per line), always.
 # Outputs (3 files, for the device tool's limit of 8): OUT/targets.md, OUT/gpu_check.log and
 # OUT/gpu_check_raw.tar.gz (raw/: each step's CSV / MD / JSON / log).
 # Needs: $PYTHON (default python3) with torch (CUDA) and this package's pins (transformers 4.37.2,
-# llava-torch); $PYTHON_HF (default .venv-hf/bin/python if present, else $PYTHON) with transformers 5.
+# llava-torch), with $PYTHONPATH; $PYTHON_HF (default .venv-hf/bin/python if present, else $PYTHON) with
+# transformers 5, with $PYTHONPATH_HF instead (so a PYTHONPATH that carries transformers 4.37.2 for the
+# LLaVA steps does not shadow it). The repository root goes first on both paths.
 set -uo pipefail
 SMOKE=0
 if [ "${1:-}" = "--cpu-smoke" ]; then
@@ -37,6 +40,11 @@ LOG="$OUT/gpu_check.log"
 mkdir -p "$RAW" || { echo "gpu_check: cannot create $RAW" >&2; exit 2; }
 : > "$LOG"
 export PYTHONUNBUFFERED=1
+ROOT=$(pwd)
+HF_PATH="$ROOT${PYTHONPATH_HF:+:$PYTHONPATH_HF}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+EVAL_CACHE=$(mktemp -d)  # the eval step's inductor cache: empty, so its projection holds a cold compile
+trap 'rm -rf "$EVAL_CACHE"' EXIT
 START=$SECONDS
 
 say() { echo "$*" | tee -a "$LOG"; }
@@ -93,19 +101,18 @@ BENCH=("$PY" -m llava_fitprune.cli bench "${SHAPE[@]}" "${LAYOUT[@]}" --dtype "$
 B1="$GPU-$DT-sdpa-b${BATCHES[0]}"
 B8="$GPU-$DT-sdpa-b${BATCHES[1]}"
 step b1 100 "${BENCH[@]}" --batch-size "${BATCHES[0]}" --tag "$B1"
-step b8 60 "${BENCH[@]}" --batch-size "${BATCHES[1]}" --tag "$B8"
-step eval 45 "$PY" scripts/eval_row.py "${SHAPE[@]}" "${LAYOUT[@]}" "${EVAL[@]}" --out "$RAW/eval_row.json"
-step hf 40 "$PYHF" scripts/hf_rows.py "${HF[@]}" --out "$RAW/hf_rows.csv"
+step b8 50 "${BENCH[@]}" --batch-size "${BATCHES[1]}" --tag "$B8"
+step eval 60 env TORCHINDUCTOR_CACHE_DIR="$EVAL_CACHE" "$PY" scripts/eval_row.py "${SHAPE[@]}" "${LAYOUT[@]}" "${EVAL[@]}" --out "$RAW/eval_row.json"
+step hf 40 env PYTHONPATH="$HF_PATH" "$PYHF" scripts/hf_rows.py "${HF[@]}" --out "$RAW/hf_rows.csv"
 if [ "$SMOKE" = 1 ]; then
-    step cuda 45 "$PY" -m pytest -q -p no:cacheprovider --collect-only tests/test_cuda.py -k fast
+    step cuda 40 "$PY" -m pytest -q -p no:cacheprovider --collect-only tests/test_cuda.py -k fast
 else
-    step cuda 45 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k fast
+    step cuda 40 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k fast
 fi
 say "steps done in $((SECONDS - START)) s (budget ${TOTAL_BUDGET} s)"
-grep -h "hf fast path" "$RAW/hf.txt" 2>/dev/null | tee -a "$LOG" || true
 SMOKE_FLAG=()
 [ "$SMOKE" = 1 ] && SMOKE_FLAG=(--smoke)
-"$PY" scripts/gpu_targets.py --b1 "$RAW/$B1.csv" --b8 "$RAW/$B8.csv" --eval "$RAW/eval_row.json" \
+"$PY" scripts/gpu_targets.py --b1 "$RAW/$B1.csv" --b8 "$RAW/$B8.csv" --eval "$RAW/eval_row.json" --hf "$RAW/hf_rows.csv" \
     --device "$GPU $DT" "${SMOKE_FLAG[@]}" --out "$OUT/targets.md" | tee -a "$LOG"
 tar -czf "$OUT/gpu_check_raw.tar.gz" -C "$OUT" raw && rm -rf "$RAW"
 say "wrote $OUT/targets.md, $LOG, $OUT/gpu_check_raw.tar.gz in $((SECONDS - START)) s"

@@ -5,6 +5,7 @@ lines read "not measured"):
   --b1    the bench CSV at batch 1 (stock, dense, dense-fast, fitprune, fitprune-fast, oracle, oracle-fast)
   --b8    the bench CSV at batch 8 (the same rows)
   --eval  scripts/eval_row.py's JSON (TextVQA-shaped batch-1 run, 3 new tokens)
+  --hf    scripts/hf_rows.py's CSV (the transformers backend: no target, its figures printed below)
 Every line of TARGETS is printed, always: PASS, FAIL or "not measured". With --smoke (a CPU run at a
 tiny shape) the statuses say "smoke: not a GPU figure". Writes the table to --out (Markdown) too.
 """
@@ -93,25 +94,33 @@ def status(t: Target, value: float, smoke: bool) -> str:
     return ("PASS" if ok else "FAIL") + (" (smoke: not a GPU figure)" if smoke else "")
 
 
-def table(b1: list[dict], b8: list[dict], ev: dict, smoke: bool, device: str) -> str:
+def table(b1: list[dict], b8: list[dict], ev: dict, smoke: bool, device: str, hf: tuple = ()) -> str:
     lines = [f"Targets (issue #25 item 5; LLaVA-1.5-7B shape; {device})", "",
              "| figure | target | measured | status |", "|---|---|---|---|"]
     for t in TARGETS:
         v = figure(t, b1, b8, ev)
         shown = "-" if math.isnan(v) else f"{v:.2f}{t.unit}"
         lines.append(f"| {t.name} | {t.op} {t.bound:g}{t.unit} | {shown} | {status(t, v, smoke)} |")
+    lines.append("")
     if ev:  # the eval row's own figures, beside its target line
         rows = ev.get("rows", {})
         for name in ("stock", "fitprune-fast"):
             r = rows.get(name)
             if r:
-                lines.append(f"\neval row {name}: {r['steady_s_per_question'] * 1e3:.1f} ms/question steady; "
+                lines.append(f"eval row {name}: {r['steady_s_per_question'] * 1e3:.1f} ms/question steady; "
                              f"{ev.get('project')} questions projected {r['projected_s'] / 60:.2f} min "
-                             f"(first question {r['first_question_s']:.2f} s, compile included)")
+                             f"(first question {r['first_question_s']:.2f} s, compile included; inductor cache "
+                             f"{ev.get('inductor_cache', '?')})")
+    for r in hf:
+        lines.append(f"hf llava-1.5 {r['method']} B={r['batch']}: prefill {_number(r['prefill_ms']):.1f} ms "
+                     f"({_number(r['speedup']):.2f}x dense), decode {_number(r['decode_ms_per_token']):.1f} ms/token, "
+                     f"e2e {r['short_new_tokens']}: {_number(r['e2e_short_ms']):.0f} ms, {r['new_tokens']}: "
+                     f"{_number(r['e2e_ms']):.0f} ms")
+    lines.append(f"hf fast path: {hf[0]['hf_fast_path']}" if hf else "hf rows: not measured")
     compile_s = sum(_number(r.get("compile_s")) for r in b1 + b8 if not math.isnan(_number(r.get("compile_s"))))
-    lines.append(f"\ncompile s, all bench rows (batch 1 and 8): {compile_s:.1f}")
+    lines.append(f"compile s, all bench rows (batch 1 and 8): {compile_s:.1f}")
     if smoke:
-        lines.append("\nsmoke: not a GPU figure (a CPU run at a tiny shape: the statuses check the wiring only)")
+        lines.append("smoke: not a GPU figure (a CPU run at a tiny shape: the statuses check the wiring only)")
     return "\n".join(lines)
 
 
@@ -120,11 +129,12 @@ def main(argv=None) -> int:
     p.add_argument("--b1")
     p.add_argument("--b8")
     p.add_argument("--eval")
+    p.add_argument("--hf")
     p.add_argument("--device", default="GPU")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=None, help="Markdown file to write the table to")
     a = p.parse_args(argv)
-    text = table(read_csv_rows(a.b1), read_csv_rows(a.b8), read_json(a.eval), a.smoke, a.device)
+    text = table(read_csv_rows(a.b1), read_csv_rows(a.b8), read_json(a.eval), a.smoke, a.device, read_csv_rows(a.hf))
     print(text)
     if a.out:
         tmp = a.out + ".tmp"

@@ -29,7 +29,7 @@ import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COLUMNS = ["backend", "batch", "method", "ratio", "prefill_ms", "decode_ms_per_token", "e2e_short_ms",
-           "short_new_tokens", "e2e_ms", "new_tokens", "speedup", "repeats", "load_avg"]
+           "short_new_tokens", "e2e_ms", "new_tokens", "speedup", "repeats", "load_avg", "hf_fast_path"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +135,8 @@ def main(argv=None) -> int:
         out.append(dict(backend="hf", batch=a.batch_size, method=method, ratio=ratio or 0.0,
                         prefill_ms=med(r["prefill"]) * 1e3, decode_ms_per_token=(e2e_l - e2e_s) / (long_ - short) * 1e3,
                         e2e_short_ms=e2e_s * 1e3, short_new_tokens=short, e2e_ms=e2e_l * 1e3, new_tokens=long_,
-                        repeats=a.repeats, load_avg=os.getloadavg()[0]))
+                        repeats=a.repeats, load_avg=os.getloadavg()[0],
+                        hf_fast_path="on this base, rows not wired here yet" if has_fast else "not on this base"))
     for row in out:
         row["speedup"] = out[0]["prefill_ms"] / row["prefill_ms"]
     tmp = a.out + ".tmp"
