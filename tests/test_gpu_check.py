@@ -40,7 +40,8 @@ def _target_lines(text: str) -> dict:
 
 def _raw(out: Path) -> dict:
     with tarfile.open(out / "gpu_check_raw.tar.gz") as tar:
-        return {Path(m.name).name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+        return {Path(m.name).name: tar.extractfile(m).read().decode(errors="replace")
+                for m in tar.getmembers() if m.isfile()}
 
 
 def test_gpu_check_cpu_smoke_runs_every_step_and_target(tmp_path):
