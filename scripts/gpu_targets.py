@@ -18,7 +18,6 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 RATIO = 0.6  # the recipe the targets are stated for (FitPrune 0.6)
 
@@ -51,14 +50,14 @@ TARGETS = (
 )
 
 
-def read_csv_rows(path: Optional[str]) -> list[dict]:
+def read_csv_rows(path: str | None) -> list[dict]:
     if not path or not os.path.isfile(path):
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
-def read_json(path: Optional[str]) -> dict:
+def read_json(path: str | None) -> dict:
     if not path or not os.path.isfile(path):
         return {}
     with open(path) as f:

@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_model(a, dtype, device):
     """llava-hf LLaVA-1.5's architecture at --width etc., random weights, in `dtype` on `device`."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     vocab, image_token = 32064, 32000  # llava-hf/llava-1.5-7b-hf: Vicuna's 32000 + <image> + padding
     text = LlamaConfig(vocab_size=vocab, hidden_size=a.width, intermediate_size=a.width * 11008 // 4096,
@@ -82,7 +87,9 @@ def make_inputs(a, model, image_token: int, device, dtype) -> dict:
     """input_ids [B, P + V + T] with V image tokens (transformers 5 expands them in the ids), pixels."""
     visual = (a.image_size // 14) ** 2
     gen = torch.Generator().manual_seed(0)
-    text = lambda n: torch.randint(3, 32000, (a.batch_size, n), generator=gen)  # noqa: E731
+    def text(n):  # random ids below the image token
+        return torch.randint(3, image_token, (a.batch_size, n), generator=gen)
+
     ids = torch.cat([text(a.prompt_tokens), torch.full((a.batch_size, visual), image_token), text(a.text_tokens)], 1)
     pixels = torch.randn(a.batch_size, 3, a.image_size, a.image_size, generator=gen)
     return dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
@@ -99,11 +106,26 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
+def turn(model, inputs: dict, short: int, long_: int, device) -> tuple:
+    """(prefill s, generate s for `short` tokens, for `long_` tokens) of the model's current pruning."""
+    def gen(n):
+        return model.generate(**inputs, min_new_tokens=n, max_new_tokens=n, do_sample=False)
+
+    return (timed(lambda: model(**inputs, use_cache=True), device), timed(lambda: gen(short), device),
+            timed(lambda: gen(long_), device))
+
+
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     if min(a.batch_size, a.repeats, *a.new_tokens) < 1 or a.new_tokens[0] >= a.new_tokens[1]:
         p.error("--batch-size, --repeats: at least 1; --new-tokens SHORT LONG with 1 <= SHORT < LONG")
+    if a.layers != 32:
+        p.error(f"--layers {a.layers}: the built-in recipes are LLaVA-1.5-7B's 32 layers; give 32")
+    if not 0 <= a.ratio < 1:
+        p.error(f"--ratio {a.ratio}: the fraction of FLOPs removed, in [0, 1), e.g. 0.6")
+    if os.path.dirname(a.out) and not os.path.isdir(os.path.dirname(a.out)):
+        p.error(f"--out {a.out}: folder {os.path.dirname(a.out)} does not exist; create it first")
     if a.threads:
         torch.set_num_threads(a.threads)
     from llava_fitprune.adapters.hf import enable_pruning, load_pretrained
@@ -120,10 +142,7 @@ def main(argv=None) -> int:
         for i in range(a.repeats + 1):  # the first turn warms up (untimed)
             for method, ratio in rows.items():
                 model.set_pruning(None) if ratio is None else model.set_pruning(reduction_ratio=ratio)
-                gen = lambda n: model.generate(**inputs, min_new_tokens=n, max_new_tokens=n,  # noqa: E731
-                                               do_sample=False)
-                got = (timed(lambda: model(**inputs, use_cache=True), device), timed(lambda: gen(short), device),
-                       timed(lambda: gen(long_), device))
+                got = turn(model, inputs, short, long_, device)
                 if i:
                     for k, t in zip(("prefill", "short", "long"), got):
                         runs[method][k].append(t)
