@@ -29,7 +29,8 @@ import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COLUMNS = ["backend", "batch", "method", "ratio", "prefill_ms", "decode_ms_per_token", "e2e_short_ms",
-           "short_new_tokens", "e2e_ms", "new_tokens", "speedup", "repeats", "load_avg", "hf_fast_path"]
+           "short_new_tokens", "e2e_ms", "new_tokens", "speedup", "repeats", "load_avg", "visual_tokens",
+           "visual_tokens_kept", "hf_fast_path"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,12 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_model(a, dtype, device):
     """llava-hf LLaVA-1.5's architecture at --width etc., random weights, in `dtype` on `device`."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vocab, image_token = 32064, 32000  # llava-hf/llava-1.5-7b-hf: Vicuna's 32000 + <image> + padding
     text = LlamaConfig(vocab_size=vocab, hidden_size=a.width, intermediate_size=a.width * 11008 // 4096,
@@ -138,11 +134,14 @@ def main(argv=None) -> int:
     short, long_ = a.new_tokens
     rows = {"dense": None, "fitprune": a.ratio}
     runs = {m: {"prefill": [], "short": [], "long": []} for m in rows}
+    kept = {}  # method -> (visual tokens entering, kept after the last layer) of sample 0: is it pruning?
     with torch.inference_mode():
         for i in range(a.repeats + 1):  # the first turn warms up (untimed)
             for method, ratio in rows.items():
                 model.set_pruning(None) if ratio is None else model.set_pruning(reduction_ratio=ratio)
                 got = turn(model, inputs, short, long_, device)
+                last = model.fitprune_last  # None when dense
+                kept[method] = (last.visual_tokens[0], last.visual_tokens_kept[0]) if last else ("", "")
                 if i:
                     for k, t in zip(("prefill", "short", "long"), got):
                         runs[method][k].append(t)
@@ -154,7 +153,8 @@ def main(argv=None) -> int:
         out.append(dict(backend="hf", batch=a.batch_size, method=method, ratio=ratio or 0.0,
                         prefill_ms=med(r["prefill"]) * 1e3, decode_ms_per_token=(e2e_l - e2e_s) / (long_ - short) * 1e3,
                         e2e_short_ms=e2e_s * 1e3, short_new_tokens=short, e2e_ms=e2e_l * 1e3, new_tokens=long_,
-                        repeats=a.repeats, load_avg=os.getloadavg()[0],
+                        repeats=a.repeats, load_avg=os.getloadavg()[0], visual_tokens=kept[method][0],
+                        visual_tokens_kept=kept[method][1],
                         hf_fast_path="on this base, rows not wired here yet" if has_fast else "not on this base"))
     for row in out:
         row["speedup"] = out[0]["prefill_ms"] / row["prefill_ms"]
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     for row in out:
         print(f"hf {row['method']} B={a.batch_size}: prefill {row['prefill_ms']:.1f} ms ({row['speedup']:.2f}x dense), "
               f"decode {row['decode_ms_per_token']:.1f} ms/token, e2e {short}: {row['e2e_short_ms']:.0f} ms, "
-              f"{long_}: {row['e2e_ms']:.0f} ms")
+              f"{long_}: {row['e2e_ms']:.0f} ms; visual tokens kept {row['visual_tokens_kept'] or 'all'}")
     print(f"hf fast path: {'compile=True exists on this base (rows not wired here yet)' if has_fast else 'not on this base'}"
           f"; wrote {a.out}")
     return 0

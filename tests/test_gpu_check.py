@@ -58,6 +58,10 @@ def test_gpu_check_cpu_smoke_runs_every_step_and_target(tmp_path):
         methods = [r["method"] for r in csv.DictReader(io.StringIO(raw[f"cpu-smoke-fp32-sdpa-{tag}.csv"]))]
         assert sorted(methods) == sorted(BENCH_ROWS), (tag, methods)
     assert "test_fast_path_cuda_bf16_same_tokens" in raw["cuda.txt"]
+    if HF_VENV.exists():  # the hf FitPrune row prunes (its dense row does not)
+        hf = {r["method"]: r for r in csv.DictReader(io.StringIO(raw["hf_rows.csv"]))}
+        assert int(hf["fitprune"]["visual_tokens_kept"]) < int(hf["fitprune"]["visual_tokens"]), hf
+        assert hf["dense"]["visual_tokens_kept"] == ""
     ev = json.loads(raw["eval_row.json"])
     assert set(ev["rows"]) == {"stock", "fitprune-fast"} and ev["new_tokens"] == 3 and ev["project"] == 5000
     assert all(len(r["per_question_s"]) == ev["questions"] for r in ev["rows"].values())
