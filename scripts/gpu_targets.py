@@ -114,7 +114,8 @@ def table(b1: list[dict], b8: list[dict], ev: dict, smoke: bool, device: str, hf
         lines.append(f"hf llava-1.5 {r['method']} B={r['batch']}: prefill {_number(r['prefill_ms']):.1f} ms "
                      f"({_number(r['speedup']):.2f}x dense), decode {_number(r['decode_ms_per_token']):.1f} ms/token, "
                      f"e2e {r['short_new_tokens']}: {_number(r['e2e_short_ms']):.0f} ms, {r['new_tokens']}: "
-                     f"{_number(r['e2e_ms']):.0f} ms; visual tokens kept {r.get('visual_tokens_kept') or 'all'}")
+                     f"{_number(r['e2e_ms']):.0f} ms; visual tokens kept {r.get('visual_tokens_kept') or 'all'}; "
+                     f"compile {_number(r.get('compile_s')):.1f} s")
     lines.append(f"hf fast path: {hf[0]['hf_fast_path']}" if hf else "hf rows: not measured")
     compile_s = sum(_number(r.get("compile_s")) for r in b1 + b8 if not math.isnan(_number(r.get("compile_s"))))
     lines.append(f"compile s, all bench rows (batch 1 and 8): {compile_s:.1f}")

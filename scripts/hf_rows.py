@@ -12,14 +12,14 @@ one pixel tensor from a seeded normal). Per row, runs taken in turns, medians of
   prefill ms      model(**inputs, use_cache=True) (vision tower included)
   e2e ms          model.generate(min_new_tokens = max_new_tokens = n, greedy) for each n of --new-tokens
   decode ms/tok   (e2e at the largest n - e2e at the smallest) / (largest - smallest)
-hf fast path: this script reports whether `load_pretrained` takes `compile=True` on this base.
+  dense-fast, fitprune-fast   the same after `enable_fast_path(model)` (compiled regions; compile s per row),
+                              where this base has the hf fast path; else the CSV says "not on this base"
 Writes one CSV to --out.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import os
 import statistics
 import sys
@@ -29,7 +29,7 @@ import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COLUMNS = ["backend", "batch", "method", "ratio", "prefill_ms", "decode_ms_per_token", "e2e_short_ms",
-           "short_new_tokens", "e2e_ms", "new_tokens", "speedup", "repeats", "load_avg", "visual_tokens",
+           "short_new_tokens", "e2e_ms", "new_tokens", "speedup", "compile_s", "repeats", "load_avg", "visual_tokens",
            "visual_tokens_kept", "hf_fast_path"]
 
 
@@ -111,35 +111,19 @@ def turn(model, inputs: dict, short: int, long_: int, device) -> tuple:
             timed(lambda: gen(long_), device))
 
 
-def main(argv=None) -> int:
-    p = build_parser()
-    a = p.parse_args(argv)
-    if min(a.batch_size, a.repeats, *a.new_tokens) < 1 or a.new_tokens[0] >= a.new_tokens[1]:
-        p.error("--batch-size, --repeats: at least 1; --new-tokens SHORT LONG with 1 <= SHORT < LONG")
-    if a.layers != 32:
-        p.error(f"--layers {a.layers}: the built-in recipes are LLaVA-1.5-7B's 32 layers; give 32")
-    if not 0 <= a.ratio < 1:
-        p.error(f"--ratio {a.ratio}: the fraction of FLOPs removed, in [0, 1), e.g. 0.6")
-    if os.path.dirname(a.out) and not os.path.isdir(os.path.dirname(a.out)):
-        p.error(f"--out {a.out}: folder {os.path.dirname(a.out)} does not exist; create it first")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    from llava_fitprune.adapters.hf import enable_pruning, load_pretrained
-
-    has_fast = "compile" in inspect.signature(load_pretrained).parameters
-    device, dtype = torch.device(a.device), DTYPES[a.dtype]
-    model, image_token = build_model(a, dtype, device)
-    enable_pruning(model)
-    inputs = make_inputs(a, model, image_token, device, dtype)
+def measure(a, model, inputs: dict, rows: dict, device, stats=None) -> list[dict]:
+    """rows: method -> ratio (None: dense). Turns in order, the first untimed; medians per row.
+    stats: the fast path's compile statistics (compile s per row: the seconds of its compiling calls)."""
     short, long_ = a.new_tokens
-    rows = {"dense": None, "fitprune": a.ratio}
     runs = {m: {"prefill": [], "short": [], "long": []} for m in rows}
-    kept = {}  # method -> (visual tokens entering, kept after the last layer) of sample 0: is it pruning?
+    kept, compile_s = {}, dict.fromkeys(rows, 0.0)  # kept: (visual tokens entering, kept) of sample 0
     with torch.inference_mode():
-        for i in range(a.repeats + 1):  # the first turn warms up (untimed)
+        for i in range(a.repeats + 1):
             for method, ratio in rows.items():
                 model.set_pruning(None) if ratio is None else model.set_pruning(reduction_ratio=ratio)
+                before = stats.compile_s if stats is not None else 0.0
                 got = turn(model, inputs, short, long_, device)
+                compile_s[method] += (stats.compile_s if stats is not None else 0.0) - before
                 last = model.fitprune_last  # None when dense
                 kept[method] = (last.visual_tokens[0], last.visual_tokens_kept[0]) if last else ("", "")
                 if i:
@@ -153,11 +137,39 @@ def main(argv=None) -> int:
         out.append(dict(backend="hf", batch=a.batch_size, method=method, ratio=ratio or 0.0,
                         prefill_ms=med(r["prefill"]) * 1e3, decode_ms_per_token=(e2e_l - e2e_s) / (long_ - short) * 1e3,
                         e2e_short_ms=e2e_s * 1e3, short_new_tokens=short, e2e_ms=e2e_l * 1e3, new_tokens=long_,
-                        repeats=a.repeats, load_avg=os.getloadavg()[0], visual_tokens=kept[method][0],
-                        visual_tokens_kept=kept[method][1],
-                        hf_fast_path="on this base, rows not wired here yet" if has_fast else "not on this base"))
+                        compile_s=compile_s[method], repeats=a.repeats, load_avg=os.getloadavg()[0],
+                        visual_tokens=kept[method][0], visual_tokens_kept=kept[method][1]))
+    return out
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if min(a.batch_size, a.repeats, *a.new_tokens) < 1 or a.new_tokens[0] >= a.new_tokens[1]:
+        p.error("--batch-size, --repeats: at least 1; --new-tokens SHORT LONG with 1 <= SHORT < LONG")
+    if a.layers != 32:
+        p.error(f"--layers {a.layers}: the built-in recipes are LLaVA-1.5-7B's 32 layers; give 32")
+    if not 0 <= a.ratio < 1:
+        p.error(f"--ratio {a.ratio}: the fraction of FLOPs removed, in [0, 1), e.g. 0.6")
+    if os.path.dirname(a.out) and not os.path.isdir(os.path.dirname(a.out)):
+        p.error(f"--out {a.out}: folder {os.path.dirname(a.out)} does not exist; create it first")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from llava_fitprune.adapters import hf
+
+    has_fast = hasattr(hf, "enable_fast_path") or "enable_fast_path" in getattr(hf, "__all__", ())
+    device, dtype = torch.device(a.device), DTYPES[a.dtype]
+    model, image_token = build_model(a, dtype, device)
+    hf.enable_pruning(model)
+    inputs = make_inputs(a, model, image_token, device, dtype)
+    rows = {"dense": None, "fitprune": a.ratio}
+    out = measure(a, model, inputs, rows, device)
+    if has_fast:  # after the eager rows: the compiled regions stay on the instance from here on
+        stats = hf.enable_fast_path(model)
+        out += measure(a, model, inputs, {"dense-fast": None, "fitprune-fast": a.ratio}, device, stats)
+    note = "on this base: dense-fast and fitprune-fast rows" if has_fast else "not on this base"
     for row in out:
-        row["speedup"] = out[0]["prefill_ms"] / row["prefill_ms"]
+        row.update(speedup=out[0]["prefill_ms"] / row["prefill_ms"], hf_fast_path=note)
     tmp = a.out + ".tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -166,10 +178,10 @@ def main(argv=None) -> int:
     os.replace(tmp, a.out)
     for row in out:
         print(f"hf {row['method']} B={a.batch_size}: prefill {row['prefill_ms']:.1f} ms ({row['speedup']:.2f}x dense), "
-              f"decode {row['decode_ms_per_token']:.1f} ms/token, e2e {short}: {row['e2e_short_ms']:.0f} ms, "
-              f"{long_}: {row['e2e_ms']:.0f} ms; visual tokens kept {row['visual_tokens_kept'] or 'all'}")
-    print(f"hf fast path: {'compile=True exists on this base (rows not wired here yet)' if has_fast else 'not on this base'}"
-          f"; wrote {a.out}")
+              f"decode {row['decode_ms_per_token']:.1f} ms/token, e2e {a.new_tokens[0]}: {row['e2e_short_ms']:.0f} ms, "
+              f"{a.new_tokens[1]}: {row['e2e_ms']:.0f} ms; visual tokens kept {row['visual_tokens_kept'] or 'all'}; "
+              f"compile {row['compile_s']:.1f} s")
+    print(f"hf fast path: {note}; wrote {a.out}")
     return 0
 
 
