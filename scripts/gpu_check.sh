@@ -78,7 +78,7 @@ if [ "$SMOKE" = 1 ]; then
     RUNS=(--warmup 0 --repeats 1 --new-tokens 2 3)
     EVAL=(--questions 3 --text-min 2 --text-max 5 --dtype float32)
     HF=(--width 64 --heads 2 --vision-width 32 --vision-layers 2 --image-size 56 --prompt-tokens 4 --text-tokens 3
-        --new-tokens 2 3 --repeats 1 --device cpu --dtype float32 --threads 1)
+        --new-tokens 2 3 --repeats 1 --device cpu --dtype float32 --threads 1 --fast-backend eager)
 else
     if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
         echo "gpu_check: no CUDA device for $PY: this script is for a GPU machine (or --cpu-smoke OUT_DIR)" >&2

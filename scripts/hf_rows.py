@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--fast-backend", default="inductor",
+                   help="torch.compile backend of the fast rows (the CPU smoke run: eager, wiring only)")
     p.add_argument("--out", required=True, help="CSV file to write")
     return p
 
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
     rows = {"dense": None, "fitprune": a.ratio}
     out = measure(a, model, inputs, rows, device)
     if has_fast:  # after the eager rows: the compiled regions stay on the instance from here on
-        stats = hf.enable_fast_path(model)
+        stats = hf.enable_fast_path(model, backend=a.fast_backend)
         out += measure(a, model, inputs, {"dense-fast": None, "fitprune-fast": a.ratio}, device, stats)
     note = "on this base: dense-fast and fitprune-fast rows" if has_fast else "not on this base"
     for row in out:
