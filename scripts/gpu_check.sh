@@ -37,8 +37,6 @@ TOTAL_BUDGET=${TOTAL_BUDGET:-290}
 MIN_STEP=${MIN_STEP:-10}
 RAW="$OUT/raw"
 LOG="$OUT/gpu_check.log"
-mkdir -p "$RAW" || { echo "gpu_check: cannot create $RAW" >&2; exit 2; }
-: > "$LOG"
 export PYTHONUNBUFFERED=1
 ROOT=$(pwd)
 HF_PATH="$ROOT${PYTHONPATH_HF:+:$PYTHONPATH_HF}"
@@ -93,6 +91,8 @@ else
     EVAL=(--questions 16)
     HF=(--repeats 3)
 fi
+mkdir -p "$RAW" || { echo "gpu_check: cannot create $RAW" >&2; exit 2; }
+: > "$LOG"
 say "gpu_check: $GPU, budget ${TOTAL_BUDGET} s, python $PY, hf python $PYHF, out $OUT"
 DTYPE=$([ "$SMOKE" = 1 ] && echo float32 || echo bfloat16)
 BENCH=("$PY" -m llava_fitprune.cli bench "${SHAPE[@]}" "${LAYOUT[@]}" --dtype "$DTYPE" --reduction-ratio 0.6

@@ -126,3 +126,13 @@ def test_eval_row_projection_counts_the_compiling_questions_once():
     p = eval_row.projection([10.0, 2.0, 1.0, 1.0], project=10)
     assert p["steady_s_per_question"] == 1.0 and p["measured_total_s"] == 14.0
     assert p["projected_s"] == 14.0 + 6 * 1.0
+
+
+def test_gpu_check_without_cuda_refuses_before_writing(tmp_path):
+    if pytest.importorskip("torch").cuda.is_available():
+        pytest.skip("a CUDA device is present: the script would run")
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "out")], check=False, cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "no CUDA device" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "out").exists()
