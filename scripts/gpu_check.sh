@@ -7,15 +7,19 @@
 # step is cut to what is left. In order (the targets first):
 #  1. b1    llava-fitprune bench, LLaVA-1.5-7B shape, bf16, sdpa, FitPrune 0.6, batch 1: stock LLaVA,
 #           dense, dense-fast, fitprune, fitprune-fast, oracle, oracle-fast (prefill, decode ms/token,
-#           end-to-end for 8 and 128 new tokens, compile s and graphs, peak memory)          limit 100 s
-#  2. b8    the same at batch 8 (inductor's cache warm from b1)                                 limit  50 s
+#           end-to-end for 8 and 128 new tokens, compile s and graphs, peak memory; 1 warm-up
+#           and 2 timed runs per row, in turns)                                              limit 120 s
+#  2. b8    the same at batch 8 (inductor's cache warm from b1)                                 limit  60 s
 #  3. eval  scripts/eval_row.py: TextVQA-shaped batch-1 questions, 3 new tokens, stock vs
 #           fitprune-fast, a 5,000-question run projected with the compile included (its own,
-#           empty inductor cache: a cold compile, as a fresh eval run pays it)               limit  60 s
+#           empty inductor cache: a cold compile, as a fresh eval run pays it; 24 questions) limit  50 s
 #  4. hf    scripts/hf_rows.py with $PYTHON_HF (the transformers-5 stack): llava-hf LLaVA-1.5-7B
-#           shape, dense vs FitPrune 0.6, eager, batch 1                                      limit  40 s
-#  5. cuda  tests/test_cuda.py -k fast (the fast path's bf16 equivalence; smoke: collected only) limit 40 s
+#           shape, dense vs FitPrune 0.6, eager (and fast rows where the base has them), batch 1,
+#           1 warm-up and 2 timed turns                                                       limit  40 s
+#  5. cuda  tests/test_cuda.py -k fast (the fast path's bf16 equivalence; smoke: collected only):
+#           what is left of the budget, at most                                              limit  40 s
 #  6. scripts/gpu_targets.py: the targets table (PASS / FAIL / not measured per line), always.
+# (the limits add up to 310 s: a slow early step takes from the last ones, never past the budget)
 # Outputs (3 files, for the device tool's limit of 8): OUT/targets.md, OUT/gpu_check.log and
 # OUT/gpu_check_raw.tar.gz (raw/: each step's CSV / MD / JSON / log).
 # Needs: $PYTHON (default python3) with torch (CUDA) and this package's pins (transformers 4.37.2,
@@ -87,9 +91,9 @@ else
     DT=bf16; BATCHES=(1 8)
     SHAPE=(--model llava-v1.5-7b)
     LAYOUT=()
-    RUNS=(--warmup 1 --repeats 3 --new-tokens 8 128)
-    EVAL=(--questions 16)
-    HF=(--repeats 3)
+    RUNS=(--warmup 1 --repeats 2 --new-tokens 8 128)
+    EVAL=(--questions 24)
+    HF=(--repeats 2)
 fi
 mkdir -p "$RAW" || { echo "gpu_check: cannot create $RAW" >&2; exit 2; }
 : > "$LOG"
@@ -100,9 +104,9 @@ BENCH=("$PY" -m llava_fitprune.cli bench "${SHAPE[@]}" "${LAYOUT[@]}" --dtype "$
 [ "$SMOKE" = 1 ] && BENCH+=(--text-tokens 3)
 B1="$GPU-$DT-sdpa-b${BATCHES[0]}"
 B8="$GPU-$DT-sdpa-b${BATCHES[1]}"
-step b1 100 "${BENCH[@]}" --batch-size "${BATCHES[0]}" --tag "$B1"
-step b8 50 "${BENCH[@]}" --batch-size "${BATCHES[1]}" --tag "$B8"
-step eval 60 env TORCHINDUCTOR_CACHE_DIR="$EVAL_CACHE" "$PY" scripts/eval_row.py "${SHAPE[@]}" "${LAYOUT[@]}" "${EVAL[@]}" --out "$RAW/eval_row.json"
+step b1 120 "${BENCH[@]}" --batch-size "${BATCHES[0]}" --tag "$B1"
+step b8 60 "${BENCH[@]}" --batch-size "${BATCHES[1]}" --tag "$B8"
+step eval 50 env TORCHINDUCTOR_CACHE_DIR="$EVAL_CACHE" "$PY" scripts/eval_row.py "${SHAPE[@]}" "${LAYOUT[@]}" "${EVAL[@]}" --out "$RAW/eval_row.json"
 step hf 40 env PYTHONPATH="$HF_PATH" "$PYHF" scripts/hf_rows.py "${HF[@]}" --out "$RAW/hf_rows.csv"
 if [ "$SMOKE" = 1 ]; then
     step cuda 40 "$PY" -m pytest -q -p no:cacheprovider --collect-only tests/test_cuda.py -k fast
