@@ -113,7 +113,7 @@ def test_llava_checkpoint_is_refused_with_the_llava_venv_command(capsys, tmp_pat
 
 
 ACCURACY = ["--split", SYNTH_TEST, "--limit", "8", "--methods", "fitprune", "--ratios", "0.5",
-            "--calibration-samples", "8", "--batch-size", "4", "--threads", "2"]
+            "--calibration-samples", "4", "--batch-size", "8", "--threads", "2"]
 
 
 def test_accuracy_answers_every_question_as_the_llava_backend(tmp_path):
