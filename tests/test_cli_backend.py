@@ -37,6 +37,8 @@ def _write(tmp_path, name, config) -> str:
 def test_detect_backend_from_config_alone(tmp_path):
     assert detect_backend(SYNTH) == "llava"
     assert backend_of_config(LIUHAOTIAN) == "llava"
+    architectures_only = {k: v for k, v in LIUHAOTIAN.items() if k != "mm_vision_tower"}
+    assert backend_of_config(architectures_only) == "llava"  # llava-torch's class names decide model_type "llava"
     assert backend_of_config({"model_type": "llama", "hidden_size": 64}) == "llava"  # a language model alone
     for name, config in HF_CONFIGS.items():
         assert detect_backend(_write(tmp_path, name, config)) == "hf", name

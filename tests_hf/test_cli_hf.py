@@ -139,3 +139,5 @@ def test_accuracy_answers_every_question_as_the_llava_backend(tmp_path):
     table = lambda out: [{k: r[k] for k in ("method", "ratio", "accuracy")} for r in
                          json.load(open(out / "accuracy.json"))["results"]]
     assert table(hf_out) == table(llava_out)
+    recipes = lambda out: json.load(open(out / "accuracy.json"))["fitprune_recipes"]["0.5"]["drop_per_layer"]
+    assert recipes(hf_out) == recipes(llava_out)  # the same calibration inputs: the same fit
