@@ -136,9 +136,11 @@ def test_accuracy_answers_every_question_as_the_llava_backend(tmp_path):
     assert len(theirs) == 16 and {m for m, _, _ in theirs} == {"dense", "fitprune"}
     assert ours == theirs
     assert len({t for t, _ in theirs.values()}) > 1, "one answer for every question would make the check weak"
-    table = lambda out: [{k: r.get(k) for k in ("method", "ratio", "accuracy", "per_category", "achieved_reduction",
-                                                 "recipe_fingerprint", "status")}
+    # the same table; FLOPs differ in the 6th digit only: llava-hf's LM head has one more row (<image>)
+    table = lambda out: [{k: r.get(k) for k in ("method", "ratio", "accuracy", "per_category", "status")}
                          for r in json.load(open(out / "accuracy.json"))["results"]]
     assert table(hf_out) == table(llava_out)
+    reductions = lambda out: [r.get("achieved_reduction") for r in json.load(open(out / "accuracy.json"))["results"]]
+    assert reductions(hf_out) == pytest.approx(reductions(llava_out), abs=1e-4)
     recipes = lambda out: json.load(open(out / "accuracy.json"))["fitprune_recipes"]["0.5"]["drop_per_layer"]
     assert recipes(hf_out) == recipes(llava_out)  # the same calibration inputs: the same fit
