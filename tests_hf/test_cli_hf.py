@@ -85,6 +85,16 @@ def test_flops_reads_each_familys_checkpoint_folder(tiny_paths, capsys, name):
            f"{text.num_attention_heads}/{text.num_key_value_heads}" in out, out
 
 
+def test_the_venvs_console_script_runs(tiny_paths):
+    """`.venv-hf/bin/llava-fitprune` (setup.sh --hf installs this package --no-deps: the script must still exist)."""
+    import sys
+
+    script = os.path.join(os.path.dirname(sys.executable), "llava-fitprune")
+    run = subprocess.run([script, "flops", "--config", tiny_paths["qwen"], "--visual-tokens", "16"], capture_output=True,
+                         text=True)
+    assert run.returncode == 0 and "4 layers, hidden 64" in run.stdout, run.stderr[-2000:]
+
+
 def test_bench_rows_through_the_hf_backend(tiny_paths, fitted, tmp_path, capsys):
     argv = ["bench", "--model", tiny_paths["qwen"], "--recipe", fitted, "--prompt-tokens", "4", "--visual-tokens",
             "40", "--text-tokens", "6", "--new-tokens", "3", "--warmup", "0", "--repeats", "1", "--threads", "1",

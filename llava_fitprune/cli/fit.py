@@ -66,6 +66,9 @@ def check_args(p, args, argv=()) -> None:
     if args.backend == "hf" and args.conv_mode is not None:
         fail(p, "conv_mode", args.conv_mode, "LLaVA backend only: a transformers checkpoint is asked with its "
                                              "processor's chat template; leave --conv-mode out")
+    if args.backend == "hf" and args.model_base is not None:
+        fail(p, "model_base", args.model_base, "LLaVA backend only (LoRA / projector-only checkpoints): a transformers "
+                                               "checkpoint is whole; leave --model-base out")
     if args.backend != "hf" and args.conv_mode is None:
         args.conv_mode = "vicuna_v1"
     check_common(p, args)
