@@ -13,9 +13,10 @@ TORCH="torch==${TORCH_VERSION:-2.13.0}"
 LLAVA_PACKAGES="$TORCH transformers==4.37.2 tokenizers==0.15.1 sentencepiece protobuf accelerate==0.21.0 pillow shortuuid tqdm numpy matplotlib pytest"
 # filelock<4: lmms-eval 0.7.3's evaluator patches filelock._api.FileLockMeta, which filelock 4 no longer has
 # ("No module named 'filelock._api'" at every evaluation).
-# sentencepiece==0.2.1: 0.2.3's model proto needs protobuf>=7.36, which this stack keeps below 7 ("incompatible
-# Protobuf Gencode/Runtime versions"): LLaVA's sentencepiece tokenizer (convert.py's processor) would not load.
-HF_PACKAGES="$TORCH transformers==5.24.0 lmms-eval==0.7.3 filelock<4 accelerate sentencepiece==0.2.1 protobuf pillow numpy pytest tqdm"
+# sentencepiece 0.2.0: later wheels carry protobuf-7 generated code ("incompatible Protobuf Gencode/Runtime
+# versions") and lmms-eval's wandb keeps protobuf 6, so transformers 5 could not convert a sentencepiece
+# tokenizer.model (LLaVA's: convert.py's processor, `llava-fitprune accuracy`). matplotlib: fit's and bench's plots.
+HF_PACKAGES="$TORCH transformers==5.24.0 lmms-eval==0.7.3 filelock<4 accelerate sentencepiece==0.2.0 protobuf pillow numpy matplotlib pytest tqdm"
 
 case "${1:-}" in
   "") venv=.venv ;;

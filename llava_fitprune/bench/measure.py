@@ -158,7 +158,10 @@ class Timing:
 
 def cache_stats(cache) -> tuple[int, list[int]]:
     """(bytes of the cached keys and values, tokens per layer) of a transformers cache or legacy tuple."""
-    layers = list(cache)  # [(k [B, KV, K_l, hd], v), ...]
+    if hasattr(cache, "layers"):  # transformers 5.x: one layer object per decoder layer
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+    else:
+        layers = list(cache)  # [(k [B, KV, K_l, hd], v), ...]
     return sum(t.numel() * t.element_size() for kv in layers for t in kv), [k.shape[-2] for k, _ in layers]
 
 

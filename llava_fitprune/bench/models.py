@@ -17,7 +17,10 @@ from typing import Optional
 import torch
 
 from ..core.flops import NAMED_SHAPES, LMShape, decode_token_flops, dense_prefill_flops, prefill_flops, tokens_entering
-from ..adapters.llava.modeling import FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: the prompt layouts and row specs serve .venv-hf's bench too
+    from ..adapters.llava.modeling import FitPruneLlavaLlamaForCausalLM
 from ..core.recipe import Recipe
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
@@ -79,6 +82,8 @@ def load_lm_config(model: str, width: Optional[int] = None, heads: Optional[int]
 def build_lm(model: str, cfg: dict, has_weights: bool, attn: str, dtype: torch.dtype, device: str,
              seed: int = 0) -> FitPruneLlavaLlamaForCausalLM:
     """The pruning-aware causal LM for `cfg` with `attn` attention, in eval mode on `device`."""
+    from ..adapters.llava.modeling import FitPruneLlavaConfig, FitPruneLlavaLlamaForCausalLM
+
     config = FitPruneLlavaConfig(**cfg)
     config._attn_implementation = attn
     config.use_cache = True

@@ -1,4 +1,9 @@
-"""`llava-fitprune SUBCOMMAND ...`: each subcommand is a module with `main(argv) -> int`."""
+"""`llava-fitprune SUBCOMMAND ...`: each subcommand is a module with `main(argv) -> int`.
+
+fit and flops serve both backends in one module (the checkpoint's config.json picks, cli/backend.py).
+Where the two backends' code cannot share a module (the LLaVA one imports llava-torch at the top),
+HF_SUBCOMMANDS names the transformers-native module run in .venv-hf; each side refuses the other's
+checkpoints in one line naming the right venv."""
 from __future__ import annotations
 
 import importlib
@@ -14,6 +19,12 @@ SUBCOMMANDS = {
     "lvprune-train": ("llava_fitprune.lvprune.train", "train LVPruning modules on a frozen LLaVA"),
 }
 
+# subcommand -> its module in the transformers-native backend's venv (.venv-hf)
+HF_SUBCOMMANDS = {
+    "bench": "llava_fitprune.cli.bench_hf",
+    "accuracy": "llava_fitprune.cli.accuracy_hf",
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -27,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     name = SUBCOMMANDS[argv[0]][0]
+    if argv[0] in HF_SUBCOMMANDS:
+        from .backend import current_backend
+
+        if current_backend() == "hf":
+            name = HF_SUBCOMMANDS[argv[0]]
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as e:

@@ -38,7 +38,8 @@ from ..bench.models import (PromptLayout, RowSpec, available_attn_implementation
                            load_lm_config, make_inputs, row_specs)
 from ..bench.report import add_figures_of_merit, markdown_table, plot_latency_vs_flops, write_csv
 from .args import Parser, at_least, check_common, fail, output_dir
-from ..core.flops import LMShape, kv_cache_bytes
+from .backend import require_backend
+from ..core.flops import NAMED_SHAPES, LMShape, kv_cache_bytes
 from ..core.recipe import RecipeError, builtin_recipe, check_reduction_ratio, load_recipe
 from ..core.selectors import FitPruneSelector, OracleSelector
 
@@ -88,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(parser, args) -> None:
+def check_args(parser, args, argv=()) -> None:
     """Ranges, the shared options and the output folder, before any model is built."""
+    if args.model not in NAMED_SHAPES and os.path.exists(args.model):  # a transformers-native one: .venv-hf
+        require_backend(parser.prog, args.model, argv, "--model")
     at_least(parser, args, 1, "batch_size", "repeats", "new_tokens", "visual_tokens", "width", "heads")
     at_least(parser, args, 0, "warmup", "prompt_tokens", "text_tokens")
     if args.attn == [] or args.batch_size == []:
@@ -234,9 +237,10 @@ def run_group(lm, stock, attn: str, batch: int, specs, layout, args, shape, dtyp
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_args(parser, args)
+    check_args(parser, args, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

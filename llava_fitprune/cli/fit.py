@@ -16,6 +16,7 @@ import sys
 from ..core.fit_stages import check_max_pruning_layers
 from ..utils import atomic
 from .args import Parser, at_least, check_common, check_range, fail, loading, output_dir
+from .backend import require_backend
 from ..core.flops import LMShape, NAMED_SHAPES, prefill_report, resolve_shape
 from ..core.recipe import Recipe, RecipeError, check_reduction_ratio, load_recipe
 
@@ -29,7 +30,9 @@ def parse_args(argv):
     p.add_argument("--image-folder")
     p.add_argument("--reduction-ratio", type=float, nargs="+", help="fractions of FLOPs to remove, in [0, 1)")
     p.add_argument("--out", help="output folder")
-    p.add_argument("--conv-mode", default="vicuna_v1")
+    p.add_argument("--conv-mode", default=None,
+                   help="LLaVA backend: conversation template (default vicuna_v1); transformers backend: the "
+                        "processor's chat template is used")
     p.add_argument("--num-samples", type=int, default=None,
                    help="calibration questions drawn from --question-file (default: all of them)")
     p.add_argument("--seed", type=int, default=0)
@@ -47,16 +50,27 @@ def parse_args(argv):
     p.add_argument("--num-text-tokens", type=int, default=None,
                    help="--dry-run: text tokens of the prompt (default: the recipe's fitted reference)")
     args = p.parse_args(argv)
-    check_args(p, args)
+    check_args(p, args, argv)
     return args
 
 
-def check_args(p, args) -> None:
+def check_args(p, args, argv=()) -> None:
     """Ranges, the shared options and the output folder: before any file is read or weights load."""
     at_least(p, args, 1, "num_samples", "batch_size", "max_pruning_layers")
     check_range(p, args, ["tol"], low=0, high=1, low_open=True, high_open=True, hint=" (a tolerance on alpha)")
+    args.backend = None
     if args.dry_run:
         return
+    if args.model_path:  # the checkpoint's backend (config.json only), refused here when this venv lacks it
+        args.backend = require_backend(p.prog, args.model_path, argv)
+    if args.backend == "hf" and args.conv_mode is not None:
+        fail(p, "conv_mode", args.conv_mode, "LLaVA backend only: a transformers checkpoint is asked with its "
+                                             "processor's chat template; leave --conv-mode out")
+    if args.backend == "hf" and args.model_base is not None:
+        fail(p, "model_base", args.model_base, "LLaVA backend only (LoRA / projector-only checkpoints): a transformers "
+                                               "checkpoint is whole; leave --model-base out")
+    if args.backend != "hf" and args.conv_mode is None:
+        args.conv_mode = "vicuna_v1"
     check_common(p, args)
     if args.question_file and not os.path.isfile(args.question_file):
         fail(p, "question_file", args.question_file, "no such file: pass a LLaVA question jsonl")
@@ -154,17 +168,32 @@ def calibration_size(args, num_questions: int) -> int:
 
 
 def run_fit(args, ratios) -> int:
+    from ..core.calibration import read_questions
+
+    num_samples = calibration_size(args, len(read_questions(args.question_file)))  # before loading the model
+    report: dict = {"args": vars(args)}
+    if args.backend == "hf":
+        from .fit_hf import run_fit_hf
+
+        with loading("llava-fitprune fit", "model_path", args.model_path):
+            recipes, name = run_fit_hf(args, ratios, num_samples, report)
+    else:
+        recipes, name = run_fit_llava(args, ratios, num_samples, report)
+    write_outputs(args, recipes, name, report)
+    return 0
+
+
+def run_fit_llava(args, ratios, num_samples: int, report: dict):
+    """(recipes, model name): the LLaVA backend (.venv)."""
     import time
 
     from llava.mm_utils import get_model_name_from_path
 
     from ..adapters.llava.builder import load_pretrained_model
-    from ..adapters.llava.calibration import build_calibration, read_questions
+    from ..adapters.llava.calibration import build_calibration
     from ..core.fit import fit
 
-    num_samples = calibration_size(args, len(read_questions(args.question_file)))  # before loading the model
     progress = not args.no_progress
-    report: dict = {"args": vars(args)}
     t0 = time.perf_counter()
     with loading("llava-fitprune fit", "model_path", args.model_path):
         tokenizer, model, processor, _ = load_pretrained_model(
@@ -180,6 +209,10 @@ def run_fit(args, ratios) -> int:
     recipes = fit(model, calib, ratios, convention=args.flops_convention, tol=args.tol, progress=progress,
                   batch_size=args.batch_size, model_name=name, report=report,
                   max_pruning_layers=args.max_pruning_layers)
+    return recipes, name
+
+
+def write_outputs(args, recipes, name: str, report: dict) -> None:
     for r in recipes:
         path = os.path.join(args.out, recipe_filename(r))
         r.save(path)
@@ -189,7 +222,6 @@ def run_fit(args, ratios) -> int:
          f"FitPrune schedules, {name}, {args.flops_convention} FLOPs")
     atomic.write_json(os.path.join(args.out, "fit_report.json"), report, sort_keys=True, default=str, newline=False)
     print(f"wrote {os.path.join(args.out, 'visual_tokens_per_layer.png')} and fit_report.json")
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 from .args import Parser, at_least, fail
+from .backend import BackendError, backend_of_config, current_backend, read_config, wrong_venv
 from ..core.flops import NAMED_SHAPES, decode_token_flops, prefill_report, resolve_shape
 from ..core.recipe import RecipeError, builtin_recipes, check_reduction_ratio, load_recipe, builtin_recipe
 
@@ -13,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="llava-fitprune flops", description=__doc__)
     p.add_argument("--config", default="llava-v1.5-7b",
                    help=f"a named shape {sorted(NAMED_SHAPES)} or a config.json / checkpoint folder "
-                        f"(llava-hf's and Qwen2.5-VL's folders need .venv-hf's transformers)")
+                        f"(transformers-native ones: llava-hf, LLaVA-NeXT, Qwen2.5-VL, ...; a config that names only its differences from transformers' defaults needs .venv-hf)")
     p.add_argument("--recipe", nargs="*", default=[], help="recipe JSON files")
     p.add_argument("--reduction-ratio", nargs="*", type=float, default=None,
                    help="built-in LLaVA-1.5-7B recipes by ratio (default: all of them when no --recipe)")
@@ -23,14 +26,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_shape(parser, config: str):
-    """The language model's sizes from --config; a one-line error for anything that is not a config."""
-    fix = "pass a named shape or a LLaVA config.json / checkpoint folder"
+def config_shape(parser, config: str, argv=()):
+    """The language model's sizes from --config; a one-line error for anything that is not a config.
+    Either venv reads a full config; a transformers config that names only its differences from the
+    defaults (llava-hf's) needs transformers 5: from .venv it is refused with the .venv-hf command."""
+    fix = "pass a named shape or a checkpoint folder / config.json (LLaVA or transformers-native)"
     try:
         shape = resolve_shape(config)
     except json.JSONDecodeError as e:
         fail(parser, "config", config, f"not valid JSON ({e}): {fix}")
     except (ValueError, OSError) as e:
+        if os.path.exists(config) and current_backend() != "hf":
+            try:
+                hf = backend_of_config(read_config(config)) == "hf"
+            except BackendError:
+                hf = False
+            if hf:
+                wrong_venv(parser.prog, "hf", f"--config {config}", argv)
         fail(parser, "config", config, f"{str(e).replace(f'config {config!r} ', '')}: {fix}")
     missing = [k for k, v in shape.to_dict().items() if not isinstance(v, int) or v < 1]
     if missing:
@@ -40,10 +52,11 @@ def config_shape(parser, config: str):
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     at_least(parser, args, 1, "visual_tokens")
     at_least(parser, args, 0, "prompt_tokens", "text_tokens")
-    shape = config_shape(parser, args.config)
+    shape = config_shape(parser, args.config, argv)
     recipes = []
     try:
         recipes += [load_recipe(p) for p in args.recipe]

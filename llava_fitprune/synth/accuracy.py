@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..utils import atomic
 from ..cli.args import Parser, at_least, check_common, loading, output_dir
+from ..cli.backend import require_backend
 from ..core.flops import reference_text_tokens
 from ..core.recipe import RecipeError, check_reduction_ratio
 from .evaluate import _model_inputs, normalize, read_jsonl
@@ -79,6 +80,7 @@ def parse_args(argv):
     if not os.path.isfile(os.path.join(a.checkpoint, "config.json")):
         p.error(f"--checkpoint {a.checkpoint}: no checkpoint there (config.json missing): train one with `python -m "
                 f"llava_fitprune.synth.train --data DATA/train --out {a.checkpoint}` or pass --checkpoint DIR")
+    require_backend(p.prog, a.checkpoint, argv, "--checkpoint")  # a transformers-native one: .venv-hf
     if a.split and not os.path.isfile(os.path.join(a.split, "questions.jsonl")):
         p.error(f"--split {a.split} has no questions.jsonl: pass a split dir written by write_split (or omit --split)")
     at_least(p, a, 1, "num_scenes", "calibration_samples", "batch_size", "limit", "max_new_tokens", "max_pruning_layers")
