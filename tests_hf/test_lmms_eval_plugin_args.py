@@ -30,10 +30,17 @@ def test_model_family_must_match_the_checkpoint(tiny_checkpoint):
     (dict(recipe="r.json", reduction_ratio=0.6), "not both"),
     (dict(batch_size="auto"), "positive integer"),
     (dict(dtype="float64x"), "not a torch dtype"),
+    (dict(compile="yes"), "compile=True or compile=False"),
 ])
 def test_bad_model_args_are_refused_with_the_fix(tiny_checkpoint, args, message):
     with pytest.raises(ValueError, match=message):
         FitPruneLlavaHF(pretrained=tiny_checkpoint, device="cpu", **args)
+
+
+def test_compile_key_gives_the_compiled_prefill(tiny_checkpoint):
+    """`compile=True` in --model_args (lmms-eval passes a bool) loads the model with the compiled prefill."""
+    assert FitPruneLlavaHF(pretrained=tiny_checkpoint, device="cpu", compile=True).model.fitprune_compile_stats
+    assert FitPruneLlavaHF(pretrained=tiny_checkpoint, device="cpu").model.fitprune_compile_stats is None
 
 
 def test_prefill_records_read_the_backend_or_count_dense():

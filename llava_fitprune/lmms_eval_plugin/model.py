@@ -1,10 +1,11 @@
 """lmms-eval `lmms` models that run a pruned transformers-native VLM (llava_fitprune.adapters.hf).
 
 `--model_args pretrained=ID_OR_PATH[,reduction_ratio=0.6 | ,recipe=FILE.json][,method=fitprune]
-[,attn_implementation=sdpa][,dtype=bfloat16][,chat_template=...]`; other keys go to the method
+[,attn_implementation=sdpa][,dtype=bfloat16][,chat_template=...][,compile=True]`; other keys go to the method
 (e.g. fastv's options). Every generated answer carries its prefill's record in lmms-eval's logged sample
 (`token_counts[0]["fitprune"]`: method, recipe fingerprint, visual tokens entering and kept, tokens
-entering each layer, prefill TFLOPs pruned and dense); the recipe and
+entering each layer, prefill TFLOPs pruned and dense); `compile=True`: the compiled prefill
+(adapters/hf/fast_prefill.py); the recipe and
 method also stand in the results' `config.model_args`.
 
 Data parallel: `accelerate launch --num_processes N -m lmms_eval ...` as for lmms-eval's own HF models
@@ -62,11 +63,14 @@ class FitPruneHF(lmms):
     def __init__(self, pretrained: Optional[str] = None, recipe: Optional[str] = None,
                  reduction_ratio: Optional[float] = None, method: str = "fitprune", device: Optional[str] = None,
                  dtype: Any = "auto", batch_size: Any = 1, attn_implementation: Optional[str] = None,
-                 chat_template: Optional[str] = None, max_batch_size: Any = None, **method_options) -> None:
+                 chat_template: Optional[str] = None, max_batch_size: Any = None, compile: Any = False,
+                 **method_options) -> None:
         # max_batch_size: lmms-eval passes it with --batch_size auto, which is refused below
         super().__init__()
         if recipe is not None and reduction_ratio is not None:
             raise ValueError("give recipe= or reduction_ratio=, not both")
+        if not isinstance(compile, bool):  # lmms-eval turns True / False (any case) into a bool
+            raise ValueError(f"compile={compile!r}: give compile=True or compile=False")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r}: give a positive integer ('auto' is not supported)")
         accelerator = Accelerator()
@@ -87,7 +91,7 @@ class FitPruneHF(lmms):
                              f"{self.model_types}: choose --model by the checkpoint's family")
         self._model, self.processor = backend.load(
             self.pretrained, recipe=recipe, reduction_ratio=reduction_ratio, method=method, device=device,
-            dtype=_torch_dtype(dtype), attn_implementation=attn_implementation, **method_options)
+            dtype=_torch_dtype(dtype), attn_implementation=attn_implementation, compile=compile, **method_options)
         self._model.eval()
         self._device = torch.device(device)
         self.batch_size_per_gpu = int(batch_size)

@@ -42,6 +42,7 @@ class PruningState:
     selector: TokenSelector = field(default_factory=FitPruneSelector)
     pending_visual: Optional[torch.Tensor] = None  # [B, N] bool, set by the VLM's forward for one call
     last_trace: Optional[PruneTrace] = None
+    compiled: Optional[object] = None  # fast_prefill.HFCompiledPrefill: prefills through compiled regions
 
     @property
     def active(self) -> bool:
@@ -64,7 +65,8 @@ class PruningTextModelMixin:
             cache = kwargs.pop("past_key_values") if cache is None else cache
         state = self.fitprune
         visual_mask, state.pending_visual = state.pending_visual, None
-        if not state.active:
+        compiled = state.compiled if self._fitprune_compiles(cache, kwargs) else None
+        if not state.active and compiled is None:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
@@ -99,25 +101,29 @@ class PruningTextModelMixin:
         trace = PruneTrace(plan.visual_entering, plan.real_entering) if plan is not None else None
 
         hidden_states = inputs_embeds
-        mask_key, mask = None, None
-        for layer_idx, layer in enumerate(self.layers):
-            key_mask = cache.extend_key_mask(layer_idx, valid) if cache is not None else valid  # [B, K_l]
-            if prune is not None and layer_idx in plan.steps:
-                hidden_states, index, record = pruning_layer_forward(
-                    layer, layer_idx, hidden_states, (cos, sin), key_mask, padded, cache, prune, state.selector,
-                    plan.steps[layer_idx])
-                valid = prune.valid
-                cos, sin = _gather_rows(cos, index), _gather_rows(sin, index)
-                trace.dropped_positions.append(record.positions())
-                continue
-            if trace is not None:
-                trace.dropped_positions.append(None)
-            if mask_key is not key_mask:  # rebuild only when the keys change
-                mask_key = key_mask
-                mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=key_mask,
-                                          cache=cache, layer_idx=layer_idx)
-            hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=(cos, sin),
-                                  cache=cache, use_cache=use_cache, **kwargs)
+        if compiled is not None:  # the layers through compiled regions (fast_prefill.py)
+            hidden_states, valid = compiled.layers(self, hidden_states, cos, sin, valid, cache, padded, plan, prune,
+                                                   state.selector, trace)
+        else:
+            mask_key, mask = None, None
+            for layer_idx, layer in enumerate(self.layers):
+                key_mask = cache.extend_key_mask(layer_idx, valid) if cache is not None else valid  # [B, K_l]
+                if prune is not None and layer_idx in plan.steps:
+                    hidden_states, index, record = pruning_layer_forward(
+                        layer, layer_idx, hidden_states, (cos, sin), key_mask, padded, cache, prune, state.selector,
+                        plan.steps[layer_idx])
+                    valid = prune.valid
+                    cos, sin = _gather_rows(cos, index), _gather_rows(sin, index)
+                    trace.dropped_positions.append(record.positions())
+                    continue
+                if trace is not None:
+                    trace.dropped_positions.append(None)
+                if mask_key is not key_mask:  # rebuild only when the keys change
+                    mask_key = key_mask
+                    mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=key_mask,
+                                              cache=cache, layer_idx=layer_idx)
+                hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=(cos, sin),
+                                      cache=cache, use_cache=use_cache, **kwargs)
 
         hidden_states = self.norm(hidden_states)
         if prefill:
@@ -125,6 +131,14 @@ class PruningTextModelMixin:
                 trace.final_positions, trace.final_valid = prune.orig_pos, prune.valid
             state.last_trace = trace  # decode steps keep the prefill's trace
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+    def _fitprune_compiles(self, cache, kwargs) -> bool:
+        """Whether this call runs the compiled prefill (fast_prefill.py): a prefill, not training, no
+        attentions or hidden states recorded."""
+        if self.fitprune.compiled is None or self.training or kwargs.get("output_attentions") or \
+                kwargs.get("output_hidden_states"):
+            return False
+        return cache is None or cache.get_seq_length() == 0
 
     def fitprune_position_ids(self, position_ids, past: int, batch: int, length: int, device) -> torch.Tensor:
         """The position ids the stock forward would give the rotary embedding (1-D rope)."""

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from .fast_prefill import COMPILED_MODEL_TYPES, enable_fast_path
 from .llava import LlavaPruningMixin
 from .model import attach
 from .qwen2_5_vl import QwenImageTextProcessor, QwenPruningMixin, QwenTextPruningMixin
@@ -49,14 +50,19 @@ def load_processor(pretrained: str, model_type: str):
 
 def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[float] = None,
                     method: str = "fitprune", device: str = "cpu", dtype=None,
-                    attn_implementation: Optional[str] = None, **method_options):
+                    attn_implementation: Optional[str] = None, compile: bool = False, **method_options):
     """(model, processor). See the package docstring (`llava_fitprune.adapters.hf`)."""
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile={compile!r}: give True or False")
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(pretrained)
     if config.model_type not in MODEL_TYPES:
         raise ValueError(f"{pretrained}: model type {config.model_type!r} is not supported by the transformers "
                          f"backend; supported: {sorted(MODEL_TYPES)}")
+    if compile and config.model_type not in COMPILED_MODEL_TYPES:
+        raise ValueError(f"{pretrained}: compile=True supports {COMPILED_MODEL_TYPES}, not {config.model_type!r}: "
+                         f"load it with compile=False")
     saved = None  # (recipe, selector) a checkpoint saved by our save_pretrained records, checked before the weights
     if getattr(config, "fitprune_recipe", None) is not None:
         saved = (Recipe.from_dict(config.fitprune_recipe, source=f"{pretrained} config.fitprune_recipe"),
@@ -73,4 +79,6 @@ def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[f
         model.set_pruning(recipe, reduction_ratio=reduction_ratio, method=method, **method_options)
     elif saved is not None:  # saved by our save_pretrained: its pruning
         model.set_pruning(saved[0], selector=saved[1])
+    if compile:
+        enable_fast_path(model)
     return model, load_processor(pretrained, config.model_type)
