@@ -89,10 +89,11 @@ def worker(args) -> dict:
                         if i:  # the first turn is a warm-up
                             times[(compiled, name)].append(time.perf_counter() - t0)
             med = {f"{c}/{k}": round(statistics.median(v) * 1e3, 2) for (c, k), v in times.items()}
+            ratio = lambda a, b: round(med[a] / med[b], 3)  # noqa: E731
             run = {"prefill_ms": med,
-                   "compiled_fitprune_over_compiled_dense": round(med["compiled/fitprune-0.6"] / med["compiled/dense"], 3),
-                   "eager_fitprune_over_eager_dense": round(med["eager/fitprune-0.6"] / med["eager/dense"], 3),
-                   "compiled_dense_over_eager_dense": round(med["compiled/dense"] / med["eager/dense"], 3)}
+                   "compiled_fitprune_over_compiled_dense": ratio("compiled/fitprune-0.6", "compiled/dense"),
+                   "eager_fitprune_over_eager_dense": ratio("eager/fitprune-0.6", "eager/dense"),
+                   "compiled_dense_over_eager_dense": ratio("compiled/dense", "eager/dense")}
     return {"steps": steps, "run": run, "graphs_total": graphs(), "compile_stats": {
         "calls": fast.calls, "graphs": fast.graphs, "compile_s": round(fast.compile_s, 2),
         "eager_regions": fast.eager_regions}}
