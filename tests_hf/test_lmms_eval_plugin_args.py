@@ -76,6 +76,7 @@ BAD_MODEL_ARGS = [  # (--model_args, what the one line says); #24's six and the 
     (dict(device="gpu"), r"device='gpu' is not a torch device"),
     (dict(attn_implementation="flash"), r"attn_implementation='flash' is not one of \['eager'"),
     (dict(pretrained="{root}/no-such-checkpoint"), r"pretrained=.*no-such-checkpoint: no checkpoint config there"),
+    (dict(compile="yes"), r"compile='yes': give compile=True or compile=False"),
 ]
 
 
@@ -121,7 +122,7 @@ def test_lmms_eval_command_line_prints_one_line_and_exits_2(tiny_checkpoint, tmp
     ours = [line for line in proc.stderr.splitlines() if "--model_args" in line]
     assert ours == ["FitPruneLlavaHF: bad --model_args: unknown --model_args key(s) ['reduction_ration']: the plugin "
                     "takes ['pretrained', 'recipe', 'reduction_ratio', 'method', 'device', 'dtype', 'batch_size', "
-                    "'attn_implementation', 'chat_template'], ['num_visual_tokens', 'num_text_tokens'], and method fitprune "
+                    "'attn_implementation', 'chat_template', 'compile'], ['num_visual_tokens', 'num_text_tokens'], and method fitprune "
                     "the options none"]
     assert "Traceback" not in proc.stdout + proc.stderr
 
@@ -148,6 +149,12 @@ def test_dtype_auto_keeps_the_checkpoints_dtype(tiny_checkpoint, tmp_path):
                                          "test"), idx=0, metadata={"task": "t", "doc_id": 0, "repeats": 1})
     (loss, _), = (r.text for r in lm.loglikelihood([request]))
     assert math.isfinite(loss) and loss > 0
+
+
+def test_compile_key_gives_the_compiled_prefill(tiny_checkpoint):
+    """`compile=True` in --model_args (lmms-eval passes a bool) loads the model with the compiled prefill."""
+    assert FitPruneLlavaHF(pretrained=tiny_checkpoint, device="cpu", compile=True).model.fitprune_compile_stats
+    assert FitPruneLlavaHF(pretrained=tiny_checkpoint, device="cpu").model.fitprune_compile_stats is None
 
 
 def test_prefill_records_read_the_backend_or_count_dense():

@@ -46,6 +46,7 @@ class ModelArgs:
     batch_size: int = 1
     attn_implementation: Optional[str] = None
     chat_template: Optional[str] = None
+    compile: bool = False  # the compiled prefill (adapters/hf/fast_prefill.py)
     method_options: dict = field(default_factory=dict)  # the method's options, num_visual_tokens, num_text_tokens
 
     @property
@@ -147,6 +148,9 @@ def check_model_args(model_types: tuple[str, ...], default_pretrained: str, pret
     chat_template = kwargs.get("chat_template")
     if chat_template is not None and not isinstance(chat_template, str):
         raise ModelArgsError(f"chat_template={chat_template!r}: give the Jinja template text")
+    compile = kwargs.get("compile", False)
+    if not isinstance(compile, bool):  # lmms-eval turns True / False (any case) into a bool
+        raise ModelArgsError(f"compile={compile!r}: give compile=True or compile=False")
     recipe = kwargs.get("recipe")
     args = ModelArgs(
         pretrained=str(pretrained or default_pretrained), recipe=None if recipe is None else str(recipe),
@@ -154,7 +158,7 @@ def check_model_args(model_types: tuple[str, ...], default_pretrained: str, pret
         device=_device(kwargs.get("device")), dtype=_dtype(kwargs.get("dtype", "auto")),
         batch_size=_batch_size(kwargs.get("batch_size", 1)),
         attn_implementation=_attn_implementation(kwargs.get("attn_implementation")),
-        chat_template=chat_template, method_options=options)
+        chat_template=chat_template, compile=compile, method_options=options)
     config = _load_config(args.pretrained)
     if config.model_type not in model_types:
         raise ModelArgsError(f"{args.pretrained} is a {config.model_type!r} checkpoint, this lmms-eval model runs "

@@ -1,8 +1,9 @@
 """lmms-eval `lmms` models that run a pruned transformers-native VLM (llava_fitprune.adapters.hf).
 
 `--model_args pretrained=ID_OR_PATH[,reduction_ratio=0.6 | ,recipe=FILE.json][,method=fitprune]
-[,attn_implementation=sdpa][,dtype=auto][,chat_template=...]`, and the method's options (e.g. fastv's);
-all checked before the weights load (`args.py`). Every answer (`generate_until`) and every scored
+[,attn_implementation=sdpa][,dtype=auto][,chat_template=...][,compile=True]`, and the method's options (e.g. fastv's);
+all checked before the weights load (`args.py`); `compile=True`: the compiled prefill
+(adapters/hf/fast_prefill.py). Every answer (`generate_until`) and every scored
 continuation (`loglikelihood`) carries its prefill's record in lmms-eval's logged sample
 (`token_counts[i]["fitprune"]`: method, recipe fingerprint, visual tokens entering and kept, tokens
 entering each layer, prefill TFLOPs pruned and dense); the recipe and method also stand in the
@@ -58,7 +59,7 @@ class FitPruneHF(lmms):
 
     def __init__(self, pretrained: Optional[str] = None, **model_args) -> None:
         """`model_args`: see `args.ModelArgs` (recipe, reduction_ratio, method, device, dtype, batch_size,
-        attn_implementation, chat_template, the method's options). All are checked before the weights
+        attn_implementation, chat_template, compile, the method's options). All are checked before the weights
         load (`args.check_model_args`: ModelArgsError, one line)."""
         super().__init__()
         args, _ = check_model_args(self.model_types, self.default_pretrained, pretrained, **model_args)
@@ -77,7 +78,8 @@ class FitPruneHF(lmms):
         self.pretrained = args.pretrained
         self._model, self.processor = backend.load(
             args.pretrained, recipe=args.recipe, reduction_ratio=args.reduction_ratio, method=args.method,
-            device=device, dtype=args.dtype, attn_implementation=args.attn_implementation, **args.method_options)
+            device=device, dtype=args.dtype, attn_implementation=args.attn_implementation, compile=args.compile,
+            **args.method_options)
         self._model.eval()
         self._device = torch.device(device)
         self.batch_size_per_gpu = args.batch_size

@@ -8,7 +8,8 @@ Public API (stable; the lmms-eval plugin and the flops tools use it):
 
     from llava_fitprune.adapters.hf import load_pretrained
     model, processor = load_pretrained(pretrained, *, recipe=None, reduction_ratio=None, method="fitprune",
-                                       device="cpu", dtype=None, attn_implementation=None, **method_options)
+                                       device="cpu", dtype=None, attn_implementation=None, compile=False,
+                                       **method_options)
 
 - `pretrained`: hub id or local path. `recipe`: a Recipe or a recipe JSON path; `reduction_ratio`: the
   built-in LLaVA-1.5-7B recipe for that ratio (it applies to any 32-layer model; a recipe with another
@@ -32,6 +33,14 @@ Public API (stable; the lmms-eval plugin and the flops tools use it):
   language model's prefill, core/flops.py's model); `.to_dict()` for logs. `model.fitprune_trace` has
   the dropped original positions per layer (`dropped_positions[l]`: [B, N_l], -1 = kept).
 - `enable_pruning(model)` does the same to a model you loaded yourself.
+- `compile=True` (or `enable_fast_path(model, backend="inductor", mode=None, **options)` on a loaded model;
+  `disable_fast_path(model)` undoes it): prefills, pruned or dense, run each decoder layer through
+  `torch.compile`d regions, one graph per kind of layer step for every layer (fast_prefill.py): a
+  FitPrune model compiles 3 graphs once, another ratio / recipe / uniform none, fastv or random one more;
+  prompt lengths are dynamic; decode steps stay eager. Same kept tokens and greedy tokens as eager.
+  A compilation that fails warns once and runs eagerly. `model.fitprune_compile_stats`: calls, graphs,
+  compile seconds (None without the fast path). llava-hf, LLaVA-NeXT and Qwen2.5-VL (M-RoPE rows gathered
+  with the kept tokens inside the compiled step).
 
 Each sample's visual-token count (anyres, dynamic resolution) gets the recipe scaled to it
 (`Recipe.drops_for`). Kept tokens keep their original positions (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: their 3-D
@@ -41,7 +50,8 @@ apply the window to original positions (window.py; sdpa or eager).
 """
 from importlib import import_module
 
-_EXPORTS = {"load_pretrained": "loading", "enable_pruning": "loading", "PrefillRecord": "model",
+_EXPORTS = {"load_pretrained": "loading", "enable_pruning": "loading", "enable_fast_path": "fast_prefill",
+            "disable_fast_path": "fast_prefill", "PrefillRecord": "model",
             "PrunedCache": "cache", "QwenImageTextProcessor": "qwen2_5_vl",
             "InternVLImageTextProcessor": "internvl",
             "OnevisionImageTextProcessor": "llava_onevision"}

@@ -46,6 +46,7 @@ class PruningState:
     pending_visual: Optional[torch.Tensor] = None  # [B, N] bool, set by the VLM's forward for one call
     windows: list[Optional[int]] = field(default_factory=list)  # [L] sliding window per layer, None: full
     last_trace: Optional[PruneTrace] = None
+    compiled: Optional[object] = None  # fast_prefill.HFCompiledPrefill: prefills through compiled regions
 
     @property
     def active(self) -> bool:
@@ -68,7 +69,8 @@ class PruningTextModelMixin:
             cache = kwargs.pop("past_key_values") if cache is None else cache
         state = self.fitprune
         visual_mask, state.pending_visual = state.pending_visual, None
-        if not state.active:
+        compiled = state.compiled if self._fitprune_compiles(cache, kwargs) else None
+        if not state.active and compiled is None:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
@@ -108,34 +110,39 @@ class PruningTextModelMixin:
             row_pos = (torch.arange(N, device=device) + past).expand(B, N)
 
         hidden_states = inputs_embeds
-        mask_key, mask = None, None
-        for layer_idx, layer in enumerate(self.layers):
-            key_mask = cache.extend_key_mask(layer_idx, valid) if cache is not None else valid  # [B, K_l]
-            window = windows[layer_idx]
-            key_pos = None if window is None else (  # [B, K_l] original position of each key
-                cache.extend_key_positions(layer_idx, row_pos) if cache is not None else row_pos)
-            if prune is not None and layer_idx in plan.steps:
-                hidden_states, index, record = pruning_layer_forward(
-                    layer, layer_idx, hidden_states, (cos, sin), key_mask, padded, cache, prune, state.selector,
-                    plan.steps[layer_idx], window=window, key_positions=key_pos)
-                valid = prune.valid
-                cos, sin = _gather_rows(cos, index), _gather_rows(sin, index)
-                row_pos = row_pos.gather(1, index) if row_pos is not None else None
-                trace.dropped_positions.append(record.positions())
+        if compiled is not None:  # the layers through compiled regions (fast_prefill.py; no window, no
+            # per-layer additions: enable_fast_path refuses those families)
+            hidden_states, valid = compiled.layers(self, hidden_states, cos, sin, valid, cache, padded, plan, prune,
+                                                   state.selector, trace)
+        else:
+            mask_key, mask = None, None
+            for layer_idx, layer in enumerate(self.layers):
+                key_mask = cache.extend_key_mask(layer_idx, valid) if cache is not None else valid  # [B, K_l]
+                window = windows[layer_idx]
+                key_pos = None if window is None else (  # [B, K_l] original position of each key
+                    cache.extend_key_positions(layer_idx, row_pos) if cache is not None else row_pos)
+                if prune is not None and layer_idx in plan.steps:
+                    hidden_states, index, record = pruning_layer_forward(
+                        layer, layer_idx, hidden_states, (cos, sin), key_mask, padded, cache, prune, state.selector,
+                        plan.steps[layer_idx], window=window, key_positions=key_pos)
+                    valid = prune.valid
+                    cos, sin = _gather_rows(cos, index), _gather_rows(sin, index)
+                    row_pos = row_pos.gather(1, index) if row_pos is not None else None
+                    trace.dropped_positions.append(record.positions())
+                    if after_layer is not None:
+                        hidden_states = after_layer(layer_idx, hidden_states, prune)
+                    continue
+                if trace is not None:
+                    trace.dropped_positions.append(None)
+                if mask_key is None or mask_key[0] is not key_mask or mask_key[1] != window or mask_key[2] is not key_pos:
+                    mask_key = (key_mask, window, key_pos)  # rebuilt only when the keys or the window change
+                    mask = (create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=key_mask,
+                                               cache=cache, layer_idx=layer_idx) if window is None else
+                            window_causal_mask(self.config, hidden_states, key_mask, key_pos, window))
+                hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=(cos, sin),
+                                      cache=cache, use_cache=use_cache, **kwargs)
                 if after_layer is not None:
                     hidden_states = after_layer(layer_idx, hidden_states, prune)
-                continue
-            if trace is not None:
-                trace.dropped_positions.append(None)
-            if mask_key is None or mask_key[0] is not key_mask or mask_key[1] != window or mask_key[2] is not key_pos:
-                mask_key = (key_mask, window, key_pos)  # rebuilt only when the keys or the window change
-                mask = (create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=key_mask,
-                                           cache=cache, layer_idx=layer_idx) if window is None else
-                        window_causal_mask(self.config, hidden_states, key_mask, key_pos, window))
-            hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=(cos, sin),
-                                  cache=cache, use_cache=use_cache, **kwargs)
-            if after_layer is not None:
-                hidden_states = after_layer(layer_idx, hidden_states, prune)
 
         hidden_states = self.norm(hidden_states)
         if prefill:
@@ -150,6 +157,14 @@ class PruningTextModelMixin:
         (`prune`: the PruneState whose `orig_pos` [B, N_l] names each row's original position; None while
         the rows are the original ones), or None. The generic text model has none."""
         return None
+
+    def _fitprune_compiles(self, cache, kwargs) -> bool:
+        """Whether this call runs the compiled prefill (fast_prefill.py): a prefill, not training, no
+        attentions or hidden states recorded."""
+        if self.fitprune.compiled is None or self.training or kwargs.get("output_attentions") or \
+                kwargs.get("output_hidden_states"):
+            return False
+        return cache is None or cache.get_seq_length() == 0
 
     def fitprune_position_ids(self, position_ids, past: int, batch: int, length: int, device) -> torch.Tensor:
         """The position ids the stock forward would give the rotary embedding (1-D rope)."""

@@ -7,6 +7,7 @@ import torch
 
 from . import internvl, llava_onevision, qwen2_5_vl
 from .internvl import InternVLPruningMixin, check_config as check_internvl
+from .fast_prefill import COMPILED_MODEL_TYPES, enable_fast_path
 from .llava import LlavaPruningMixin
 from .llava_onevision import OnevisionPruningMixin
 from .load_args import check_attn_implementation, check_device, check_dtype, check_pruning
@@ -116,11 +117,13 @@ def saved_chat_template(pretrained: str):
 
 def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[float] = None,
                     method: str = "fitprune", device: str = "cpu", dtype=None,
-                    attn_implementation: Optional[str] = None, **method_options):
+                    attn_implementation: Optional[str] = None, compile: bool = False, **method_options):
     """(model, processor). See the package docstring (`llava_fitprune.adapters.hf`). Every argument is
     checked (load_args.py) before the weights load."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile={compile!r}: give True or False")
     dtype, device = check_dtype(dtype), check_device(device)
     check_attn_implementation(attn_implementation)
     try:
@@ -130,6 +133,9 @@ def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[f
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     check_supported(config, pretrained)
     pruning = check_pruning(config, recipe, reduction_ratio, method, method_options, attn_implementation)
+    if compile and config.model_type not in COMPILED_MODEL_TYPES:
+        raise ValueError(f"{pretrained}: compile=True supports {COMPILED_MODEL_TYPES}, not {config.model_type!r}: "
+                         f"load it with compile=False")
     saved = None  # (recipe, selector) a checkpoint saved by our save_pretrained records, checked before the weights
     if pruning is None and getattr(config, "fitprune_recipe", None) is not None:
         saved = (Recipe.from_dict(config.fitprune_recipe, source=f"{pretrained} config.fitprune_recipe"),
@@ -145,4 +151,6 @@ def load_pretrained(pretrained: str, *, recipe=None, reduction_ratio: Optional[f
         model.set_pruning(pruning.schedule, selector=pruning.selector)
     elif saved is not None:  # saved by our save_pretrained: its pruning
         model.set_pruning(saved[0], selector=saved[1])
+    if compile:
+        enable_fast_path(model)
     return model, processor

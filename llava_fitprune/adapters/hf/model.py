@@ -112,6 +112,12 @@ class FitPruneVLMMixin:
         return self.fitprune_text_model.fitprune.recipe
 
     @property
+    def fitprune_compile_stats(self):
+        """The compiled prefill's PrefillCompileStats (fast_prefill.py); None without the fast path."""
+        compiled = self.fitprune_text_model.fitprune.compiled
+        return None if compiled is None else compiled.stats
+
+    @property
     def fitprune_trace(self) -> Optional[PruneTrace]:
         return self.fitprune_text_model.fitprune.last_trace
 

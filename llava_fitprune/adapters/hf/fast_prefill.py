@@ -1,0 +1,137 @@
+"""The transformers backend's fast path: its prefill through compiled regions, one graph per kind of
+decoder-layer step for every layer (layer_regions.py).
+
+`enable_fast_path(model, backend="inductor", mode=None, **options)` (or `load_pretrained(...,
+compile=True)`) gives one model instance a `HFCompiledPrefill`: from then on its prefills (pruned or
+dense) run the pruning decoder loop with each layer through three compiled regions
+
+    stock_step(layer, hidden [B,N,D], cos, sin [B,N,hd], mask [B,1,N,N] | None) -> hidden, k, v
+    pruning_attention_step(layer, hidden, cos, sin, mask, row_start, scores) -> out [B,N,H*hd], k, v, scores
+    pruning_output_step(layer, out, hidden, cos, sin, index [B,n]) -> hidden [B,n,D], cos, sin [B,n,hd]
+
+the design of the LLaVA backend's compiled prefill (adapters/llava/fast_prefill.py, whose `Region`,
+statistics, dynamic marks, scores kinds and first-compile lock this module reuses): parameters are
+graph inputs (one graph serves every layer), the sequence dimensions are marked dynamic (every
+layer, prompt length, ratio and recipe reuses the graph), drop counts never enter a graph (the
+selector runs eagerly between the two pruning regions, as do the cache writes). Graph constants
+(guards): row_start (the first visual row), the scores kind (none: random / oracle; head_max:
+FitPrune, uniform; probs: FastV), padding (a mask or none), batch size 1 or more, dtype, device.
+So a FitPrune model compiles 3 graphs; another ratio, recipe or uniform none; fastv or random one.
+Qwen2.5-VL's M-RoPE (cos, sin) rows are made once per prefill by the model's rotary embedding and
+gathered with the kept tokens inside the output region.
+
+Decode steps, `output_attentions` / `output_hidden_states` and training run the eager loop (or the
+stock forward when dense). A region whose compilation fails runs eagerly from then on after one
+warning line; the answer is still produced. `model.fitprune_compile_stats` (a PrefillCompileStats)
+counts calls, graphs made and the seconds of the calls that compiled.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from . import layer_regions
+from ..llava.fast_prefill import (CompiledPrefill, PrefillCompileStats, Region, _dynamic, _first_compile_lock,
+                                  _graphs, scores_kind)
+from ..llava.layer_step import TailAttention, attention_mask_4d
+
+# model types whose text layers the regions implement (Llama / Qwen2 decoder layers, standard rotary)
+COMPILED_MODEL_TYPES = ("llava", "llava_next", "qwen2_5_vl")
+
+
+class HFCompiledPrefill:
+    """The compiled regions of one transformers model instance, and their statistics."""
+
+    def __init__(self, backend="inductor", mode=None, **options):
+        self.stats = PrefillCompileStats(backend=backend if isinstance(backend, str) else getattr(
+            backend, "__name__", repr(backend)))
+        self.failed: Optional[str] = None  # why compiling failed: every region runs eagerly then
+        self.regions = {name: Region(fn, self, backend, mode, options) for name, fn in (
+            ("stock", layer_regions.stock_step), ("attention", layer_regions.pruning_attention_step),
+            ("output", layer_regions.pruning_output_step))}
+
+    fail = CompiledPrefill.fail  # one warning line, then every region runs eagerly (the LLaVA backend's)
+
+    def layers(self, text_model, hidden_states, cos, sin, valid, cache, padded, plan, prune, selector, trace):
+        """The decoder layers of a prefill (the cache, if any, is empty), timed and counted.
+        hidden_states: [B, N, D]; cos, sin: [B, N, hd]; valid: [B, N] bool. returns (hidden [B, N_L, D], valid)."""
+        with _first_compile_lock(self.stats.calls == 0):
+            before, t0 = _graphs(), time.perf_counter()
+            out = regional_layers(text_model, self.regions, hidden_states, cos, sin, valid, cache, padded, plan,
+                                  prune, selector, trace)
+            seconds, made = time.perf_counter() - t0, _graphs() - before
+        self.stats.calls += 1
+        self.stats.call_s.append(seconds)
+        if made:
+            self.stats.compiling_calls += 1
+            self.stats.graphs += made
+            self.stats.compile_s += seconds
+        return out
+
+
+def regional_layers(text_model, regions: dict, hidden_states, cos, sin, valid, cache, padded, plan, prune, selector,
+                    trace):
+    """The pruning decoder loop of a prefill (decoder.py's, layer by layer through `regions`).
+    prune: the PruneState (None: nothing drops). returns (hidden [B, N_L, D], valid [B, N_L])."""
+    mask, mask_key = None, None
+    scores = scores_kind(selector)
+    for layer_idx, layer in enumerate(text_model.layers):
+        N = hidden_states.shape[1]
+        key_mask = cache.extend_key_mask(layer_idx, valid) if cache is not None else valid  # [B, N]
+        if padded and mask_key is not key_mask:
+            mask_key = key_mask
+            mask = _dynamic(attention_mask_4d(key_mask, N, 0, hidden_states.dtype, "eager", True), 2, 3)
+        _dynamic(hidden_states, 1), _dynamic(cos, 1), _dynamic(sin, 1)
+        step = plan.steps.get(layer_idx) if prune is not None else None
+        if step is None:
+            hidden_states, k, v = regions["stock"](layer, hidden_states, cos, sin, mask)
+            if cache is not None:
+                cache.update(k, v, layer_idx)
+            if trace is not None:
+                trace.dropped_positions.append(None)
+            continue
+        r0 = min(prune.row_start, N)
+        out, k, v, extra = regions["attention"](layer, hidden_states, cos, sin, mask, r0, scores)
+        if cache is not None:
+            cache.update(k, v, layer_idx)
+        attention = None
+        if scores != "none":
+            attention = TailAttention(None, None, r0, None)
+            if scores == "head_max":
+                attention._head_max = extra  # [B, R, N]
+            else:
+                attention._probs = extra  # [B, H, R, N]
+        prune.n_visual = step.n_visual
+        index, kept, record = selector.keep_rows(layer_idx, attention, prune, hidden_states, step)  # [B, n]
+        hidden_states, cos, sin = regions["output"](layer, _dynamic(out, 1), hidden_states, cos, sin,
+                                                    _dynamic(index, 1))
+        prune.gather(index, kept, selector.tracked)
+        valid = prune.valid
+        trace.dropped_positions.append(record.positions())
+    return hidden_states, valid
+
+
+def enable_fast_path(model, backend="inductor", mode=None, **options) -> PrefillCompileStats:
+    """Run the prefills of `model` (loaded by `load_pretrained` or given `enable_pruning`) through
+    compiled regions from now on (this instance only); `backend`, `mode` and `options` go to
+    `torch.compile` for every region. Returns the statistics (also `model.fitprune_compile_stats`)."""
+    text = getattr(model, "fitprune_text_model", None)
+    if text is None or not hasattr(text, "fitprune"):
+        raise TypeError(f"{type(model).__name__} has no pruning decoder loop: load it with "
+                        f"llava_fitprune.adapters.hf.load_pretrained (or call enable_pruning first)")
+    if model.config.model_type not in COMPILED_MODEL_TYPES:
+        raise NotImplementedError(f"the compiled prefill supports {COMPILED_MODEL_TYPES}; "
+                                  f"{model.config.model_type!r} runs eagerly (load it with compile=False)")
+    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise NotImplementedError(f"the compiled prefill supports full-attention layers only; this model's layer "
+                                  f"types: {sorted(set(layer_types))} (e.g. use_sliding_window=False)")
+    text.fitprune.compiled = HFCompiledPrefill(backend, mode, **options)
+    return text.fitprune.compiled.stats
+
+
+def disable_fast_path(model) -> None:
+    """Back to the eager prefill (the compiled graphs are dropped with the regions)."""
+    model.fitprune_text_model.fitprune.compiled = None
