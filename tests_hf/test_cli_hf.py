@@ -146,12 +146,23 @@ def test_accuracy_answers_every_question_as_the_llava_backend(tmp_path):
     assert len(theirs) == 16 and {m for m, _, _ in theirs} == {"dense", "fitprune"}
     assert ours == theirs
     assert len({t for t, _ in theirs.values()}) > 1, "one answer for every question would make the check weak"
-    # the same table; FLOPs differ in the 6th digit only: llava-hf's LM head has one more row (<image>)
+    # the same table. The fits agree up to float noise: the same alpha; a layer's drop rounded from a mean
+    # fraction that sits at .5 may move one token to its neighbour (seen: [41, 50, 248] vs [41, 49, 249] with 4
+    # samples, statistics equal to ~1e-6), so FLOPs columns agree to 1e-3 (llava-hf's LM head also has one more
+    # row, <image>)
+    prov = lambda out: json.load(open(out / "accuracy.json"))["provenance"]
+    for key in ("reference_text_tokens", "visual_tokens", "max_new_tokens"):  # the same prompts, token for token
+        assert prov(hf_out)[key] == prov(llava_out)[key], key
+    for key in ("question_ids", "reference_text_tokens"):  # the same calibration questions and prompts
+        assert prov(hf_out)["calibration"][key] == prov(llava_out)["calibration"][key], key
     table = lambda out: [{k: r.get(k) for k in ("method", "ratio", "accuracy", "per_category", "status")}
                          for r in json.load(open(out / "accuracy.json"))["results"]]
     assert table(hf_out) == table(llava_out)
     reductions = lambda out: [r["achieved_reduction"] for r in json.load(open(out / "accuracy.json"))["results"]
                               if "achieved_reduction" in r]
-    assert reductions(hf_out) == pytest.approx(reductions(llava_out), abs=1e-4)
-    recipes = lambda out: json.load(open(out / "accuracy.json"))["fitprune_recipes"]["0.5"]["drop_per_layer"]
-    assert recipes(hf_out) == recipes(llava_out)  # the same calibration inputs: the same fit
+    assert reductions(hf_out) == pytest.approx(reductions(llava_out), abs=1e-3)
+    recipe = lambda out: json.load(open(out / "accuracy.json"))["fitprune_recipes"]["0.5"]
+    ours, theirs = recipe(hf_out), recipe(llava_out)
+    assert ours["provenance"]["alpha"] == theirs["provenance"]["alpha"]
+    assert max(abs(a - b) for a, b in zip(ours["drop_per_layer"], theirs["drop_per_layer"])) <= 1
+    assert abs(sum(ours["drop_per_layer"]) - sum(theirs["drop_per_layer"])) <= 1
