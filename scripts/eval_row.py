@@ -27,10 +27,10 @@ import sys
 
 import torch
 
-from llava_fitprune import atomic
+from llava_fitprune.utils import atomic
 from llava_fitprune.adapters.llava.fast_path import FastPath, FastPathConfig
-from llava_fitprune.bench_measure import EagerRunner, FastRunner, run_once
-from llava_fitprune.bench_models import PromptLayout, build_lm, build_stock_lm, load_lm_config, make_inputs
+from llava_fitprune.bench.measure import EagerRunner, FastRunner, run_once
+from llava_fitprune.bench.models import PromptLayout, build_lm, build_stock_lm, load_lm_config, make_inputs
 from llava_fitprune.core.recipe import RecipeError, builtin_recipe, check_reduction_ratio
 from llava_fitprune.core.selectors import FitPruneSelector
 

@@ -34,8 +34,20 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+COMPILED = ("llava", "next", "qwen")  # the families whose layers the compiled regions cover (COMPILED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("name", [m for m in MODELS if m not in COMPILED])
+def test_other_families_refuse_the_compiled_prefill_in_one_line(tiny_paths, name):
+    """Families the regions do not cover (DeepStack, other text models) are refused, never compiled wrong."""
+    model, _ = load_ours(tiny_paths[name])
+    with pytest.raises(NotImplementedError, match="runs eagerly") as refused:
+        enable_fast_path(model, backend=BACKEND)
+    assert "\n" not in str(refused.value)
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", COMPILED)
 def test_compiled_prefill_equals_eager(tiny_paths, name):
     """FitPrune and dense on a padded batch of two (llava: also one prompt alone, batch-1 graphs): the
     compiled prefill keeps the eager path's tokens at every layer and generates its tokens, logits within 1e-5."""
