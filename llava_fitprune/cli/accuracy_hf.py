@@ -76,6 +76,11 @@ def convert_synth_checkpoint(src: str, out: str) -> str:
     tmp = out.rstrip(os.sep) + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     convert_llava_to_hf(src, os.path.join(src, "vision_tower"), tmp)
+    # the LLaVA tokenizer itself, as 4.37 reads it: the fast tokenizer the converted processor saved
+    # (tokenizer.json) splits the text after <image> otherwise (one more token), so it goes
+    for name in ("tokenizer.json", "added_tokens.json"):
+        if os.path.isfile(os.path.join(tmp, name)):
+            os.remove(os.path.join(tmp, name))
     for name in KEPT_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), tmp)
