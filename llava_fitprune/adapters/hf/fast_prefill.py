@@ -33,9 +33,9 @@ from typing import Optional
 import torch
 
 from . import layer_regions
-from ..llava.fast_prefill import (CompiledPrefill, PrefillCompileStats, Region, _dynamic, _first_compile_lock,
-                                  _graphs, scores_kind)
-from ..llava.layer_step import TailAttention, attention_mask_4d
+from ..llava.fast_prefill import (CompiledPrefill, PrefillCompileStats, Region, scores_kind, select_rows, _dynamic,
+                                  _first_compile_lock, _graphs)
+from ..llava.layer_step import attention_mask_4d
 
 # model types whose text layers the regions implement (Llama / Qwen2 decoder layers, standard rotary)
 COMPILED_MODEL_TYPES = ("llava", "llava_next", "qwen2_5_vl")
@@ -96,15 +96,7 @@ def regional_layers(text_model, regions: dict, hidden_states, cos, sin, valid, c
         out, k, v, extra = regions["attention"](layer, hidden_states, cos, sin, mask, r0, scores)
         if cache is not None:
             cache.update(k, v, layer_idx)
-        attention = None
-        if scores != "none":
-            attention = TailAttention(None, None, r0, None)
-            if scores == "head_max":
-                attention._head_max = extra  # [B, R, N]
-            else:
-                attention._probs = extra  # [B, H, R, N]
-        prune.n_visual = step.n_visual
-        index, kept, record = selector.keep_rows(layer_idx, attention, prune, hidden_states, step)  # [B, n]
+        index, kept, record = select_rows(selector, layer_idx, extra, scores, r0, prune, hidden_states, step)  # [B, n]
         hidden_states, cos, sin = regions["output"](layer, _dynamic(out, 1), hidden_states, cos, sin,
                                                     _dynamic(index, 1))
         prune.gather(index, kept, selector.tracked)

@@ -114,6 +114,21 @@ def scores_kind(selector) -> str:
     return "head_max" if selector.reads_head_max else "probs"
 
 
+
+def select_rows(selector, layer_idx: int, extra, scores: str, r0: int, state, hidden_states, step):
+    """The selection between a pruning layer's two compiled regions (both backends' regional loops): the
+    scores the attention region returned (`extra`: head-max [B, R, N] or probabilities [B, H, R, N] of rows
+    r0..N-1, or None) handed to the selector as its LayerAttention. returns (index [B, n], kept, record)."""
+    attention = None
+    if scores != "none":
+        attention = TailAttention(None, None, r0, None)
+        if scores == "head_max":
+            attention._head_max = extra  # [B, R, N]
+        else:
+            attention._probs = extra  # [B, H, R, N]
+    state.n_visual = step.n_visual
+    return selector.keep_rows(layer_idx, attention, state, hidden_states, step)
+
 def regional_layers(lm, regions: dict, hidden_states, valid, position_ids, cache, padded, plan, state, selector,
                     trace, use_cache=True):
     """`decoder_layers` of a prefill (the cache, if any, is empty), each layer through the compiled
@@ -147,15 +162,7 @@ def regional_layers(lm, regions: dict, hidden_states, valid, position_ids, cache
         out, k, v, extra = regions["attention"](layer, hidden_states, cos, sin, mask, r0, scores)
         if cache is not None and use_cache:
             cache.update(k, v, layer_idx)
-        attention = None
-        if scores != "none":
-            attention = TailAttention(None, None, r0, None)
-            if scores == "head_max":
-                attention._head_max = extra  # [B, R, N]
-            else:
-                attention._probs = extra  # [B, H, R, N]
-        state.n_visual = step.n_visual
-        index, kept, record = selector.keep_rows(layer_idx, attention, state, hidden_states, step)  # [B, n]
+        index, kept, record = select_rows(selector, layer_idx, extra, scores, r0, state, hidden_states, step)  # [B, n]
         hidden_states = regions["output"](layer, _dynamic(out, 1), hidden_states, _dynamic(index, 1))
         state.gather(index, kept, selector.tracked)
         valid = state.valid
