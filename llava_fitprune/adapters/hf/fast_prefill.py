@@ -27,14 +27,13 @@ counts calls, graphs made and the seconds of the calls that compiled.
 """
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import torch
 
 from . import layer_regions
-from ..llava.fast_prefill import (CompiledPrefill, PrefillCompileStats, Region, scores_kind, select_rows, _dynamic,
-                                  _first_compile_lock, _graphs)
+from ..llava.fast_prefill import (CompiledPrefill, PrefillCompileStats, Region, counted_call, scores_kind,
+                                  select_rows, _dynamic)
 from ..llava.layer_step import attention_mask_4d
 
 # model types whose text layers the regions implement (Llama / Qwen2 decoder layers, standard rotary)
@@ -57,18 +56,8 @@ class HFCompiledPrefill:
     def layers(self, text_model, hidden_states, cos, sin, valid, cache, padded, plan, prune, selector, trace):
         """The decoder layers of a prefill (the cache, if any, is empty), timed and counted.
         hidden_states: [B, N, D]; cos, sin: [B, N, hd]; valid: [B, N] bool. returns (hidden [B, N_L, D], valid)."""
-        with _first_compile_lock(self.stats.calls == 0):
-            before, t0 = _graphs(), time.perf_counter()
-            out = regional_layers(text_model, self.regions, hidden_states, cos, sin, valid, cache, padded, plan,
-                                  prune, selector, trace)
-            seconds, made = time.perf_counter() - t0, _graphs() - before
-        self.stats.calls += 1
-        self.stats.call_s.append(seconds)
-        if made:
-            self.stats.compiling_calls += 1
-            self.stats.graphs += made
-            self.stats.compile_s += seconds
-        return out
+        return counted_call(self.stats, regional_layers, text_model, self.regions, hidden_states, cos, sin, valid,
+                            cache, padded, plan, prune, selector, trace)
 
 
 def regional_layers(text_model, regions: dict, hidden_states, cos, sin, valid, cache, padded, plan, prune, selector,

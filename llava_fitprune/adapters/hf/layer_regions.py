@@ -30,8 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
-from ..llava.layer_regions import rows_probs
-from ..llava.layer_step import SCORE_ROWS_ONCE_DEVICES, tail_probs
+from ..llava.layer_regions import attention_and_scores
 from ...core.selectors import take_rows
 
 
@@ -76,16 +75,8 @@ def pruning_attention_step(layer: nn.Module, hidden: torch.Tensor, cos: torch.Te
     B, N, D = hidden.shape
     H, KV = attn.config.num_attention_heads, attn.config.num_key_value_heads
     q, k_cache, v_cache = _qkv(layer, layer.input_layernorm(hidden), cos, sin)
-    k, v = repeat_kv(k_cache, H // KV), repeat_kv(v_cache, H // KV)  # [B, H, N, hd]
-    r0 = row_start
-    if scores != "none" and q.device.type in SCORE_ROWS_ONCE_DEVICES:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, mask is None, attn_mask=mask)  # [B, H, N, hd], [B, H, N] float32
-        probs = rows_probs(q, k, r0, mask, lse[:, :, r0:])
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, H, N, hd]
-        probs = tail_probs(q, k, r0, mask) if scores != "none" else None
-    extra = None if probs is None else probs.amax(dim=1) if scores == "head_max" else probs
+    out, extra = attention_and_scores(q, repeat_kv(k_cache, H // KV), repeat_kv(v_cache, H // KV), mask,
+                                      row_start, scores)  # out: [B, H, N, hd]
     return out.transpose(1, 2).reshape(B, N, -1), k_cache, v_cache, extra
 
 

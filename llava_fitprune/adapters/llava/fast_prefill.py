@@ -115,6 +115,22 @@ def scores_kind(selector) -> str:
 
 
 
+
+def counted_call(stats: PrefillCompileStats, run: Callable, *args):
+    """`run(*args)`, a compiled prefill's layers (either backend), timed and counted into `stats`; the
+    first call of a process holds the inductor cache's file lock (`_first_compile_lock`)."""
+    with _first_compile_lock(stats.calls == 0):
+        before, t0 = _graphs(), time.perf_counter()
+        out = run(*args)
+        seconds, made = time.perf_counter() - t0, _graphs() - before
+    stats.calls += 1
+    stats.call_s.append(seconds)
+    if made:
+        stats.compiling_calls += 1
+        stats.graphs += made
+        stats.compile_s += seconds
+    return out
+
 def select_rows(selector, layer_idx: int, extra, scores: str, r0: int, state, hidden_states, step):
     """The selection between a pruning layer's two compiled regions (both backends' regional loops): the
     scores the attention region returned (`extra`: head-max [B, R, N] or probabilities [B, H, R, N] of rows
@@ -230,18 +246,8 @@ class CompiledPrefill:
         if not prefill or output_attentions or output_hidden_states or key_bias_hook is not None or self.lm.training:
             return self.eager(hidden_states, valid, position_ids, cache, padded, plan, state, selector, trace,
                               output_attentions, output_hidden_states, use_cache, key_bias_hook)
-        with _first_compile_lock(self.stats.calls == 0):
-            before, t0 = _graphs(), time.perf_counter()
-            out = regional_layers(self.lm, self.regions, hidden_states, valid, position_ids, cache, padded, plan,
-                                  state, selector, trace, use_cache)
-            seconds, made = time.perf_counter() - t0, _graphs() - before
-        self.stats.calls += 1
-        self.stats.call_s.append(seconds)
-        if made:
-            self.stats.compiling_calls += 1
-            self.stats.graphs += made
-            self.stats.compile_s += seconds
-        return out
+        return counted_call(self.stats, regional_layers, self.lm, self.regions, hidden_states, valid, position_ids,
+                            cache, padded, plan, state, selector, trace, use_cache)
 
     @contextlib.contextmanager
     def installed(self):

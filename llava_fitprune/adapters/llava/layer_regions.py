@@ -83,8 +83,17 @@ def pruning_attention_step(layer: nn.Module, hidden: torch.Tensor, cos: torch.Te
     B, N, D = hidden.shape
     H, KV, hd = attn.num_heads, attn.num_key_value_heads, attn.head_dim
     q, k_cache, v_cache = _qkv(layer, layer.input_layernorm(hidden), cos, sin)
-    k, v = repeat_kv(k_cache, H // KV), repeat_kv(v_cache, H // KV)  # [B, H, N, hd]
-    r0 = row_start
+    out, extra = attention_and_scores(q, repeat_kv(k_cache, H // KV), repeat_kv(v_cache, H // KV), mask,
+                                      row_start, scores)
+    return out.transpose(1, 2).reshape(B, N, H * hd), k_cache, v_cache, extra
+
+
+def attention_and_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                         r0: int, scores: str):
+    """A pruning layer's attention and what its selector's scores read, after the projections (both
+    backends' pruning attention steps). q, k, v: [B, H, N, hd] (k, v repeated to H heads); mask: additive
+    [B, 1, N, N] or None (causal). returns (out [B, H, N, hd], head-max [B, R, N] float32 / probs
+    [B, H, R, N] float32 / None, R = N - r0)."""
     if scores != "none" and q.device.type in SCORE_ROWS_ONCE_DEVICES:
         # the CPU's flash kernel gives each row's log-sum-exp with the output: the score rows'
         # probabilities are then one exp per element (no softmax passes, no second P @ V)
@@ -94,8 +103,7 @@ def pruning_attention_step(layer: nn.Module, hidden: torch.Tensor, cos: torch.Te
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, H, N, hd]
         probs = tail_probs(q, k, r0, mask) if scores != "none" else None
-    extra = None if probs is None else probs.amax(dim=1) if scores == "head_max" else probs
-    return out.transpose(1, 2).reshape(B, N, H * hd), k_cache, v_cache, extra
+    return out, None if probs is None else probs.amax(dim=1) if scores == "head_max" else probs
 
 
 def rows_probs(q: torch.Tensor, k: torch.Tensor, r0: int, mask: Optional[torch.Tensor],
