@@ -75,9 +75,10 @@ def test_compiled_prefill_equals_eager(tiny_paths, name):
 
 @torch.no_grad()
 def test_switching_ratio_method_and_length_compiles_nothing_new(tiny_paths):
-    """FitPrune compiles 3 graphs (stock, attention with the head-max map, output) for all layers; another
-    recipe, uniform and another prompt length reuse them; fastv adds its attention graph (probabilities),
-    random its attention graph without scores; going back compiles nothing."""
+    """FitPrune compiles 2 graphs (stock, and the pruning step with its selection) for all layers; another
+    recipe, uniform and another prompt length reuse them; fastv adds its attention graph (probabilities)
+    and the output graph (its selection runs between them), random its attention graph without scores;
+    going back compiles nothing."""
     torch._dynamo.reset()
     model, processor = load_ours(tiny_paths["llava"], recipe=RECIPE)
     stats = enable_fast_path(model, backend=BACKEND)
@@ -85,9 +86,9 @@ def test_switching_ratio_method_and_length_compiles_nothing_new(tiny_paths):
     assert short["input_ids"].shape[1] != long_["input_ids"].shape[1]
     start = _graphs()
     generate(model, short, 1)
-    assert _graphs() - start == 3 == stats.graphs
+    assert _graphs() - start == 2 == stats.graphs
     for kw, new in ((dict(recipe=OTHER), 0), (dict(method="uniform", per_layer=5, num_visual_tokens=64), 0),
-                    (dict(method="fastv", num_visual_tokens=64), 1), (dict(recipe=RECIPE, method="random"), 1),
+                    (dict(method="fastv", num_visual_tokens=64), 2), (dict(recipe=RECIPE, method="random"), 1),
                     (dict(recipe=RECIPE), 0)):
         model.set_pruning(**kw)
         for inputs in (short, long_):
@@ -115,7 +116,7 @@ def test_failing_compiler_falls_back_to_eager_with_one_warning(tiny_paths):
         _run(model, inputs)
     ours = [w for w in caught if "compiled prefill failed" in str(w.message)]
     assert len(ours) == 1 and "planted compiler failure" in str(ours[0].message)
-    assert stats.eager_regions == ["pruning_attention_step"] and stats.calls == 2
+    assert stats.eager_regions == ["pruning_step"] and stats.calls == 2
     assert c_kept == kept and torch.equal(c_tokens, tokens)
     torch.testing.assert_close(c_logits, logits, atol=1e-5, rtol=0)
     disable_fast_path(model)

@@ -21,6 +21,39 @@ def head_max(probs: torch.Tensor) -> torch.Tensor:
     return probs.amax(dim=1)
 
 
+def head_max_row_sums(head_max_rows: torch.Tensor, row_start: int, row_weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sums over the query rows of the head-max map, for every column.
+
+    head_max_rows: [B, R, N] head-max attention of query rows row_start..N-1; row_weights: [B, N, C]
+    float, each row's weight in each of the C sums (rows before row_start are not read).
+    returns: [B, C, N] float32. (A compiled pruning step makes the same sums for the last R columns
+    only, [B, C, R]: the columns before row_start are never visual. `fitprune_from_sums` takes both.)
+    """
+    m = head_max_rows if head_max_rows.dtype == torch.float32 else head_max_rows.float()
+    rows = row_weights[:, row_start:]  # [B, R, C]
+    rows = rows if rows.dtype == m.dtype else rows.to(m.dtype)
+    return torch.einsum("brc,brn->bcn", rows, m)  # [B, C, N]
+
+
+def fitprune_from_sums(sums: torch.Tensor, visual_mask: torch.Tensor,
+                       n_visual: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
+    """FitPrune's importance `self * cross` from the row sums (`head_max_row_sums` with the weights
+    (visual, text after)); non-visual columns get +inf.
+
+    sums: [B, 2, W] (self sum before / n_visual, cross) of the last W columns (W = N, or the score
+    rows' R, whose earlier columns are never visual); visual_mask: [B, N] bool; n_visual: visual
+    tokens alive per sample, a float or [B, 1] float; None counts `visual_mask`.
+    returns: [B, N] float32
+    """
+    if n_visual is None:
+        n_visual = visual_mask.sum(-1, keepdim=True).clamp(min=1).float()  # [B, 1]
+    importance = sums.prod(1) / n_visual  # [B, W]
+    skipped = visual_mask.shape[-1] - importance.shape[-1]
+    if skipped:
+        importance = torch.nn.functional.pad(importance, (skipped, 0))  # [B, N]
+    return torch.where(visual_mask, importance, float("inf"))
+
+
 def fitprune_importance(head_max_rows: torch.Tensor, row_start: int, visual_mask: torch.Tensor,
                         text_mask: Optional[torch.Tensor],
                         n_visual: Optional[Union[float, torch.Tensor]] = None,
@@ -35,15 +68,10 @@ def fitprune_importance(head_max_rows: torch.Tensor, row_start: int, visual_mask
     is not read).
     returns: [B, N] float32
     """
-    m = head_max_rows if head_max_rows.dtype == torch.float32 else head_max_rows.float()
     if row_weights is None:
-        row_weights = torch.stack((visual_mask, text_mask), -1).to(m.dtype)
-    rows = row_weights[:, row_start:]  # [B, R, 2]
-    sums = torch.einsum("brc,brn->bcn", rows, m)  # [B, 2, N]: self sum (before / n_visual), cross
-    if n_visual is None:
-        n_visual = visual_mask.sum(-1, keepdim=True).clamp(min=1).float()  # [B, 1]
-    importance = sums.prod(1) / n_visual  # [B, N]
-    return torch.where(visual_mask, importance, float("inf"))
+        row_weights = torch.stack((visual_mask, text_mask), -1)
+    sums = head_max_row_sums(head_max_rows, row_start, row_weights)  # [B, 2, N]: self sum, cross
+    return fitprune_from_sums(sums, visual_mask, n_visual)
 
 
 def lowest_first(importance: torch.Tensor) -> torch.Tensor:

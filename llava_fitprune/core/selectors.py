@@ -11,7 +11,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .scoring import drop_mask_from_positions, drop_mask_lowest, fitprune_importance, head_max, keep_index, keep_rows_lowest
+from .scoring import (drop_mask_from_positions, drop_mask_lowest, fitprune_from_sums, head_max, head_max_row_sums,
+                      keep_index, keep_rows_lowest)
 
 
 @dataclass
@@ -39,9 +40,19 @@ class PruneState:
         when every row of `index` is a kept token (no left fill). Of `visual`, `text_after`, only
         the `tracked` ones follow (the others become None); `valid`, `orig_pos`, `position_ids`
         and `token_data` always do."""
+        names = self.gathered(tracked)
+        self.set_rows(names, take_rows([getattr(self, n) for n in names], index), kept, tracked)
+
+    def gathered(self, tracked=("visual", "text_after")) -> list[str]:
+        """The fields `gather` takes the kept rows of (each [B, N, ...])."""
         names = [n for n in ("visual", "text_after") if n in tracked and getattr(self, n) is not None]
-        names += ["valid", "orig_pos"] + [n for n in ("position_ids", "token_data") if getattr(self, n) is not None]
-        for name, value in zip(names, take_rows([getattr(self, n) for n in names], index)):
+        return names + ["valid", "orig_pos"] + [n for n in ("position_ids", "token_data") if getattr(self, n) is not None]
+
+    def set_rows(self, names: list[str], values: Sequence[torch.Tensor], kept: Optional[torch.Tensor],
+                 tracked=("visual", "text_after")) -> None:
+        """The kept rows of the fields `names` (`gathered`), taken by the caller (e.g. inside a compiled
+        region); kept as in `gather`."""
+        for name, value in zip(names, values):
             setattr(self, name, value)
         for name in ("visual", "text_after"):
             if name not in tracked:
@@ -84,6 +95,11 @@ class LayerAttention:
     def head_max(self) -> torch.Tensor:  # [B, R, N]
         return head_max(self.probs)
 
+    def row_sums(self, weights: torch.Tensor) -> torch.Tensor:
+        """weights: [B, N, C] -> [B, C, W] weighted sums over the rows of the head-max map, for the last
+        W columns: all N here, the R from row_start in a compiled step (core/scoring.head_max_row_sums)."""
+        return head_max_row_sums(self.head_max, self.row_start, weights)
+
 
 class TokenSelector:
     """Base rule: drop the `d` lowest-importance visual tokens. Subclasses define `importance`.
@@ -95,6 +111,17 @@ class TokenSelector:
     needs_attention = True  # whether `attention` must be computed at pruning layers
     tracked = ("visual", "text_after")  # PruneState masks the selector reads after the first pruning layer
     reads_head_max = False  # reads `attention.head_max` only (never `probs`): it can be made block by block
+    # reads only `attention.row_sums(self.row_weights(state))`: a compiled prefill then makes the sums in
+    # its attention region, causal blocks of rows at a time, and never the [B, R, N] head-max map
+    reads_row_sums = False
+    # with reads_row_sums and the base `keep_rows`: importance = row_sums_importance(sums [B, C, W],
+    # visual [B, N], None), a pure function of tensors (n_visual counted from `visual`), so a compiled
+    # prefill runs a whole pruning layer, selection included, as one region
+    row_sums_importance = None
+
+    def row_weights(self, state: PruneState) -> Optional[torch.Tensor]:
+        """[B, N, C] float: each row's weight in the sums `importance` reads (`reads_row_sums`)."""
+        return None
 
     def importance(self, layer_idx: int, attention: Optional[LayerAttention], state: PruneState,
                    hidden: torch.Tensor) -> torch.Tensor:
@@ -149,13 +176,18 @@ class FitPruneSelector(TokenSelector):
     name = "fitprune"
     tracked = ("visual",)  # the text after the image rides in token_data
     reads_head_max = True
+    reads_row_sums = True
+    row_sums_importance = staticmethod(fitprune_from_sums)
 
     def prepare(self, state, plan):
         state.token_data = torch.stack((state.visual, state.text_after), -1).float()  # [B, N, 2] row weights
 
+    def row_weights(self, state):
+        return state.token_data  # [B, N, 2]: (visual, text after)
+
     def importance(self, layer_idx, attention, state, hidden):
-        return fitprune_importance(attention.head_max, attention.row_start, state.visual, None,
-                                   state.n_visual, state.token_data)
+        sums = attention.row_sums(state.token_data)  # [B, 2, W]: self sum, cross
+        return self.row_sums_importance(sums, state.visual, state.n_visual)
 
 
 class RandomSelector(TokenSelector):

@@ -36,7 +36,7 @@ Public API (stable; the lmms-eval plugin and the flops tools use it):
 - `compile=True` (or `enable_fast_path(model, backend="inductor", mode=None, **options)` on a loaded model;
   `disable_fast_path(model)` undoes it): prefills, pruned or dense, run each decoder layer through
   `torch.compile`d regions, one graph per kind of layer step for every layer (fast_prefill.py): a
-  FitPrune model compiles 3 graphs once, another ratio / recipe / uniform none, fastv or random one more;
+  FitPrune model compiles 2 graphs once, another ratio / recipe / uniform none, fastv two, random one;
   prompt lengths are dynamic; decode steps stay eager. Same kept tokens and greedy tokens as eager.
   A compilation that fails warns once and runs eagerly. `model.fitprune_compile_stats`: calls, graphs,
   compile seconds (None without the fast path). llava-hf, LLaVA-NeXT and Qwen2.5-VL (M-RoPE rows gathered

@@ -3,20 +3,24 @@ decoder-layer step for every layer (layer_regions.py).
 
 `enable_fast_path(model, backend="inductor", mode=None, **options)` (or `load_pretrained(...,
 compile=True)`) gives one model instance a `HFCompiledPrefill`: from then on its prefills (pruned or
-dense) run the pruning decoder loop with each layer through three compiled regions
+dense) run the pruning decoder loop with each layer through compiled regions
 
     stock_step(layer, hidden [B,N,D], cos, sin [B,N,hd], mask [B,1,N,N] | None) -> hidden, k, v
-    pruning_attention_step(layer, hidden, cos, sin, mask, row_start, scores) -> out [B,N,H*hd], k, v, scores
+    pruning_step(layer, hidden, cos, sin, mask, row_start, weights, visual, keep [n], importance_fn, rows)
+        -> hidden [B,n,D], k, v, index [B,n], order [B,N], kept rows (cos, sin and the prune state's fields)
+    pruning_attention_step(layer, hidden, cos, sin, mask, row_start, scores, weights) -> out [B,N,H*hd], k, v, scores
     pruning_output_step(layer, out, hidden, cos, sin, index [B,n]) -> hidden [B,n,D], cos, sin [B,n,hd]
 
 the design of the LLaVA backend's compiled prefill (adapters/llava/fast_prefill.py, whose `Region`,
-statistics, dynamic marks, scores kinds and first-compile lock this module reuses): parameters are
-graph inputs (one graph serves every layer), the sequence dimensions are marked dynamic (every
-layer, prompt length, ratio and recipe reuses the graph), drop counts never enter a graph (the
-selector runs eagerly between the two pruning regions, as do the cache writes). Graph constants
-(guards): row_start (the first visual row), the scores kind (none: random / oracle; head_max:
-FitPrune, uniform; probs: FastV), padding (a mask or none), batch size 1 or more, dtype, device.
-So a FitPrune model compiles 3 graphs; another ratio, recipe or uniform none; fastv or random one.
+statistics, dynamic marks, scores kinds, `pruning_step` plumbing and first-compile lock this module
+reuses): parameters are graph inputs (one graph serves every layer), the sequence dimensions are
+marked dynamic (every layer, prompt length, ratio and recipe reuses the graph), drop counts are never
+graph constants (FitPrune and uniform select inside `pruning_step`, the kept length a dynamic size;
+other selectors run eagerly between the attention and output regions; cache writes run eagerly).
+Graph constants (guards): row_start (the first visual row), the scores kind (none: random / oracle;
+row_sums: FitPrune, uniform; probs: FastV), padding (a mask or none), batch size 1 or more, dtype,
+device. So a FitPrune model compiles 2 graphs; another ratio, recipe or uniform none; fastv two,
+random one.
 Qwen2.5-VL's M-RoPE (cos, sin) rows are made once per prefill by the model's rotary embedding and
 gathered with the kept tokens inside the output region.
 
@@ -32,8 +36,8 @@ from typing import Optional
 import torch
 
 from . import layer_regions
-from ..llava.fast_prefill import (CompiledPrefill, PrefillCompileStats, Region, counted_call, scores_kind,
-                                  select_rows, _dynamic)
+from ..llava.fast_prefill import (CompiledPrefill, PrefillCompileStats, Region, counted_call, one_region,
+                                  pruning_step, region_options, row_weights, scores_kind, select_rows, _dynamic)
 from ..llava.layer_step import attention_mask_4d
 
 # model types whose text layers the regions implement (Llama / Qwen2 decoder layers, standard rotary)
@@ -49,7 +53,7 @@ class HFCompiledPrefill:
         self.failed: Optional[str] = None  # why compiling failed: every region runs eagerly then
         self.regions = {name: Region(fn, self, backend, mode, options) for name, fn in (
             ("stock", layer_regions.stock_step), ("attention", layer_regions.pruning_attention_step),
-            ("output", layer_regions.pruning_output_step))}
+            ("output", layer_regions.pruning_output_step), ("step", layer_regions.pruning_step))}
 
     fail = CompiledPrefill.fail  # one warning line, then every region runs eagerly (the LLaVA backend's)
 
@@ -82,13 +86,19 @@ def regional_layers(text_model, regions: dict, hidden_states, cos, sin, valid, c
                 trace.dropped_positions.append(None)
             continue
         r0 = min(prune.row_start, N)
-        out, k, v, extra = regions["attention"](layer, hidden_states, cos, sin, mask, r0, scores)
+        if one_region(selector, step):  # attention, selection, output and the gathers in one region
+            hidden_states, k, v, (cos, sin), record = pruning_step(regions["step"], layer, hidden_states, cos, sin,
+                                                                   mask, r0, selector, prune, step)
+        else:
+            out, k, v, extra = regions["attention"](layer, hidden_states, cos, sin, mask, r0, scores,
+                                                    row_weights(selector, scores, prune))
+            index, kept, record = select_rows(selector, layer_idx, extra, scores, r0, prune, hidden_states,
+                                              step)  # [B, n]
+            hidden_states, cos, sin = regions["output"](layer, _dynamic(out, 1), hidden_states, cos, sin,
+                                                        _dynamic(index, 1))
+            prune.gather(index, kept, selector.tracked)
         if cache is not None:
             cache.update(k, v, layer_idx)
-        index, kept, record = select_rows(selector, layer_idx, extra, scores, r0, prune, hidden_states, step)  # [B, n]
-        hidden_states, cos, sin = regions["output"](layer, _dynamic(out, 1), hidden_states, cos, sin,
-                                                    _dynamic(index, 1))
-        prune.gather(index, kept, selector.tracked)
         valid = prune.valid
         trace.dropped_positions.append(record.positions())
     return hidden_states, valid
@@ -109,7 +119,7 @@ def enable_fast_path(model, backend="inductor", mode=None, **options) -> Prefill
     if any(t != "full_attention" for t in layer_types):
         raise NotImplementedError(f"the compiled prefill supports full-attention layers only; this model's layer "
                                   f"types: {sorted(set(layer_types))} (e.g. use_sliding_window=False)")
-    text.fitprune.compiled = HFCompiledPrefill(backend, mode, **options)
+    text.fitprune.compiled = HFCompiledPrefill(backend, mode, **region_options(model.device, backend, options))
     return text.fitprune.compiled.stats
 
 

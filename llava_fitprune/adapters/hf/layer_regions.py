@@ -1,13 +1,15 @@
 """The compiled regions of a transformers-5.x prefill: one decoder layer's tensor work, as pure
 functions of the layer (Llama: llava-hf, LLaVA-NeXT; Qwen2 / Qwen2.5-VL's text model).
 
-The transformers backend's port of adapters/llava/layer_regions.py (same three kinds, same rules:
+The transformers backend's port of adapters/llava/layer_regions.py (same four kinds, same rules:
 the layer's parameters are graph inputs, so one graph serves every layer; what differs between
 layers, recipes and methods enters as data, i.e. tensor sizes and the index of the kept rows; no
 cache, plan or selector inside):
 - `stock_step`: a layer that drops nothing;
+- `pruning_step`: a whole pruning layer, selection included (FitPrune, uniform; the LLaVA backend's
+  `select_and_output` after this backend's attention step);
 - `pruning_attention_step`: a pruning layer up to its attention output, plus what the selector's
-  scores read (the head-max map or the probabilities of rows row_start..N-1);
+  scores read (the head-max map's row sums, the map or the probabilities of rows row_start..N-1);
 - `pruning_output_step`: the rows a pruning layer keeps, through `o_proj` and the MLP, and the
   rotary (cos, sin) rows of those tokens.
 Rotary rows arrive as the model's own rotary embedding made them once per prefill ([B, N, hd]:
@@ -30,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
-from ..llava.layer_regions import attention_and_scores
+from ..llava.layer_regions import attention_and_scores, select_and_output
 from ...core.selectors import take_rows
 
 
@@ -63,20 +65,22 @@ def stock_step(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: t
 
 
 def pruning_attention_step(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           mask: Optional[torch.Tensor], row_start: int, scores: str):
+                           mask: Optional[torch.Tensor], row_start: int, scores: str,
+                           weights: Optional[torch.Tensor] = None):
     """A pruning layer's attention, before the selection.
     hidden: [B, N, D]; cos, sin: [B, N, hd]; mask: additive [B, 1, N, N] or None (causal);
-    row_start: the first row the scores read (< N); scores: none / head_max / probs
-    (adapters/llava/layer_regions.SCORES). On SCORE_ROWS_ONCE_DEVICES (the CPU) with scores, the
-    flash kernel's log-sum-exp gives the probabilities with one exp each; else SDPA and the
-    probabilities once more. returns (out [B, N, H * hd] before o_proj, k, v [B, KV, N, hd],
-    head-max [B, R, N] float32 / probs [B, H, R, N] float32 / None (R = N - row_start))."""
+    row_start: the first row the scores read (< N); scores: none / row_sums / head_max / probs
+    (adapters/llava/layer_regions.SCORES); weights: [B, N, C] the selector's row weights (row_sums).
+    On SCORE_ROWS_ONCE_DEVICES (the CPU) with scores, the flash kernel's log-sum-exp gives the
+    probabilities with one exp each; else SDPA and the probabilities once more. returns (out
+    [B, N, H * hd] before o_proj, k, v [B, KV, N, hd], row sums [B, C, W] / head-max [B, R, N] /
+    probs [B, H, R, N] float32 / None (R = N - row_start))."""
     attn = layer.self_attn
     B, N, D = hidden.shape
     H, KV = attn.config.num_attention_heads, attn.config.num_key_value_heads
     q, k_cache, v_cache = _qkv(layer, layer.input_layernorm(hidden), cos, sin)
     out, extra = attention_and_scores(q, repeat_kv(k_cache, H // KV), repeat_kv(v_cache, H // KV), mask,
-                                      row_start, scores)  # out: [B, H, N, hd]
+                                      row_start, scores, weights)  # out: [B, H, N, hd]
     return out.transpose(1, 2).reshape(B, N, -1), k_cache, v_cache, extra
 
 
@@ -89,3 +93,15 @@ def pruning_output_step(layer: nn.Module, out: torch.Tensor, hidden: torch.Tenso
     out, residual, cos, sin = take_rows([out, hidden, cos, sin], index)  # [B, n, .]
     hidden = residual + layer.self_attn.o_proj(out)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), cos, sin
+
+
+def pruning_step(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 mask: Optional[torch.Tensor], row_start: int, weights: torch.Tensor, visual: torch.Tensor,
+                 keep: torch.Tensor, importance_fn, rows: list[torch.Tensor]):
+    """A whole pruning layer whose selector reads row sums (adapters/llava/layer_regions.pruning_step):
+    hidden: [B, N, D]; cos, sin: [B, N, hd]; weights: [B, N, C]; visual: [B, N] bool; keep: [n], n = N - drop;
+    rows: [B, N, ...] tensors that follow the kept rows (the rotary rows among them).
+    returns (hidden [B, n, D], k, v [B, KV, N, hd], index [B, n], order [B, N], the kept rows of `rows`)."""
+    out, k, v, sums = pruning_attention_step(layer, hidden, cos, sin, mask, row_start, "row_sums", weights)
+    hidden, index, order, rows = select_and_output(layer, out, hidden, sums, visual, keep, importance_fn, rows)
+    return hidden, k, v, index, order, rows

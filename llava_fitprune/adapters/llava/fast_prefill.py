@@ -3,10 +3,12 @@
 `CompiledPrefill(model)` (held by the fast path, fast_path.py, and installed only while one of its
 prefills runs; or `compile_prefill(model)` for every prefill of this one instance) replaces the
 model's `decoder_layers` loop, for prefills, by `regional_layers`: the same loop in Python, whose
-layers call three compiled regions (layer_regions.py):
+layers call four compiled regions (layer_regions.py):
 
-    stock_step(layer, hidden [B,N,D], cos, sin [B,1,N,hd], mask [B,1,N,N] | None) -> hidden, k, v
-    pruning_attention_step(layer, hidden, cos, sin, mask, row_start, scores) -> out [B,N,H*hd], k, v, scores
+    stock_step(layer, hidden [B,N,D], cos, sin [B,N,hd], mask [B,1,N,N] | None) -> hidden, k, v
+    pruning_step(layer, hidden, cos, sin, mask, row_start, weights [B,N,C], visual [B,N], keep [n],
+                 importance_fn, rows) -> hidden [B,n,D], k, v, index [B,n], order [B,N], kept rows
+    pruning_attention_step(layer, hidden, cos, sin, mask, row_start, scores, weights) -> out [B,N,H*hd], k, v, scores
     pruning_output_step(layer, out, hidden, index [B,n]) -> hidden [B,n,D]
 
 The interface (also for a port to another backend, e.g. adapters/hf): a region is a pure function of
@@ -17,16 +19,23 @@ returns tensors and writes nothing. Everything that differs between layers or re
 - lengths: the sequence dimensions (N, and n after a pruning layer) are marked dynamic
   (`maybe_mark_dynamic`) on every call, so every layer, prompt length, ratio and recipe reuses the
   graph; nothing else is dynamic (`dynamic=False`): widths, heads and the batch size stay constants;
-- drop counts: never enter a graph. The selector (core/selectors.py: its scores and a sort, or the
-  oracle's index) runs eagerly between the two pruning regions, from the scores the first returns,
-  and hands the second the index of the kept rows; the cache writes (`extend_key_mask`, `update`)
-  and the prune state's gathers run eagerly too, straight into a static cache (no staging copy).
+- drop counts: never a graph constant. A selector whose importance is a pure function of the head-max
+  map's row sums (FitPrune, uniform: `TokenSelector.row_sums_importance`), when every sample drops the
+  same count, runs inside `pruning_step`: the kept length enters as the size of `keep` (marked
+  dynamic), the score rows are summed in causal blocks (never a [B, R, N] map), the two sorts, the
+  kept rows of the hidden states, the rotary rows and the prune state's fields are taken in the
+  graph. Any other selector (FastV's probabilities, random, the oracle, LVPruning, unequal counts in
+  a padded batch) runs eagerly between `pruning_attention_step` and `pruning_output_step`, from the
+  scores the first returns. The cache writes (`extend_key_mask`, `update`) run eagerly, straight into
+  a static cache (no staging copy).
 Host values that are graph constants (guards): `row_start` (the first visual row: a new prompt
-template makes new pruning graphs), `scores` (none / head_max / probs: one pruning-attention graph
-per kind of selector: random and the oracle, FitPrune and uniform, FastV), whether a mask is given
-(padding), the batch size being 1 or more, grad mode, the dtype and the device.
-So on the CPU a FitPrune model compiles 3 graphs (stock, attention with head_max, output), a switch
-to another ratio or recipe none, a switch to fastv one (its attention step), random or the oracle one.
+template makes new pruning graphs), `scores` (none / row_sums / head_max / probs: one
+pruning-attention graph per kind of selector), the selector's importance function, the fields the
+prune state gathers, whether a mask is given (padding), the batch size being 1 or more, grad mode,
+the dtype and the device. So a FitPrune model compiles 2 graphs (stock, pruning step); a switch to
+another ratio, recipe or uniform none; to fastv two (its attention step, the output step); random or
+the oracle one (an attention step without scores). On a CPU inductor also writes the graphs' wrapper
+in C++ (`region_options`).
 
 Reliability: a region whose compilation fails (an inductor error, a truncated file in inductor's
 on-disk cache, a backend that raises) runs eagerly from then on (the regions are pure, so the
@@ -49,6 +58,7 @@ from typing import Callable, Optional
 import torch
 
 from . import layer_regions
+from ...core.selectors import DropRecord, TokenSelector
 from .layer_step import TailAttention, attention_mask_4d
 
 
@@ -98,6 +108,16 @@ class Region:
             return self.fn(*args)
 
 
+def region_options(device, backend, options: dict) -> dict:
+    """inductor's options for the regions: on a CPU, a C++ wrapper around the kernels (`cpp_wrapper`)
+    unless the caller says otherwise. A pruning region launches a few dozen kernels (the score rows in
+    blocks); their Python wrapper cost about 0.15 ms a call, a fifth of a late layer (BENCHMARKS.md,
+    "Compile time"). Other devices keep inductor's default (not measured there yet)."""
+    if backend == "inductor" and torch.device(device).type == "cpu":
+        return {"cpp_wrapper": True, **options}
+    return dict(options)
+
+
 def _dynamic(t: Optional[torch.Tensor], *dims: int) -> Optional[torch.Tensor]:
     """Mark the sequence dimensions `dims` of `t` dynamic (sizes 0 and 1 stay specialised)."""
     if t is not None:
@@ -111,7 +131,14 @@ def scores_kind(selector) -> str:
     """What a pruning attention step returns for `selector` (layer_regions.SCORES)."""
     if not selector.needs_attention:
         return "none"
+    if selector.reads_row_sums:
+        return "row_sums"
     return "head_max" if selector.reads_head_max else "probs"
+
+
+def row_weights(selector, scores: str, state):
+    """The selector's row weights [B, N, C] the attention region sums with (scores "row_sums"), else None."""
+    return _dynamic(selector.row_weights(state), 1) if scores == "row_sums" else None
 
 
 
@@ -131,14 +158,45 @@ def counted_call(stats: PrefillCompileStats, run: Callable, *args):
         stats.compile_s += seconds
     return out
 
+def one_region(selector, step) -> bool:
+    """Whether a pruning layer runs as one region (layer_regions.pruning_step): the selector's importance
+    is a pure function of the row sums (`row_sums_importance`), its `keep_rows` is the base one, and
+    every sample drops the same count. Else the attention and output regions, the selection between."""
+    return (selector.reads_row_sums and selector.row_sums_importance is not None and step.equal
+            and type(selector).keep_rows is TokenSelector.keep_rows)
+
+
+def kept_length(n: int, device) -> torch.Tensor:
+    """[n], marked dynamic: a pruning step's kept length as a size (never a graph constant)."""
+    return _dynamic(torch.empty(n, dtype=torch.bool, device=device), 0)
+
+
+def pruning_step(region, layer, hidden_states, cos, sin, mask, r0: int, selector, state, step):
+    """A pruning layer as one region (`one_region`; either backend's layer_regions.pruning_step), the prune
+    state following its kept rows. hidden_states: [B, N, D]; cos, sin: [B, N, hd].
+    returns (hidden [B, n, D], k, v [B, KV, N, hd], (cos, sin) [B, n, hd], record)."""
+    state.n_visual = step.n_visual
+    names = state.gathered(selector.tracked)
+    rows = [cos, sin] + [_dynamic(getattr(state, name), 1) for name in names]  # [B, N, ...] each
+    record = DropRecord(state.orig_pos, state.valid, count=step.max_drop)
+    hidden_states, k, v, index, record.order, rows = region(
+        layer, hidden_states, cos, sin, mask, r0, row_weights(selector, "row_sums", state), _dynamic(state.visual, 1),
+        kept_length(step.new_len, hidden_states.device), selector.row_sums_importance, rows)  # hidden: [B, n, D]
+    state.set_rows(names, rows[2:], None, selector.tracked)
+    return hidden_states, k, v, (_dynamic(rows[0], 1), _dynamic(rows[1], 1)), record
+
+
 def select_rows(selector, layer_idx: int, extra, scores: str, r0: int, state, hidden_states, step):
     """The selection between a pruning layer's two compiled regions (both backends' regional loops): the
-    scores the attention region returned (`extra`: head-max [B, R, N] or probabilities [B, H, R, N] of rows
-    r0..N-1, or None) handed to the selector as its LayerAttention. returns (index [B, n], kept, record)."""
+    scores the attention region returned (`extra`: row sums [B, C, W], head-max [B, R, N] or probabilities
+    [B, H, R, N] of rows r0..N-1, or None) handed to the selector as its LayerAttention.
+    returns (index [B, n], kept, record)."""
     attention = None
     if scores != "none":
         attention = TailAttention(None, None, r0, None)
-        if scores == "head_max":
+        if scores == "row_sums":
+            attention._row_sums = extra  # [B, C, W]
+        elif scores == "head_max":
             attention._head_max = extra  # [B, R, N]
         else:
             attention._probs = extra  # [B, H, R, N]
@@ -153,8 +211,8 @@ def regional_layers(lm, regions: dict, hidden_states, valid, position_ids, cache
     rope = lm.layers[0].self_attn.rotary_emb  # every layer's table is the same (RopeTable: long enough)
     cos_table, sin_table = rope(hidden_states, seq_len=lm.rope_span.length)  # [P, hd]
 
-    def rotary(pos):  # pos: [B, N] -> cos, sin [B, 1, N, hd]
-        return _dynamic(cos_table[pos].unsqueeze(1), 2), _dynamic(sin_table[pos].unsqueeze(1), 2)
+    def rotary(pos):  # pos: [B, N] -> cos, sin [B, N, hd]
+        return _dynamic(cos_table[pos], 1), _dynamic(sin_table[pos], 1)
 
     cos, sin = rotary(position_ids)
     mask, mask_key = None, None
@@ -175,14 +233,20 @@ def regional_layers(lm, regions: dict, hidden_states, valid, position_ids, cache
                 trace.records.append(None)
             continue
         r0 = min(state.row_start, N)
-        out, k, v, extra = regions["attention"](layer, hidden_states, cos, sin, mask, r0, scores)
+        if one_region(selector, step):  # attention, selection, output and the gathers in one region
+            hidden_states, k, v, (cos, sin), record = pruning_step(regions["step"], layer, hidden_states, cos, sin,
+                                                                   mask, r0, selector, state, step)
+        else:
+            out, k, v, extra = regions["attention"](layer, hidden_states, cos, sin, mask, r0, scores,
+                                                    row_weights(selector, scores, state))
+            index, kept, record = select_rows(selector, layer_idx, extra, scores, r0, state, hidden_states,
+                                              step)  # [B, n]
+            hidden_states = regions["output"](layer, _dynamic(out, 1), hidden_states, _dynamic(index, 1))
+            state.gather(index, kept, selector.tracked)
+            cos, sin = rotary(state.positions)
         if cache is not None and use_cache:
             cache.update(k, v, layer_idx)
-        index, kept, record = select_rows(selector, layer_idx, extra, scores, r0, state, hidden_states, step)  # [B, n]
-        hidden_states = regions["output"](layer, _dynamic(out, 1), hidden_states, _dynamic(index, 1))
-        state.gather(index, kept, selector.tracked)
         valid = state.valid
-        cos, sin = rotary(state.positions)
         trace.records.append(record)
     return hidden_states, None, None
 
@@ -225,9 +289,10 @@ class CompiledPrefill:
         self.stats = PrefillCompileStats(backend=backend if isinstance(backend, str) else getattr(
             backend, "__name__", repr(backend)))
         self.failed: Optional[str] = None  # why compiling failed: every region runs eagerly then
+        options = region_options(model.device, backend, options)
         self.regions = {name: Region(fn, self, backend, mode, options) for name, fn in (
             ("stock", layer_regions.stock_step), ("attention", layer_regions.pruning_attention_step),
-            ("output", layer_regions.pruning_output_step))}
+            ("output", layer_regions.pruning_output_step), ("step", layer_regions.pruning_step))}
 
     def fail(self, region: str, error: Exception) -> None:
         """A region failed to compile (or to load from inductor's cache): warn once, run eagerly from now on."""

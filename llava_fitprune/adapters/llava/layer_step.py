@@ -167,14 +167,16 @@ def blocked_head_max(q: torch.Tensor, k: torch.Tensor, r0: int, mask: Optional[t
 class TailAttention(LayerAttention):
     """A pruning layer's attention as the scores read it, made on first use: the head-max map of
     rows row_start..N-1 ([B, R, N] float32, block by block when large) or the probabilities
-    ([B, H, R, N], in one piece) for a selector that asks for them. (Plain properties, not
-    functools.cached_property, whose lock `torch.compile` cannot trace.)"""
+    ([B, H, R, N], in one piece) for a selector that asks for them; or the row sums a compiled
+    attention region made (`_row_sums`, for the selector's own `row_weights`). (Plain properties,
+    not functools.cached_property, whose lock `torch.compile` cannot trace.)"""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, row_start: int, mask: Optional[torch.Tensor]):
         self.row_start = row_start
         self._qkm = (q, k, mask)
         self._probs: Optional[torch.Tensor] = None
         self._head_max: Optional[torch.Tensor] = None
+        self._row_sums: Optional[torch.Tensor] = None  # [B, C, W], made with the selector's row_weights
 
     @property
     def probs(self) -> torch.Tensor:
@@ -190,6 +192,9 @@ class TailAttention(LayerAttention):
             self._head_max = (self._probs.amax(dim=1) if self._probs is not None
                               else tail_head_max(q, k, self.row_start, mask))
         return self._head_max
+
+    def row_sums(self, weights: torch.Tensor) -> torch.Tensor:
+        return self._row_sums if self._row_sums is not None else super().row_sums(weights)
 
     def __repr__(self) -> str:
         return f"TailAttention(row_start={self.row_start})"
