@@ -36,8 +36,8 @@ from typing import Optional
 import torch
 
 from . import layer_regions
-from ..llava.fast_prefill import (CompiledPrefill, PrefillCompileStats, Region, counted_call, one_region,
-                                  pruning_step, region_options, row_weights, scores_kind, select_rows, _dynamic)
+from ..llava.fast_prefill import (CompiledPrefill, PrefillCompileStats, Region, counted_call, pruning_layer,
+                                  region_options, scores_kind, _dynamic)
 from ..llava.layer_step import attention_mask_4d
 
 # model types whose text layers the regions implement (Llama / Qwen2 decoder layers, standard rotary)
@@ -85,18 +85,9 @@ def regional_layers(text_model, regions: dict, hidden_states, cos, sin, valid, c
             if trace is not None:
                 trace.dropped_positions.append(None)
             continue
-        r0 = min(prune.row_start, N)
-        if one_region(selector, step):  # attention, selection, output and the gathers in one region
-            hidden_states, k, v, (cos, sin), record = pruning_step(regions["step"], layer, hidden_states, cos, sin,
-                                                                   mask, r0, selector, prune, step)
-        else:
-            out, k, v, extra = regions["attention"](layer, hidden_states, cos, sin, mask, r0, scores,
-                                                    row_weights(selector, scores, prune))
-            index, kept, record = select_rows(selector, layer_idx, extra, scores, r0, prune, hidden_states,
-                                              step)  # [B, n]
-            hidden_states, cos, sin = regions["output"](layer, _dynamic(out, 1), hidden_states, cos, sin,
-                                                        _dynamic(index, 1))
-            prune.gather(index, kept, selector.tracked)
+        hidden_states, k, v, (cos, sin), record = pruning_layer(regions, layer, layer_idx, hidden_states, cos, sin,
+                                                                mask, min(prune.row_start, N), scores, selector,
+                                                                prune, step)
         if cache is not None:
             cache.update(k, v, layer_idx)
         valid = prune.valid

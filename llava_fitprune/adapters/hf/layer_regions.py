@@ -10,8 +10,8 @@ cache, plan or selector inside):
   `select_and_output` after this backend's attention step);
 - `pruning_attention_step`: a pruning layer up to its attention output, plus what the selector's
   scores read (the head-max map's row sums, the map or the probabilities of rows row_start..N-1);
-- `pruning_output_step`: the rows a pruning layer keeps, through `o_proj` and the MLP, and the
-  rotary (cos, sin) rows of those tokens.
+- `pruning_output_step` (the LLaVA backend's, the same layer attributes): the rows a pruning layer
+  keeps, through `o_proj` and the MLP, and the rotary (cos, sin) rows of those tokens.
 Rotary rows arrive as the model's own rotary embedding made them once per prefill ([B, N, hd]:
 for Qwen2.5-VL the M-RoPE rows, its three sections already merged by `Qwen2_5_VLRotaryEmbedding`),
 so the rotation is the same `q * cos + rotate_half(q) * sin` for every supported family. The output
@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
-from ..llava.layer_regions import attention_and_scores, select_and_output
+from ..llava.layer_regions import attention_and_scores, pruning_output_step, select_and_output  # noqa: F401 (a region)
 from ...core.selectors import take_rows
 
 
@@ -82,17 +82,6 @@ def pruning_attention_step(layer: nn.Module, hidden: torch.Tensor, cos: torch.Te
     out, extra = attention_and_scores(q, repeat_kv(k_cache, H // KV), repeat_kv(v_cache, H // KV), mask,
                                       row_start, scores, weights)  # out: [B, H, N, hd]
     return out.transpose(1, 2).reshape(B, N, -1), k_cache, v_cache, extra
-
-
-def pruning_output_step(layer: nn.Module, out: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor,
-                        sin: torch.Tensor, index: torch.Tensor):
-    """The kept rows of a pruning layer through o_proj and the MLP, and their rotary rows.
-    out: [B, N, H * hd] attention output; hidden: [B, N, D] the layer's input (the residual);
-    cos, sin: [B, N, hd]; index: [B, n] long rows kept.
-    returns (hidden [B, n, D], cos [B, n, hd], sin [B, n, hd])."""
-    out, residual, cos, sin = take_rows([out, hidden, cos, sin], index)  # [B, n, .]
-    hidden = residual + layer.self_attn.o_proj(out)
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), cos, sin
 
 
 def pruning_step(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -9,7 +9,7 @@ layers call four compiled regions (layer_regions.py):
     pruning_step(layer, hidden, cos, sin, mask, row_start, weights [B,N,C], visual [B,N], keep [n],
                  importance_fn, rows) -> hidden [B,n,D], k, v, index [B,n], order [B,N], kept rows
     pruning_attention_step(layer, hidden, cos, sin, mask, row_start, scores, weights) -> out [B,N,H*hd], k, v, scores
-    pruning_output_step(layer, out, hidden, index [B,n]) -> hidden [B,n,D]
+    pruning_output_step(layer, out, hidden, cos, sin, index [B,n]) -> hidden [B,n,D], cos, sin [B,n,hd]
 
 The interface (also for a port to another backend, e.g. adapters/hf): a region is a pure function of
 (layer module, tensors, a few host values that are the same for every layer of a prefill); it
@@ -186,6 +186,22 @@ def pruning_step(region, layer, hidden_states, cos, sin, mask, r0: int, selector
     return hidden_states, k, v, (_dynamic(rows[0], 1), _dynamic(rows[1], 1)), record
 
 
+def pruning_layer(regions: dict, layer, layer_idx: int, hidden_states, cos, sin, mask, r0: int, scores: str, selector,
+                  state, step):
+    """A pruning layer of either backend's regional loop: one region (`one_region`: attention, selection,
+    output and the gathers) or the attention and output regions with the selection between them; the
+    prune state follows the kept rows. hidden_states: [B, N, D]; cos, sin: [B, N, hd].
+    returns (hidden [B, n, D], k, v [B, KV, N, hd], (cos, sin) [B, n, hd], record)."""
+    if one_region(selector, step):
+        return pruning_step(regions["step"], layer, hidden_states, cos, sin, mask, r0, selector, state, step)
+    out, k, v, extra = regions["attention"](layer, hidden_states, cos, sin, mask, r0, scores,
+                                            row_weights(selector, scores, state))
+    index, kept, record = select_rows(selector, layer_idx, extra, scores, r0, state, hidden_states, step)  # [B, n]
+    hidden_states, cos, sin = regions["output"](layer, _dynamic(out, 1), hidden_states, cos, sin, _dynamic(index, 1))
+    state.gather(index, kept, selector.tracked)
+    return hidden_states, k, v, (_dynamic(cos, 1), _dynamic(sin, 1)), record
+
+
 def select_rows(selector, layer_idx: int, extra, scores: str, r0: int, state, hidden_states, step):
     """The selection between a pruning layer's two compiled regions (both backends' regional loops): the
     scores the attention region returned (`extra`: row sums [B, C, W], head-max [B, R, N] or probabilities
@@ -203,18 +219,16 @@ def select_rows(selector, layer_idx: int, extra, scores: str, r0: int, state, hi
     state.n_visual = step.n_visual
     return selector.keep_rows(layer_idx, attention, state, hidden_states, step)
 
+
 def regional_layers(lm, regions: dict, hidden_states, valid, position_ids, cache, padded, plan, state, selector,
                     trace, use_cache=True):
     """`decoder_layers` of a prefill (the cache, if any, is empty), each layer through the compiled
-    regions in `regions` ({"stock", "attention", "output"}: Region or plain functions).
+    regions in `regions` ({"stock", "step", "attention", "output"}: Region or plain functions).
     hidden_states: [B, N, D] -> ([B, N_L, D], None, None)."""
     rope = lm.layers[0].self_attn.rotary_emb  # every layer's table is the same (RopeTable: long enough)
     cos_table, sin_table = rope(hidden_states, seq_len=lm.rope_span.length)  # [P, hd]
-
-    def rotary(pos):  # pos: [B, N] -> cos, sin [B, N, hd]
-        return _dynamic(cos_table[pos], 1), _dynamic(sin_table[pos], 1)
-
-    cos, sin = rotary(position_ids)
+    # the rows' rotary rows [B, N, hd], taken with the kept rows from then on
+    cos, sin = _dynamic(cos_table[position_ids], 1), _dynamic(sin_table[position_ids], 1)
     mask, mask_key = None, None
     scores = scores_kind(selector)
     for layer_idx, layer in enumerate(lm.layers):
@@ -232,18 +246,9 @@ def regional_layers(lm, regions: dict, hidden_states, valid, position_ids, cache
             if plan is not None:
                 trace.records.append(None)
             continue
-        r0 = min(state.row_start, N)
-        if one_region(selector, step):  # attention, selection, output and the gathers in one region
-            hidden_states, k, v, (cos, sin), record = pruning_step(regions["step"], layer, hidden_states, cos, sin,
-                                                                   mask, r0, selector, state, step)
-        else:
-            out, k, v, extra = regions["attention"](layer, hidden_states, cos, sin, mask, r0, scores,
-                                                    row_weights(selector, scores, state))
-            index, kept, record = select_rows(selector, layer_idx, extra, scores, r0, state, hidden_states,
-                                              step)  # [B, n]
-            hidden_states = regions["output"](layer, _dynamic(out, 1), hidden_states, _dynamic(index, 1))
-            state.gather(index, kept, selector.tracked)
-            cos, sin = rotary(state.positions)
+        hidden_states, k, v, (cos, sin), record = pruning_layer(regions, layer, layer_idx, hidden_states, cos, sin,
+                                                                mask, min(state.row_start, N), scores, selector,
+                                                                state, step)
         if cache is not None and use_cache:
             cache.update(k, v, layer_idx)
         valid = state.valid

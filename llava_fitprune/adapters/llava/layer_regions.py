@@ -13,7 +13,8 @@ Four kinds (fast_prefill.CompiledPrefill compiles each once):
 - `pruning_attention_step`: a pruning layer up to its attention output, plus what the selector's
   scores read (the row sums of the head-max map, the map itself or the probabilities of rows
   row_start..N-1);
-- `pruning_output_step`: the rows a pruning layer keeps, through `o_proj` and the MLP.
+- `pruning_output_step`: the rows a pruning layer keeps, through `o_proj` and the MLP, and their
+  rotary rows.
 Between the last two, the selector's choice (a few sorts: core/selectors.py) runs eagerly, as does
 every cache write: the regions return the layer's keys and values.
 - `pruning_step`: a whole pruning layer, selection included, for a selector whose importance is a
@@ -196,15 +197,22 @@ def select_and_output(layer: nn.Module, out: torch.Tensor, hidden: torch.Tensor,
     returns (hidden [B, n, D], index [B, n], order [B, N], the kept rows of `rows`)."""
     importance = importance_fn(sums, visual, None)  # [B, N], +inf off the visual tokens
     index, order = keep_rows_lowest(importance, hidden.shape[1] - keep.shape[0])  # [B, n], [B, N]
-    rows = take_rows(rows, index)
-    return pruning_output_step(layer, out, hidden, index), index, order, rows
+    out, hidden, *rows = take_rows([out, hidden, *rows], index)  # [B, n, .]
+    return kept_output(layer, out, hidden), index, order, rows
 
 
-def pruning_output_step(layer: nn.Module, out: torch.Tensor, hidden: torch.Tensor,
-                        index: torch.Tensor) -> torch.Tensor:
-    """The kept rows of a pruning layer through o_proj and the MLP.
+def pruning_output_step(layer: nn.Module, out: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, index: torch.Tensor):
+    """The kept rows of a pruning layer through o_proj and the MLP, and their rotary rows (both backends).
     out: [B, N, H * hd] attention output; hidden: [B, N, D] the layer's input (the residual);
-    index: [B, n] long rows kept. returns hidden [B, n, D]."""
-    out, residual = take_rows([out, hidden], index)  # [B, n, .]
+    cos, sin: [B, N, hd]; index: [B, n] long rows kept.
+    returns (hidden [B, n, D], cos [B, n, hd], sin [B, n, hd])."""
+    out, residual, cos, sin = take_rows([out, hidden, cos, sin], index)  # [B, n, .]
+    return kept_output(layer, out, residual), cos, sin
+
+
+def kept_output(layer: nn.Module, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """out: [B, n, H * hd] the kept rows' attention output; residual: [B, n, D] their layer input.
+    returns hidden [B, n, D] after o_proj and the MLP."""
     hidden = residual + layer.self_attn.o_proj(out)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
