@@ -33,12 +33,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from . import layer_regions
-from ..llava.fast_prefill import (CompiledPrefill, PrefillCompileStats, Region, counted_call, pruning_layer,
-                                  region_options, scores_kind, _dynamic)
-from ..llava.layer_step import attention_mask_4d
+from ..llava.fast_prefill import (CompiledPrefill, PrefillCompileStats, Region, counted_call, region_options,
+                                  regional_loop)
 
 # model types whose text layers the regions implement (Llama / Qwen2 decoder layers, standard rotary)
 COMPILED_MODEL_TYPES = ("llava", "llava_next", "qwen2_5_vl")
@@ -66,32 +63,13 @@ class HFCompiledPrefill:
 
 def regional_layers(text_model, regions: dict, hidden_states, cos, sin, valid, cache, padded, plan, prune, selector,
                     trace):
-    """The pruning decoder loop of a prefill (decoder.py's, layer by layer through `regions`).
-    prune: the PruneState (None: nothing drops). returns (hidden [B, N_L, D], valid [B, N_L])."""
-    mask, mask_key = None, None
-    scores = scores_kind(selector)
-    for layer_idx, layer in enumerate(text_model.layers):
-        N = hidden_states.shape[1]
-        key_mask = cache.extend_key_mask(layer_idx, valid) if cache is not None else valid  # [B, N]
-        if padded and mask_key is not key_mask:
-            mask_key = key_mask
-            mask = _dynamic(attention_mask_4d(key_mask, N, 0, hidden_states.dtype, "eager", True), 2, 3)
-        _dynamic(hidden_states, 1), _dynamic(cos, 1), _dynamic(sin, 1)
-        step = plan.steps.get(layer_idx) if prune is not None else None
-        if step is None:
-            hidden_states, k, v = regions["stock"](layer, hidden_states, cos, sin, mask)
-            if cache is not None:
-                cache.update(k, v, layer_idx)
-            if trace is not None:
-                trace.dropped_positions.append(None)
-            continue
-        hidden_states, k, v, (cos, sin), record = pruning_layer(regions, layer, layer_idx, hidden_states, cos, sin,
-                                                                mask, min(prune.row_start, N), scores, selector,
-                                                                prune, step)
-        if cache is not None:
-            cache.update(k, v, layer_idx)
-        valid = prune.valid
-        trace.dropped_positions.append(record.positions())
+    """The pruning decoder loop of a prefill (decoder.py's, layer by layer through `regions`: the LLaVA
+    backend's `regional_loop`). prune: the PruneState (None: nothing drops).
+    returns (hidden [B, N_L, D], valid [B, N_L])."""
+    hidden_states, valid, records = regional_loop(text_model.layers, regions, hidden_states, cos, sin, valid, cache,
+                                                  padded, plan, prune, selector)
+    if trace is not None:
+        trace.dropped_positions.extend(None if r is None else r.positions() for r in records)
     return hidden_states, valid
 
 

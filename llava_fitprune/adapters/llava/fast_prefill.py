@@ -228,32 +228,44 @@ def regional_layers(lm, regions: dict, hidden_states, valid, position_ids, cache
     rope = lm.layers[0].self_attn.rotary_emb  # every layer's table is the same (RopeTable: long enough)
     cos_table, sin_table = rope(hidden_states, seq_len=lm.rope_span.length)  # [P, hd]
     # the rows' rotary rows [B, N, hd], taken with the kept rows from then on
-    cos, sin = _dynamic(cos_table[position_ids], 1), _dynamic(sin_table[position_ids], 1)
+    hidden_states, _, records = regional_loop(lm.layers, regions, hidden_states, cos_table[position_ids],
+                                              sin_table[position_ids], valid, cache, padded, plan, state, selector,
+                                              use_cache)
+    if plan is not None:
+        trace.records.extend(records)
+    return hidden_states, None, None
+
+
+def regional_loop(layers, regions: dict, hidden_states, cos, sin, valid, cache, padded, plan, state, selector,
+                  use_cache=True):
+    """Both backends' prefill layer loop through compiled regions (the cache, if any, is empty).
+    hidden_states: [B, N, D]; cos, sin: [B, N, hd] the rows' rotary rows; valid: [B, N] bool; plan, state:
+    the prefill plan and PruneState (None: nothing drops). returns (hidden [B, N_L, D], valid [B, N_L],
+    the DropRecord of each layer, None where it drops nothing)."""
+    cos, sin = _dynamic(cos, 1), _dynamic(sin, 1)
     mask, mask_key = None, None
     scores = scores_kind(selector)
-    for layer_idx, layer in enumerate(lm.layers):
+    records = []
+    for layer_idx, layer in enumerate(layers):
         N = hidden_states.shape[1]
         key_mask = cache.extend_key_mask(layer_idx, valid) if cache is not None else valid  # [B, N]
         if padded and mask_key is not key_mask:
             mask_key = key_mask
             mask = _dynamic(attention_mask_4d(key_mask, N, 0, hidden_states.dtype, "eager", True), 2, 3)
         _dynamic(hidden_states, 1)
-        step = plan.steps.get(layer_idx) if plan is not None else None
+        step = plan.steps.get(layer_idx) if plan is not None and state is not None else None
         if step is None:
             hidden_states, k, v = regions["stock"](layer, hidden_states, cos, sin, mask)
-            if cache is not None and use_cache:
-                cache.update(k, v, layer_idx)
-            if plan is not None:
-                trace.records.append(None)
-            continue
-        hidden_states, k, v, (cos, sin), record = pruning_layer(regions, layer, layer_idx, hidden_states, cos, sin,
-                                                                mask, min(state.row_start, N), scores, selector,
-                                                                state, step)
+            record = None
+        else:
+            hidden_states, k, v, (cos, sin), record = pruning_layer(regions, layer, layer_idx, hidden_states, cos,
+                                                                    sin, mask, min(state.row_start, N), scores,
+                                                                    selector, state, step)
+            valid = state.valid
         if cache is not None and use_cache:
             cache.update(k, v, layer_idx)
-        valid = state.valid
-        trace.records.append(record)
-    return hidden_states, None, None
+        records.append(record)
+    return hidden_states, valid, records
 
 
 @contextlib.contextmanager
