@@ -16,10 +16,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+from llava_fitprune.bench.phases import run_phases
+from llava_fitprune.utils.atomic import write_json
 
 STEPS = ("fitprune-0.6", "fitprune-0.9", "fastv", "recipe", "dense")
 
@@ -132,30 +134,19 @@ def main(argv=None):
               "backend": args.backend, "threads": args.threads, "prompt": [args.text_before, "576 visual",
                                                                              args.text_after],
               "cpus": os.cpu_count(), "torch": __import__("torch").__version__, "phases": {}}
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, OMP_NUM_THREADS=str(args.threads))
-    for phase in [x for x in args.phases.split(",") if x]:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model-dir", model_dir,
-               "--backend", args.backend, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-               "--repeats", str(args.repeats if phase == args.phases.split(",")[-1] else 0),
-               "--steps", ",".join(args.steps), "--text-before", str(args.text_before),
-               "--text-after", str(args.text_after)]
-        load0 = os.getloadavg()
-        print(f"{phase}: load average {load0[0]:.2f} ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        try:
-            done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, timeout=args.timeout, text=True)
-            out = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else \
-                {"error": f"worker exit {done.returncode}"}
-        except subprocess.TimeoutExpired:
-            out = {"error": f"timed out after {args.timeout:.0f} s"}
-        out.update(load_avg_before=[round(x, 2) for x in load0], load_avg_after=[round(x, 2) for x in os.getloadavg()],
-                   process_s=round(time.perf_counter() - t0, 1))
-        result["phases"][phase] = out
+    phases = [x for x in args.phases.split(",") if x]
+
+    def cmd(phase):  # the run-time rows in the last phase only
+        return [sys.executable, os.path.abspath(__file__), "--worker", "--model-dir", model_dir,
+                "--backend", args.backend, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
+                "--repeats", str(args.repeats if phase == args.phases.split(",")[-1] else 0),
+                "--steps", ",".join(args.steps), "--text-before", str(args.text_before),
+                "--text-after", str(args.text_after)]
+
+    result["phases"] = run_phases(phases, cmd, cache, args.threads, args.timeout)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, result, indent=1, newline=False)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "steps"} | {
         "steps": {s: {kk: vv for kk, vv in d.items() if kk != "tokens"} for s, d in v.get("steps", {}).items()}}
         for k, v in result["phases"].items()}, indent=1))
