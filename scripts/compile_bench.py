@@ -13,7 +13,6 @@ and of dense, timed in turns (medians), and their ratio. Writes JSON and prints 
 machine's load average is recorded beside the numbers. Works against an older checkout too
 (PYTHONPATH=that checkout): it uses only enable_fast_path, set_pruning, generate and FastPath.prefill.
 """
-import argparse
 import json
 import os
 import statistics
@@ -21,10 +20,9 @@ import sys
 import tempfile
 import time
 
-from llava_fitprune.bench.phases import run_phases
+from llava_fitprune.bench.phases import bench_parser, parse_bench_args, run_phases, worker_cmd
 from llava_fitprune.utils.atomic import write_json
 
-STEPS = ("fitprune-0.6", "fitprune-0.9", "fastv", "recipe", "dense")
 
 
 def worker(args) -> dict:
@@ -93,26 +91,7 @@ def build(model_dir: str, layers: int) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--backend", default="inductor")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--new-tokens", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=7, help="timed prefills per row (0: no run-time rows)")
-    p.add_argument("--steps", default=",".join(STEPS), help=f"comma list, in order, of {STEPS}")
-    p.add_argument("--phases", default="cold,warm", help="cold, warm: a fresh process each")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per phase")
-    p.add_argument("--json", default="benchmarks/cpu/compile-bench.json")
-    p.add_argument("--label", default="", help="what ran (e.g. 'before: main at 05ac5f1')")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--text-before", type=int, default=35)
-    p.add_argument("--text-after", type=int, default=30)
-    args = p.parse_args(argv)
-    args.steps = [s for s in args.steps.split(",") if s]
-    unknown = [s for s in args.steps if s not in STEPS]
-    if unknown:
-        p.error(f"unknown steps {unknown}; choose from {STEPS}")
+    args = parse_bench_args(bench_parser(__doc__, repeats=7, json_path="benchmarks/cpu/compile-bench.json"), argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return
@@ -125,12 +104,9 @@ def main(argv=None):
               "layers": args.layers, "backend": args.backend, "threads": args.threads,
               "prompt": [args.text_before, "576 visual", args.text_after], "cpus": os.cpu_count(),
               "torch": __import__("torch").__version__, "phases": {}}
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model-dir", model_dir,
-           "--backend", args.backend, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-           "--repeats", str(args.repeats), "--steps", ",".join(args.steps),
-           "--text-before", str(args.text_before), "--text-after", str(args.text_after)]
-    result["phases"] = run_phases([x for x in args.phases.split(",") if x], lambda phase: cmd, cache, args.threads,
-                                  args.timeout)
+    result["phases"] = run_phases([x for x in args.phases.split(",") if x],
+                                  lambda phase: worker_cmd(__file__, args, model_dir, args.repeats), cache,
+                                  args.threads, args.timeout)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         write_json(args.json, result, indent=1, newline=False)

@@ -12,7 +12,6 @@ TORCHINDUCTOR_CACHE_DIR, "warm" with the cache the cold phase left. Per step: se
 on the prompt's embeddings, a fresh cache each), FitPrune 0.6 and dense in turns (medians), compiled
 and eager, and the ratios. Writes JSON, prints a table; the load average is recorded beside the numbers.
 """
-import argparse
 import json
 import os
 import statistics
@@ -20,10 +19,9 @@ import sys
 import tempfile
 import time
 
-from llava_fitprune.bench.phases import run_phases
+from llava_fitprune.bench.phases import bench_parser, parse_bench_args, run_phases, worker_cmd
 from llava_fitprune.utils.atomic import write_json
 
-STEPS = ("fitprune-0.6", "fitprune-0.9", "fastv", "recipe", "dense")
 
 
 def worker(args) -> dict:
@@ -102,24 +100,7 @@ def worker(args) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--backend", default="inductor")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--new-tokens", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5, help="timed prefills per row (0: no run-time rows)")
-    p.add_argument("--steps", default=",".join(STEPS), help=f"comma list, in order, of {STEPS}")
-    p.add_argument("--phases", default="cold,warm", help="cold, warm: a fresh process each")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per phase")
-    p.add_argument("--json", default="benchmarks/cpu/hf-compile-bench.json")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--text-before", type=int, default=35)
-    p.add_argument("--text-after", type=int, default=30)
-    args = p.parse_args(argv)
-    args.steps = [s for s in args.steps.split(",") if s]
-    if [s for s in args.steps if s not in STEPS]:
-        p.error(f"unknown steps in {args.steps}; choose from {STEPS}")
+    args = parse_bench_args(bench_parser(__doc__, repeats=5, json_path="benchmarks/cpu/hf-compile-bench.json"), argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return
@@ -135,15 +116,9 @@ def main(argv=None):
                                                                              args.text_after],
               "cpus": os.cpu_count(), "torch": __import__("torch").__version__, "phases": {}}
     phases = [x for x in args.phases.split(",") if x]
-
-    def cmd(phase):  # the run-time rows in the last phase only
-        return [sys.executable, os.path.abspath(__file__), "--worker", "--model-dir", model_dir,
-                "--backend", args.backend, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-                "--repeats", str(args.repeats if phase == args.phases.split(",")[-1] else 0),
-                "--steps", ",".join(args.steps), "--text-before", str(args.text_before),
-                "--text-after", str(args.text_after)]
-
-    result["phases"] = run_phases(phases, cmd, cache, args.threads, args.timeout)
+    result["phases"] = run_phases(  # the run-time rows in the last phase only
+        phases, lambda phase: worker_cmd(__file__, args, model_dir, args.repeats if phase == phases[-1] else 0),
+        cache, args.threads, args.timeout)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         write_json(args.json, result, indent=1, newline=False)
