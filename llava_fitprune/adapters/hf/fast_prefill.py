@@ -1,5 +1,5 @@
 """The transformers backend's fast path: its prefill through compiled regions, one graph per kind of
-decoder-layer step for every layer (layer_regions.py).
+decoder-layer step for every layer (the LLaVA backend's adapters/llava/layer_regions.py).
 
 `enable_fast_path(model, backend="inductor", mode=None, **options)` (or `load_pretrained(...,
 compile=True)`) gives one model instance a `HFCompiledPrefill`: from then on its prefills (pruned or
@@ -33,9 +33,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import layer_regions
-from ..llava.fast_prefill import (CompiledPrefill, PrefillCompileStats, Region, counted_call, region_options,
-                                  regional_loop)
+from ..llava.fast_prefill import (CompiledPrefill, PrefillCompileStats, compiled_regions, counted_call,
+                                  region_options, regional_loop)
 
 # model types whose text layers the regions implement (Llama / Qwen2 decoder layers, standard rotary)
 COMPILED_MODEL_TYPES = ("llava", "llava_next", "qwen2_5_vl")
@@ -48,9 +47,7 @@ class HFCompiledPrefill:
         self.stats = PrefillCompileStats(backend=backend if isinstance(backend, str) else getattr(
             backend, "__name__", repr(backend)))
         self.failed: Optional[str] = None  # why compiling failed: every region runs eagerly then
-        self.regions = {name: Region(fn, self, backend, mode, options) for name, fn in (
-            ("stock", layer_regions.stock_step), ("attention", layer_regions.pruning_attention_step),
-            ("output", layer_regions.pruning_output_step), ("step", layer_regions.pruning_step))}
+        self.regions = compiled_regions(self, backend, mode, options)  # the LLaVA backend's regions
 
     fail = CompiledPrefill.fail  # one warning line, then every region runs eagerly (the LLaVA backend's)
 

@@ -108,6 +108,14 @@ class Region:
             return self.fn(*args)
 
 
+def compiled_regions(owner, backend, mode, options: dict) -> dict:
+    """The four regions (layer_regions.py) under `torch.compile`, owned by `owner` (its `fail` makes
+    them all eager): {"stock", "attention", "output", "step"}."""
+    return {name: Region(fn, owner, backend, mode, options) for name, fn in (
+        ("stock", layer_regions.stock_step), ("attention", layer_regions.pruning_attention_step),
+        ("output", layer_regions.pruning_output_step), ("step", layer_regions.pruning_step))}
+
+
 def region_options(device, backend, options: dict) -> dict:
     """inductor's options for the regions: on a CPU, a C++ wrapper around the kernels (`cpp_wrapper`)
     unless the caller says otherwise. A pruning region launches a few dozen kernels (the score rows in
@@ -306,10 +314,7 @@ class CompiledPrefill:
         self.stats = PrefillCompileStats(backend=backend if isinstance(backend, str) else getattr(
             backend, "__name__", repr(backend)))
         self.failed: Optional[str] = None  # why compiling failed: every region runs eagerly then
-        options = region_options(model.device, backend, options)
-        self.regions = {name: Region(fn, self, backend, mode, options) for name, fn in (
-            ("stock", layer_regions.stock_step), ("attention", layer_regions.pruning_attention_step),
-            ("output", layer_regions.pruning_output_step), ("step", layer_regions.pruning_step))}
+        self.regions = compiled_regions(self, backend, mode, region_options(model.device, backend, options))
 
     def fail(self, region: str, error: Exception) -> None:
         """A region failed to compile (or to load from inductor's cache): warn once, run eagerly from now on."""

@@ -1,4 +1,6 @@
-"""The compiled regions of a prefill: one decoder layer's tensor work, as pure functions of the layer.
+"""The compiled regions of a prefill: one decoder layer's tensor work, as pure functions of the layer,
+for both backends (haotian-liu LLaVA on transformers 4.37; llava-hf, LLaVA-NeXT and Qwen2.5-VL's text
+model on transformers 5.x: Llama and Qwen2 decoder layers, the same attribute names).
 
 Each function takes the layer module and tensors and returns tensors: no cache, no plan, no host
 int that changes from layer to layer, no mutation of its inputs. So `torch.compile` of one function
@@ -22,11 +24,17 @@ every cache write: the regions return the layer's keys and values.
   sample drops the same count: the count enters as a size (`keep`: a tensor of the kept length,
   marked dynamic), not as a constant, so one graph serves every pruning layer, ratio and recipe.
 
+Rotary rows arrive made once per prefill ([B, N, hd]: LLaVA's table at the rows' positions; on the
+transformers backend the model's own rotary embedding, for Qwen2.5-VL the M-RoPE rows with their
+three sections already merged by `Qwen2_5_VLRotaryEmbedding`), so the rotation is the same
+`q * cos + rotate_half(q) * sin` for every supported family; the pruning regions take the kept
+tokens' rotary rows with their hidden rows, so kept tokens keep their original (3-D) positions.
+
 Adapted from transformers==4.37.2 models/llama/modeling_llama.py LlamaDecoderLayer.forward with
-LlamaSdpaAttention.forward (a prefill: the cache was empty). Changed: the rotary cos/sin come
-gathered at the rows' positions ([B, N, hd], made once per prefill, then gathered with the kept rows), the
-keys and values are returned instead of written into a cache, and pruning layers split around the
-selection (layer_step.pruning_layer_forward is the eager form of the same layer).
+LlamaSdpaAttention.forward, and transformers==5.24.0 LlamaAttention.forward / sdpa_attention_forward
+(a prefill: the cache was empty). Changed: the rotary rows come gathered (above), the keys and
+values are returned instead of written into a cache, and pruning layers split around the selection
+(layer_step.pruning_layer_forward is the eager form of the same layer, per backend).
 """
 from __future__ import annotations
 
@@ -53,12 +61,19 @@ ROW_SUM_BLOCKS = 4
 
 
 
+def _heads(attn: nn.Module) -> tuple[int, int, int, Optional[float]]:
+    """(query heads, key-value heads, head dim, SDPA's scale) of an attention module of either backend:
+    both keep the config; transformers 5.x states its scale (`scaling`), 4.37 uses SDPA's default (None)."""
+    return (attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim,
+            getattr(attn, "scaling", None))
+
+
 def _qkv(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """x: [B, N, D] normalised; cos, sin: [B, N, hd] at the rows' positions.
     returns q [B, H, N, hd], k and v [B, KV, N, hd] (rotated)."""
     attn = layer.self_attn
     B, N, _ = x.shape
-    H, KV, hd = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+    H, KV, hd, _ = _heads(attn)
     q = attn.q_proj(x).view(B, N, H, hd).transpose(1, 2)
     k = attn.k_proj(x).view(B, N, KV, hd).transpose(1, 2)
     v = attn.v_proj(x).view(B, N, KV, hd).transpose(1, 2)
@@ -75,10 +90,10 @@ def stock_step(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: t
     returns (hidden [B, N, D], k [B, KV, N, hd], v [B, KV, N, hd]): k, v for the layer's cache."""
     attn = layer.self_attn
     B, N, D = hidden.shape
-    H, KV, hd = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+    H, KV, hd, scale = _heads(attn)
     q, k, v = _qkv(layer, layer.input_layernorm(hidden), cos, sin)
     out = F.scaled_dot_product_attention(q, repeat_kv(k, H // KV), repeat_kv(v, H // KV), attn_mask=mask,
-                                         is_causal=mask is None)  # [B, H, N, hd]
+                                         is_causal=mask is None, scale=scale)  # [B, H, N, hd]
     hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(B, N, H * hd))
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), k, v
 
@@ -97,7 +112,7 @@ def pruning_attention_step(layer: nn.Module, hidden: torch.Tensor, cos: torch.Te
     float32 / None (R = N - row_start))."""
     attn = layer.self_attn
     B, N, D = hidden.shape
-    H, KV, hd = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+    H, KV, hd, _ = _heads(attn)
     q, k_cache, v_cache = _qkv(layer, layer.input_layernorm(hidden), cos, sin)
     out, extra = attention_and_scores(q, repeat_kv(k_cache, H // KV), repeat_kv(v_cache, H // KV), mask,
                                       row_start, scores, weights)
